@@ -1,0 +1,60 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Named model presets. Each derives from a base with ``replace``; nothing is copied.
+
+``tiny`` trains on the embedded corpus on 2 CPU cores in minutes. The paper sizes (Berges et al.
+2025, authors' answers) come as ``<size>-memory`` (Memory+ in three evenly spaced, centred
+layers, 2**20 values) and ``<size>-dense`` (no memory layer).
+"""
+from __future__ import annotations
+
+import copy
+
+from megatron_memory.config import (
+    MemoryConfig,
+    ModelConfig,
+    RunConfig,
+    TrainConfig,
+    replace,
+)
+
+TINY = RunConfig(
+    model=ModelConfig(num_layers=6, hidden_size=128, num_attention_heads=4, seq_length=128),
+    memory=MemoryConfig(n_keys=64, heads=4, k=8, k_dim=64),
+    train=TrainConfig(steps=300, micro_batch_size=8, lr=3e-3, min_lr=3e-4),
+)
+
+# Paper scale: 2**20 values, 4 heads x top-32, k_dim 512; sequence 2048; AdamW lr 3e-4 (1e-4 at 8B).
+_PAPER = RunConfig(
+    model=ModelConfig(seq_length=2048),
+    memory=MemoryConfig(n_keys=1024, heads=4, k=32, k_dim=512),
+    train=TrainConfig(lr=3e-4, min_lr=3e-5, warmup_steps=2000, steps=100000, micro_batch_size=1,
+                      log_interval=10, tensorboard_dir="runs/latest"),
+)
+
+_SIZES = {  # name: (hidden, layers, heads, lr)
+    "134m": (768, 12, 12, 3e-4),
+    "373m": (1024, 24, 16, 3e-4),
+    "720m": (1536, 22, 12, 3e-4),
+    "1.3b": (2048, 22, 16, 3e-4),
+    "8b": (4096, 32, 32, 1e-4),
+}
+
+
+def _paper(hidden: int, layers: int, heads: int, lr: float, memory: bool) -> RunConfig:
+    cfg = replace(_PAPER, **{"model.hidden_size": hidden, "model.num_layers": layers,
+                             "model.num_attention_heads": heads, "train.lr": lr,
+                             "train.min_lr": lr / 10})
+    return cfg if memory else replace(cfg, **{"memory.layers": []})
+
+
+PRESETS: dict[str, RunConfig] = {"tiny": TINY, "tiny-dense": replace(TINY, **{"memory.layers": []})}
+for _name, _dims in _SIZES.items():
+    PRESETS[f"{_name}-memory"] = _paper(*_dims, memory=True)
+    PRESETS[f"{_name}-dense"] = _paper(*_dims, memory=False)
+
+
+def get_preset(name: str) -> RunConfig:
+    """A fresh copy of preset ``name``; unknown names raise one error listing the choices."""
+    if name not in PRESETS:
+        raise KeyError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return copy.deepcopy(PRESETS[name])

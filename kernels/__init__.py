@@ -1,0 +1,38 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""The memory layer's two ops, dispatched to Triton on CUDA and to the torch reference elsewhere.
+
+The layer calls only ``embedding_bag`` and ``product_key_search``; a faster implementation drops
+in here without touching the layer. ``force_reference(True)`` (or MEGATRON_MEMORY_REFERENCE=1)
+pins the reference, so tests can check both paths.
+"""
+from __future__ import annotations
+
+import os
+
+import torch
+
+from kernels.reference import embedding_bag_reference, product_key_search_reference
+
+HAVE_TRITON = False  # set by the Triton ops once they exist (kernel issue)
+
+_FORCE_REFERENCE = os.environ.get("MEGATRON_MEMORY_REFERENCE", "0") == "1"
+
+
+def force_reference(on: bool = True) -> None:
+    """Route every op to the torch reference (True) or back to automatic dispatch (False)."""
+    global _FORCE_REFERENCE
+    _FORCE_REFERENCE = bool(on)
+
+
+def use_triton(t: torch.Tensor) -> bool:
+    return HAVE_TRITON and t.is_cuda and not _FORCE_REFERENCE
+
+
+def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """out[t] = sum_b weights[t, b] * values[indices[t, b]]; shapes [N, d], [T, bag], [T, bag] -> [T, d]."""
+    return embedding_bag_reference(values, indices, weights)
+
+
+def product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int):
+    """Top-k product keys: query [T, H, 2, half], keys [H, 2, n, half] -> (scores, indices) [T, H, k]."""
+    return product_key_search_reference(query, keys, k)

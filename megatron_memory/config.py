@@ -1,0 +1,242 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Plugin-owned configuration: dataclasses with one documented field each.
+
+Megatron's ``TransformerConfig`` is not grown: the memory layer has its own ``MemoryConfig`` and a
+run is a ``RunConfig`` of small sections. Every check lives in ``validate()`` methods that run
+before any process group or tensor is created, and each failure is one ``ConfigError`` that names
+the field and the fix.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Optional
+
+
+class ConfigError(ValueError):
+    """A configuration value is invalid; the message names the field and what to change."""
+
+
+def opt(default, help: str, **kw):
+    """A dataclass field with a help text (used by ``--help``)."""
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: type(default)(default), metadata={"help": help}, **kw)
+    return field(default=default, metadata={"help": help}, **kw)
+
+
+def default_memory_layers(num_layers: int, count: int = 3) -> list[int]:
+    """``count`` layer indices (0-based), evenly spaced and centred: 24 layers -> [4, 12, 20]."""
+    if count > num_layers:
+        raise ConfigError(f"cannot place {count} memory layers in a model of {num_layers} layers")
+    return [((2 * i + 1) * num_layers) // (2 * count) for i in range(count)]
+
+
+@dataclass
+class MemoryConfig:
+    """Memory / Memory+ layer hyper-parameters (Berges et al. 2025; reference defaults)."""
+
+    layers: Optional[list[int]] = opt(
+        None, "0-based indices of the layers whose FFN becomes a memory layer; "
+        "default: three layers evenly spaced and centred (24 layers -> 4 12 20); [] for a dense model")
+    n_keys: int = opt(1024, "sub-keys per half and head; the table has n_keys**2 values")
+    heads: int = opt(4, "memory heads; each selects k values")
+    k: int = opt(32, "values selected per head (top-k of the product keys)")
+    k_dim: int = opt(512, "query/key width per head; split into two halves of k_dim/2")
+    v_dim: Optional[int] = opt(None, "value width; default: the model's hidden size")
+    qk_norm: bool = opt(True, "RMS-normalise query halves (learnable gain) and sub-keys, and scale "
+                        "scores by 1/sqrt(k_dim/2); off gives the reference's raw dot products")
+    qk_norm_eps: float = opt(1e-6, "epsilon of the QK-norm")
+    plus: bool = opt(True, "Memory+: out = W2(y * silu(W1 x)); off: plain memory, out = y")
+    value_lr_mult: float = opt(10.0, "learning-rate multiplier of the value table's param group")
+    value_init_std: Optional[float] = opt(None, "std of the value init; default v_dim**-0.5")
+    seed: int = opt(4321, "seed of the value-table init (identical on every stage holding a copy)")
+
+    @property
+    def num_values(self) -> int:
+        return self.n_keys * self.n_keys
+
+    @property
+    def bag_size(self) -> int:
+        """Value rows summed per token (heads * k)."""
+        return self.heads * self.k
+
+    def value_dim(self, hidden_size: int) -> int:
+        return self.v_dim if self.v_dim is not None else hidden_size
+
+    def resolved_layers(self, num_layers: int) -> list[int]:
+        return default_memory_layers(num_layers) if self.layers is None else list(self.layers)
+
+    def validate(self, num_layers: int, hidden_size: int, tp_size: int = 1) -> None:
+        """Raise one ConfigError for the first invalid field."""
+        for name in ("n_keys", "heads", "k", "k_dim"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"memory.{name} must be >= 1, got {getattr(self, name)}")
+        if self.k > self.n_keys:
+            raise ConfigError(f"memory.k={self.k} exceeds memory.n_keys={self.n_keys}: "
+                              "top-k per half needs at least k sub-keys")
+        if self.k_dim % 2:
+            raise ConfigError(f"memory.k_dim={self.k_dim} must be even (split into two halves)")
+        if self.num_values >= 2**31:
+            raise ConfigError(f"memory.n_keys={self.n_keys}: n_keys**2 must stay below 2**31")
+        layers = self.resolved_layers(num_layers)
+        bad = [i for i in layers if not 0 <= i < num_layers]
+        if bad:
+            raise ConfigError(f"memory.layers {bad} out of range: the model has layers 0..{num_layers - 1}")
+        if len(set(layers)) != len(layers):
+            raise ConfigError(f"memory.layers {layers} has duplicates")
+        v_dim = self.value_dim(hidden_size)
+        if v_dim < 1:
+            raise ConfigError(f"memory.v_dim must be >= 1, got {v_dim}")
+        if not self.plus and v_dim != hidden_size:
+            raise ConfigError(f"plain memory (memory.plus off) adds the values to the residual: "
+                              f"memory.v_dim={v_dim} must equal hidden_size={hidden_size}")
+        if v_dim % tp_size:
+            raise ConfigError(f"memory.v_dim={v_dim} is not divisible by the tensor-parallel size "
+                              f"{tp_size}: the value table is split along its width")
+        if self.value_lr_mult <= 0:
+            raise ConfigError(f"memory.value_lr_mult must be > 0, got {self.value_lr_mult}")
+
+
+@dataclass
+class ModelConfig:
+    """GPT body (Megatron-Core GPTModel, local spec: RMSNorm, SwiGLU, RoPE, no linear biases)."""
+
+    num_layers: int = opt(6, "transformer layers")
+    hidden_size: int = opt(128, "model width d")
+    num_attention_heads: int = opt(4, "attention heads")
+    ffn_hidden_size: Optional[int] = opt(None, "SwiGLU inner width of the dense FFNs; default "
+                                         "multiple of 256 near 8/3 d (the Llama rule)")
+    seq_length: int = opt(128, "tokens per sample")
+    vocab_size: Optional[int] = opt(None, "vocabulary; default: the tokenizer's, padded to 128")
+    init_std: float = opt(0.02, "std of the dense weights' init")
+    norm_eps: float = opt(1e-5, "RMSNorm epsilon")
+    rope_base: int = opt(10000, "RoPE base")
+
+    def ffn_size(self) -> int:
+        if self.ffn_hidden_size is not None:
+            return self.ffn_hidden_size
+        return max(256, int(8 * self.hidden_size / 3 + 255) // 256 * 256)
+
+    def validate(self) -> None:
+        for name in ("num_layers", "hidden_size", "num_attention_heads", "seq_length"):
+            if getattr(self, name) < 1:
+                raise ConfigError(f"model.{name} must be >= 1, got {getattr(self, name)}")
+        if self.hidden_size % self.num_attention_heads:
+            raise ConfigError(f"model.hidden_size={self.hidden_size} is not divisible by "
+                              f"model.num_attention_heads={self.num_attention_heads}")
+        if (self.hidden_size // self.num_attention_heads) % 2:
+            raise ConfigError("model.hidden_size / num_attention_heads must be even for RoPE")
+
+
+@dataclass
+class ParallelConfig:
+    """Layout of the ranks; data-parallel size = world size / (tp * pp)."""
+
+    tp: int = opt(1, "tensor-parallel size (the value table is split along its width)")
+    pp: int = opt(1, "pipeline-parallel size")
+    sequence_parallel: bool = opt(False, "Megatron sequence parallelism (needs tp > 1)")
+
+    def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> None:
+        if self.tp < 1 or self.pp < 1:
+            raise ConfigError(f"parallel.tp and parallel.pp must be >= 1, got {self.tp}, {self.pp}")
+        if self.sequence_parallel and self.tp == 1:
+            raise ConfigError("parallel.sequence_parallel needs parallel.tp > 1")
+        if model.num_attention_heads % self.tp:
+            raise ConfigError(f"model.num_attention_heads={model.num_attention_heads} is not "
+                              f"divisible by parallel.tp={self.tp}")
+        if model.num_layers % self.pp:
+            raise ConfigError(f"model.num_layers={model.num_layers} is not divisible by "
+                              f"parallel.pp={self.pp}")
+        if world_size is not None and world_size % (self.tp * self.pp):
+            raise ConfigError(f"world size {world_size} is not divisible by tp*pp = "
+                              f"{self.tp * self.pp}")
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation and schedule (AdamW as in the reference: betas 0.9/0.95, wd 0.1)."""
+
+    steps: int = opt(300, "optimizer steps")
+    micro_batch_size: int = opt(8, "samples per micro-batch per data-parallel rank")
+    global_batch_size: Optional[int] = opt(None, "samples per step; default micro_batch_size x DP")
+    lr: float = opt(3e-3, "peak learning rate of the dense parameters")
+    min_lr: float = opt(3e-4, "final learning rate after cosine decay")
+    warmup_steps: Optional[int] = opt(None, "linear warm-up steps; default 10% of the steps")
+    weight_decay: float = opt(0.1, "decoupled weight decay (not on biases and norm gains)")
+    adam_beta1: float = opt(0.9, "AdamW beta1")
+    adam_beta2: float = opt(0.95, "AdamW beta2")
+    clip_grad: float = opt(1.0, "gradient-norm clip; 0 turns clipping off")
+    seed: int = opt(1234, "seed of the dense init and data order")
+    bf16: Optional[bool] = opt(None, "bf16 mixed precision; default: on with CUDA, off on CPU")
+    log_interval: int = opt(10, "steps between progress lines and TensorBoard scalars")
+    eval_iters: int = opt(4, "validation micro-batches at the end (0: none)")
+    tensorboard_dir: Optional[str] = opt("runs/latest", "TensorBoard event directory ('' to disable)")
+    save: Optional[str] = opt(None, "directory to save a distributed checkpoint at the end")
+    load: Optional[str] = opt(None, "directory of a checkpoint to load before training")
+
+    def warmup(self) -> int:
+        return self.steps // 10 if self.warmup_steps is None else self.warmup_steps
+
+    def validate(self) -> None:
+        if self.steps < 1 or self.micro_batch_size < 1:
+            raise ConfigError("train.steps and train.micro_batch_size must be >= 1")
+        if self.lr <= 0 or self.min_lr < 0 or self.min_lr > self.lr:
+            raise ConfigError(f"need 0 <= train.min_lr <= train.lr and lr > 0; got lr={self.lr}, "
+                              f"min_lr={self.min_lr}")
+        if not 0 <= self.warmup() <= self.steps:
+            raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be in 0..steps")
+        if self.log_interval < 1:
+            raise ConfigError("train.log_interval must be >= 1")
+
+
+@dataclass
+class DataConfig:
+    """Training data: Megatron indexed datasets (.bin/.idx), or the embedded default corpus."""
+
+    data_path: Optional[list[str]] = opt(None, "indexed-dataset prefixes (weight prefix weight "
+                                         "prefix ... or prefixes); default: the embedded corpus")
+    tokenizer: Optional[str] = opt(None, "local path of a Hugging Face tokenizer.json / directory "
+                                   "(required with data_path)")
+    split: str = opt("98,2,0", "train,valid,test split of the documents")
+    cache_dir: Optional[str] = opt(None, "where dataset index caches go; default next to the data")
+
+
+@dataclass
+class RunConfig:
+    """One training run: the sections below, each validated before any process starts."""
+
+    model: ModelConfig = field(default_factory=ModelConfig)
+    memory: MemoryConfig = field(default_factory=MemoryConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+
+    def validate(self, world_size: Optional[int] = None) -> "RunConfig":
+        self.model.validate()
+        self.parallel.validate(self.model, world_size)
+        self.memory.validate(self.model.num_layers, self.model.hidden_size, self.parallel.tp)
+        self.train.validate()
+        if self.data.data_path and not self.data.tokenizer:
+            raise ConfigError("data.data_path needs data.tokenizer (a local tokenizer path)")
+        if world_size is not None and self.train.global_batch_size is not None:
+            dp = world_size // (self.parallel.tp * self.parallel.pp)
+            if self.train.global_batch_size % (self.train.micro_batch_size * dp):
+                raise ConfigError(f"train.global_batch_size={self.train.global_batch_size} is not "
+                                  f"a multiple of micro_batch_size x DP = "
+                                  f"{self.train.micro_batch_size * dp}")
+        return self
+
+
+def replace(cfg, **changes):
+    """dataclasses.replace that also accepts nested 'section.field' keys."""
+    nested: dict[str, dict] = {}
+    flat = {}
+    for key, val in changes.items():
+        if "." in key:
+            sec, rest = key.split(".", 1)
+            nested.setdefault(sec, {})[rest] = val
+        else:
+            flat[key] = val
+    for sec, sub in nested.items():
+        flat[sec] = replace(getattr(cfg, sec), **sub)
+    return dataclasses.replace(cfg, **flat)

@@ -1,0 +1,182 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Memory / Memory+ layer math on one device (Berges et al. 2025, product keys of Lample et al.).
+
+Shapes: s = sequence, b = batch, d = hidden, T = s*b tokens, H = memory heads, n = sub-keys per
+half, N = n**2 values, k = top-k per head, v = value width.
+
+    q = W_q x + b_q                         [T, H, 2, k_dim/2]   (two halves per head)
+    s1 = <q_1, K_1>, s2 = <q_2, K_2>        [T, H, n] each        (QK-norm optional)
+    top-k of s1, s2; top-k of the k*k sums  -> scores, indices [T, H, k], index = i*n + j
+    w = softmax(scores) in float32          [T, H*k]
+    y = sum_j w_j V[index_j]                [T, v]               (EmbeddingBag, kernels/)
+    Memory+: out = W2 (y * silu(W1 x + b1)) + b2;  plain memory: out = y.
+
+One value table V serves every memory layer: the model owns it (``MemoryValues``) and hands it to
+each layer explicitly; a layer keeps an unregistered reference so that the table appears once in
+``parameters()``, state dicts and optimizer groups. The tensor-parallel plan (``parallel.py``)
+wraps the token split and the lookup; the math here is unchanged by it.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from megatron.core.transformer.module import MegatronModule
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+import kernels
+from megatron_memory.config import MemoryConfig
+
+# Rows generated per chunk when initialising the table: bounds the temporary [rows, v] buffer.
+_INIT_CHUNK_ELEMS = 1 << 26
+
+
+def _param_device(config: TransformerConfig):
+    return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+
+
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for the softmax and norms (bf16 would quantise near-equal scores); float64 kept."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
+def seeded_generator(device, seed: int) -> torch.Generator:
+    """A private generator: memory params get the same init whatever the TP/PP layout."""
+    gen = torch.Generator(device=device)
+    gen.manual_seed(seed)
+    return gen
+
+
+class MemoryValues(MegatronModule):
+    """The value table V [N, v] shared by all memory layers of a model.
+
+    ``columns`` selects the slice of the full width held here (all of it on one device; the
+    tensor-parallel subclass holds v/TP columns). The init draws the full-width table row chunk
+    by row chunk from a seeded generator and keeps ``columns``, so every layout starts from the
+    same table.
+    """
+
+    def __init__(self, config: TransformerConfig, memory_config: MemoryConfig,
+                 columns: Optional[tuple[int, int]] = None):
+        super().__init__(config=config)
+        self.memory_config = memory_config
+        self.full_dim = memory_config.value_dim(config.hidden_size)
+        self.columns = columns or (0, self.full_dim)
+        width = self.columns[1] - self.columns[0]
+        device = _param_device(config)
+        self.weight = torch.nn.Parameter(torch.empty(memory_config.num_values, width,
+                                                     dtype=config.params_dtype, device=device))
+        self.weight.is_memory_value = True  # selects the value param group (LR multiplier)
+        if config.perform_initialization:
+            self.reset_parameters()
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        std = self.memory_config.value_init_std or self.full_dim ** -0.5
+        gen = seeded_generator(self.weight.device, self.memory_config.seed)
+        n, (c0, c1) = self.weight.shape[0], self.columns
+        rows = max(1, _INIT_CHUNK_ELEMS // self.full_dim)
+        for r0 in range(0, n, rows):
+            r1 = min(n, r0 + rows)
+            full = torch.empty(r1 - r0, self.full_dim, device=self.weight.device, dtype=torch.float32)
+            full.normal_(0.0, std, generator=gen)
+            self.weight[r0:r1].copy_(full[:, c0:c1])
+
+    def lookup(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """indices, weights [T, bag] -> [T, v]: the weighted sum of the selected rows."""
+        return kernels.embedding_bag(self.weight, indices, weights)
+
+
+class MemoryPlus(MegatronModule):
+    """Memory+ (or plain memory) block in the ``mlp`` slot of a Megatron TransformerLayer.
+
+    Built from a ModuleSpec with params ``memory_config``, ``values`` (the shared MemoryValues)
+    and ``layer_id`` (0-based global layer index, which also seeds this layer's init). Megatron
+    passes ``pg_collection``, ``is_mtp_layer`` and ``name``; they are accepted and unused.
+    forward(hidden_states [s, b, d]) -> (out [s, b, d], None).
+    """
+
+    def __init__(self, config: TransformerConfig, memory_config: MemoryConfig,
+                 values: MemoryValues, layer_id: int, pg_collection=None,
+                 is_mtp_layer: bool = False, name: Optional[str] = None):
+        super().__init__(config=config)
+        if values is None:
+            raise ValueError("MemoryPlus needs the model's shared MemoryValues table (values=None)")
+        mc = memory_config
+        self.memory_config, self.layer_id = mc, layer_id
+        d, v = config.hidden_size, mc.value_dim(config.hidden_size)
+        self.half = mc.k_dim // 2
+        # Not registered as a submodule: the model owns the one table (see module docstring).
+        object.__setattr__(self, "values", values)
+        kw = dict(device=_param_device(config), dtype=config.params_dtype)
+        self.query = torch.nn.Linear(d, mc.heads * mc.k_dim, bias=True, **kw)
+        self.keys = torch.nn.Parameter(torch.empty(mc.heads, 2, mc.n_keys, self.half, **kw))
+        # 1-D so that the standard optimizer rule skips weight decay on this gain.
+        self.query_norm_weight = (torch.nn.Parameter(torch.ones(mc.heads * mc.k_dim, **kw))
+                                  if mc.qk_norm else None)
+        if mc.plus:
+            self.w1 = torch.nn.Linear(d, v, bias=True, **kw)
+            self.w2 = torch.nn.Linear(v, d, bias=True, **kw)
+        if config.perform_initialization:
+            self.reset_parameters()
+        from megatron_memory.parallel import mark_tp_partial
+
+        mark_tp_partial(self)
+
+    @torch.no_grad()
+    def reset_parameters(self) -> None:
+        mc = self.memory_config
+        d = self.config.hidden_size
+        gen = seeded_generator(self.keys.device, mc.seed + 1000003 * (self.layer_id + 1))
+        # Reference init: xavier query, keys U(+-1/sqrt(k_dim)), W1/W2 N(0, d^-1/2), zero biases.
+        bound = math.sqrt(6.0 / (self.query.in_features + self.query.out_features))
+        self.query.weight.uniform_(-bound, bound, generator=gen)
+        self.keys.uniform_(-mc.k_dim ** -0.5, mc.k_dim ** -0.5, generator=gen)
+        self.query.bias.zero_()
+        if mc.plus:
+            self.w1.weight.normal_(0.0, d ** -0.5, generator=gen)
+            self.w2.weight.normal_(0.0, d ** -0.5, generator=gen)
+            self.w1.bias.zero_()
+            self.w2.bias.zero_()
+
+    def memory_params(self) -> list[torch.nn.Parameter]:
+        """This layer's own parameters (the shared table is not among them)."""
+        return list(self.parameters())
+
+    def _normalised(self, q: torch.Tensor, keys: torch.Tensor):
+        """QK-norm: RMS-normalise query halves (learnable gain) and sub-keys, scale 1/sqrt(half)."""
+        mc = self.memory_config
+        if not mc.qk_norm:
+            return q, keys
+        gain = self.query_norm_weight.view(mc.heads, 2, self.half)
+        acc = acc_dtype(q)
+        q = F.rms_norm(q.to(acc), (self.half,), eps=mc.qk_norm_eps) * gain.to(acc)
+        keys = F.rms_norm(keys.to(acc), (self.half,), eps=mc.qk_norm_eps) * self.half ** -0.5
+        return q, keys
+
+    def select(self, x: torch.Tensor):
+        """x [T, d] -> indices [T, H*k] int64, weights [T, H*k] float32 (softmax per head)."""
+        mc = self.memory_config
+        q = self.query(x).view(x.shape[0], mc.heads, 2, self.half)
+        q, keys = self._normalised(q, self.keys)
+        scores, indices = kernels.product_key_search(q, keys, mc.k)
+        weights = torch.softmax(scores.to(acc_dtype(scores)), dim=-1)
+        return indices.flatten(1), weights.flatten(1)
+
+    def mix(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        """Memory+ gating and output projection: x [T, d], y [T, v] -> [T, d]."""
+        if not self.memory_config.plus:
+            return y
+        return self.w2(y * F.silu(self.w1(x)))
+
+    def forward(self, hidden_states: torch.Tensor, padding_mask=None):
+        from megatron_memory import parallel
+
+        x = parallel.split_tokens(hidden_states, self.config)      # [s', b, d], s' = s / TP
+        flat = x.reshape(-1, x.shape[-1])
+        indices, weights = self.select(flat)
+        y = self.values.lookup(indices, weights)
+        out = self.mix(flat, y.to(flat.dtype)).view(x.shape)
+        return parallel.gather_tokens(out, self.config), None

@@ -1,0 +1,74 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""MemoryGPTModel: Megatron-Core's GPTModel with Memory+ layers and the one shared value table."""
+from __future__ import annotations
+
+from typing import Optional
+
+from megatron.core.models.gpt import GPTModel
+from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer.optimizer_config import ParamKey
+from megatron.core.transformer.transformer_config import TransformerConfig
+
+from megatron_memory.config import MemoryConfig
+from megatron_memory.layer import MemoryPlus, MemoryValues
+from megatron_memory.spec import local_layer_ids, memory_gpt_block_spec
+
+
+def build_values(config: TransformerConfig, memory_config: MemoryConfig) -> MemoryValues:
+    """The value table of this rank: whole on one device, a column slice under tensor parallelism."""
+    from megatron_memory import parallel
+
+    if parallel.tp_world_size() > 1:
+        return parallel.ShardedMemoryValues(config, memory_config)
+    return MemoryValues(config, memory_config)
+
+
+class MemoryGPTModel(GPTModel):
+    """GPTModel whose layers ``memory_config.layers`` use Memory+ instead of the FFN.
+
+    The table lives here as ``memory_values`` on every pipeline stage that builds a memory layer
+    (None elsewhere); each layer receives it explicitly. Extra keyword arguments go to GPTModel.
+    """
+
+    def __init__(self, config: TransformerConfig, memory_config: MemoryConfig, vocab_size: int,
+                 max_sequence_length: int, pre_process: bool = True, post_process: bool = True,
+                 vp_stage: Optional[int] = None, **gpt_kwargs):
+        memory_config.validate(config.num_layers, config.hidden_size,
+                               config.tensor_model_parallel_size)
+        mem = set(memory_config.resolved_layers(config.num_layers))
+        self_local = [i for i in local_layer_ids(config, vp_stage) if i in mem]
+        values = build_values(config, memory_config) if self_local else None
+        spec = memory_gpt_block_spec(config, memory_config, values, vp_stage=vp_stage)
+        gpt_kwargs.setdefault("position_embedding_type", "rope")
+        super().__init__(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
+                         max_sequence_length=max_sequence_length, pre_process=pre_process,
+                         post_process=post_process, vp_stage=vp_stage, **gpt_kwargs)
+        self.memory_config = memory_config
+        self.memory_layer_ids = self_local
+        self.memory_values = values  # registered once, here
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
+                           metadata: Optional[dict] = None):
+        """Memory and dense layers have different parameters, so layers are keyed one by one
+        (``decoder.layers.<i>.``) instead of stacked along a layer axis."""
+        metadata = dict(metadata or {})
+        if self.memory_config.resolved_layers(self.config.num_layers):
+            metadata["non_homogeneous_layers"] = True
+        return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+
+    def memory_layers(self) -> list[MemoryPlus]:
+        return [m for m in self.modules() if isinstance(m, MemoryPlus)]
+
+
+def optimizer_overrides(opt_config: OptimizerConfig, memory_config: MemoryConfig) -> dict:
+    """Megatron param-group overrides: the standard weight-decay skips plus the value table's
+    own group at ``value_lr_mult`` x the learning rate (same schedule shape)."""
+    from megatron.core.optimizer import get_standard_config_overrides
+
+    overrides = get_standard_config_overrides(opt_config)
+    mult = memory_config.value_lr_mult
+    overrides[ParamKey(attr="is_memory_value")] = {
+        "max_lr": opt_config.lr * mult,
+        "min_lr": (opt_config.min_lr or 0.0) * mult,
+    }
+    return overrides

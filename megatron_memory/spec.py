@@ -1,0 +1,60 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Layer specs: Megatron-Core's local GPT layer spec with Memory+ in the ``mlp`` slot of the
+chosen layers. Local (non-Transformer-Engine) modules run on CPU and on any GPU."""
+from __future__ import annotations
+
+import copy
+from typing import Optional
+
+from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+from megatron.core.transformer.spec_utils import ModuleSpec
+from megatron.core.transformer.transformer_block import (
+    TransformerBlockSubmodules,
+    get_num_layers_to_build,
+)
+from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
+
+from megatron_memory.config import MemoryConfig
+from megatron_memory.layer import MemoryPlus, MemoryValues
+
+
+def memory_mlp_spec(memory_config: MemoryConfig, values: MemoryValues, layer_id: int) -> ModuleSpec:
+    """The ``mlp`` submodule spec of memory layer ``layer_id`` (0-based, global)."""
+    return ModuleSpec(module=MemoryPlus,
+                      params={"memory_config": memory_config, "values": values, "layer_id": layer_id})
+
+
+def memory_gpt_layer_specs(config: TransformerConfig, memory_config: MemoryConfig,
+                           values: Optional[MemoryValues]) -> list[ModuleSpec]:
+    """One spec per layer of the whole model (all pipeline stages), 0-based."""
+    memory_layers = set(memory_config.resolved_layers(config.num_layers))
+    if memory_layers and values is None:
+        raise ValueError("memory layers need the shared MemoryValues table")
+    specs = []
+    for i in range(config.num_layers):
+        spec = get_gpt_layer_local_spec(normalization=config.normalization)
+        if i in memory_layers:
+            spec = copy.copy(spec)
+            spec.submodules = copy.copy(spec.submodules)
+            spec.submodules.mlp = memory_mlp_spec(memory_config, values, i)
+        specs.append(spec)
+    return specs
+
+
+def local_layer_ids(config: TransformerConfig, vp_stage: Optional[int] = None,
+                    pp_rank: Optional[int] = None) -> list[int]:
+    """Global 0-based ids of the layers built on this pipeline stage."""
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return list(range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage,
+                                                                pp_rank=pp_rank)))
+
+
+def memory_gpt_block_spec(config: TransformerConfig, memory_config: MemoryConfig,
+                          values: Optional[MemoryValues], vp_stage: Optional[int] = None,
+                          pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+    """The decoder block spec of this pipeline stage (as get_gpt_decoder_block_spec slices it)."""
+    specs = memory_gpt_layer_specs(config, memory_config, values)
+    local = [specs[i] for i in local_layer_ids(config, vp_stage, pp_rank)]
+    final_norm = get_gpt_layer_local_spec(normalization=config.normalization).submodules.input_layernorm
+    return TransformerBlockSubmodules(layer_specs=local, layer_norm=final_norm)

@@ -1,0 +1,81 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Entry point: ``python -m megatron_memory.train [--preset NAME] [flags]`` (see --help)."""
+from __future__ import annotations
+
+import sys
+import time
+import warnings
+from typing import Optional
+
+from megatron_memory.cli import config_from_args, format_config
+from megatron_memory.config import ConfigError
+
+
+def _quiet_libraries() -> None:
+    """Megatron and torch warn about optional extras (Apex, TE, CUDA) on every rank; the run
+    prints what matters itself."""
+    import logging
+
+    warnings.filterwarnings("ignore")
+    for name in ("megatron", "torch.distributed", "torch.utils.cpp_extension"):
+        logging.getLogger(name).setLevel(logging.ERROR)
+
+
+def summary(cfg, trainer, hist) -> str:
+    n_values = trainer.raw_model.memory_values.weight.numel() if trainer.raw_model.memory_values is not None else 0
+    n_all = sum(p.numel() for p in trainer.raw_model.parameters())
+    first = sum(hist.losses[:5]) / min(5, len(hist.losses))
+    last = sum(hist.losses[-10:]) / min(10, len(hist.losses))
+    layers = cfg.memory.resolved_layers(cfg.model.num_layers)
+    lines = [
+        "=" * 72,
+        f"model      {cfg.model.num_layers} layers x d={cfg.model.hidden_size}, memory layers "
+        f"{layers or 'none'}, {cfg.memory.num_values if layers else 0:,} values",
+        f"params     {n_all:,} on this rank ({n_values:,} in the value table)",
+        f"layout     TP={cfg.parallel.tp} PP={cfg.parallel.pp} DP={trainer.dp} "
+        f"SP={'on' if cfg.parallel.sequence_parallel else 'off'} on {trainer.device.type}, "
+        f"{'bf16' if trainer.bf16 else 'fp32'}",
+        f"loss       {first:.4f} (first 5 steps) -> {last:.4f} (last 10 steps)"
+        + (f", validation {hist.valid_loss:.4f}" if hist.valid_loss is not None else ""),
+        f"tokens     {hist.tokens:,} in {hist.seconds:.1f} s = {hist.tokens / max(hist.seconds, 1e-9):,.0f} tok/s",
+    ]
+    if cfg.train.tensorboard_dir:
+        lines.append(f"tensorboard {cfg.train.tensorboard_dir}  (tensorboard --logdir {cfg.train.tensorboard_dir})")
+    if cfg.train.save:
+        lines.append(f"checkpoint {cfg.train.save}")
+    return "\n".join(lines + ["=" * 72])
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    try:
+        cfg, args = config_from_args(argv)
+    except (ConfigError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if args.print_config:
+        print(format_config(cfg))
+        return 0
+    _quiet_libraries()
+    import torch.distributed as dist
+
+    from megatron_memory.training import Trainer
+
+    t0 = time.time()
+    try:
+        trainer = Trainer(cfg)
+    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    if dist.get_rank() == 0:
+        print(f"built in {time.time() - t0:.1f} s; training {cfg.train.steps} steps "
+              f"of {trainer.global_batch} x {cfg.model.seq_length} tokens", flush=True)
+    hist = trainer.fit()
+    if dist.get_rank() == 0:
+        print(summary(cfg, trainer, hist), flush=True)
+    trainer.close()
+    dist.destroy_process_group()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

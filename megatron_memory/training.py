@@ -1,0 +1,294 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Pre-training loop on Megatron-Core: GPTModel + Memory+, DDP, Megatron optimizer and
+schedule, pipeline schedules (``get_forward_backward_func``), indexed datasets, TensorBoard.
+
+Runs on CPU (gloo, shims from ``cpu.py``) and on GPUs (NCCL), single process or under
+torchrun / deepspeed / SLURM launchers (which set RANK, WORLD_SIZE, MASTER_ADDR, ...).
+"""
+from __future__ import annotations
+
+import functools
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+
+from megatron_memory.config import ConfigError, RunConfig
+
+
+def init_distributed() -> torch.device:
+    """Join (or create, for a plain single process) the default process group."""
+    if torch.cuda.is_available():
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
+        device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
+    else:
+        from megatron_memory.cpu import install_cpu_shims
+
+        install_cpu_shims()
+        device, backend = torch.device("cpu"), "gloo"
+    if not dist.is_initialized():
+        if "RANK" in os.environ:  # started by torchrun / deepspeed / srun wrappers
+            dist.init_process_group(backend)
+        else:  # a plain process: a world of one, with an in-memory store (no port to collide)
+            dist.init_process_group(backend, store=dist.HashStore(), rank=0, world_size=1)
+    return device
+
+
+def transformer_config(cfg: RunConfig, bf16: bool):
+    """Megatron TransformerConfig of the GPT body (local spec: RMSNorm, SwiGLU, RoPE, no biases)."""
+    from megatron.core.transformer import TransformerConfig
+
+    m, p = cfg.model, cfg.parallel
+    on_cpu = not torch.cuda.is_available()
+    return TransformerConfig(
+        num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_size(),
+        num_attention_heads=m.num_attention_heads, kv_channels=m.hidden_size // m.num_attention_heads,
+        normalization="RMSNorm", layernorm_epsilon=m.norm_eps, gated_linear_unit=True,
+        activation_func=F.silu, add_bias_linear=False, init_method_std=m.init_std,
+        hidden_dropout=0.0, attention_dropout=0.0,
+        tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp,
+        sequence_parallel=p.sequence_parallel,
+        params_dtype=torch.bfloat16 if bf16 else torch.float32,
+        pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
+        use_cpu_initialization=on_cpu,
+        # Fused paths need CUDA extensions; batch_p2p_comm on gloo swaps activations (shared notes).
+        bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
+        gradient_accumulation_fusion=False, persist_layer_norm=False,
+        batch_p2p_comm=not on_cpu, batch_p2p_sync=not on_cpu,
+    )
+
+
+def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
+    step = multiple * tp
+    return (vocab + step - 1) // step * step
+
+
+@dataclass
+class History:
+    """What the run measured, step by step (for the summary, tests and TensorBoard)."""
+
+    losses: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)
+    tokens: int = 0
+    seconds: float = 0.0
+    valid_loss: Optional[float] = None
+
+
+def _check_empty(path: Path) -> None:
+    if path.exists() and (not path.is_dir() or any(path.iterdir())):
+        raise FileExistsError(f"checkpoint directory {path} is not empty; refusing to overwrite")
+
+
+def _fmt_time(sec: float) -> str:
+    sec = int(sec)
+    return f"{sec // 3600}:{sec % 3600 // 60:02d}:{sec % 60:02d}" if sec >= 3600 else f"{sec // 60}:{sec % 60:02d}"
+
+
+def _loss_func(loss_mask: torch.Tensor, output: torch.Tensor):
+    mask = loss_mask.view(-1).float()
+    loss = torch.sum(output.view(-1).float() * mask) / mask.sum().clamp(min=1.0)
+    return loss, {"lm loss": loss.detach().clone()}  # clone: the schedule divides in place
+
+
+def forward_step(device, data_iterator, model):
+    batch = {k: v.to(device, non_blocking=True) for k, v in next(data_iterator).items()}
+    output = model(batch["tokens"], batch["position_ids"], None, labels=batch["labels"])
+    return output, functools.partial(_loss_func, batch["loss_mask"])
+
+
+class Trainer:
+    """Builds everything from a validated RunConfig; ``fit()`` trains and returns a History."""
+
+    def __init__(self, cfg: RunConfig, log=print):
+        from megatron.core import parallel_state as ps
+        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+
+        self.device = init_distributed()
+        cfg.validate(dist.get_world_size())
+        self.cfg, self.log = cfg, log
+        if cfg.train.save:
+            _check_empty(Path(cfg.train.save))  # before any compute: never lose a saved run
+        p = cfg.parallel
+        ps.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
+        self.rank = dist.get_rank()
+        self.dp = ps.get_data_parallel_world_size()
+        self.bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else torch.cuda.is_available()
+        if self.bf16 and not torch.cuda.is_available():
+            raise ConfigError("train.bf16 needs CUDA; on CPU train in fp32 (--no-bf16)")
+        gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * self.dp
+        self.num_micro = gbs // (cfg.train.micro_batch_size * self.dp)
+        self.global_batch = gbs
+        torch.manual_seed(cfg.train.seed)
+        model_parallel_cuda_manual_seed(cfg.train.seed)
+        self._build_data()
+        self._build_model()
+        self._build_optimizer()
+        self.writer = None
+        if cfg.train.tensorboard_dir and self.rank == dist.get_world_size() - 1:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.writer = SummaryWriter(cfg.train.tensorboard_dir)
+
+    def _build_data(self):
+        from megatron.core import parallel_state as ps
+
+        from megatron_memory import data
+
+        d, t = self.cfg.data, self.cfg.train
+        if d.data_path:
+            prefixes, tok_path = list(d.data_path), d.tokenizer
+        else:
+            prefix, tok_path = data.ensure_default_data()
+            prefixes = [prefix]
+        self.tokenizer = data.Tokenizer(tok_path)
+        samples = (t.steps * self.global_batch, max(1, t.eval_iters) * t.micro_batch_size * self.dp)
+        train, valid = data.build_gpt_datasets(prefixes, self.tokenizer, self.cfg.model.seq_length,
+                                               t.seed, d.split, samples, d.cache_dir)
+        dp_rank = ps.get_data_parallel_rank()
+        self.train_iter = data.MicroBatches(train, t.micro_batch_size, self.dp, dp_rank)
+        self.valid_iter = data.MicroBatches(valid, t.micro_batch_size, self.dp, dp_rank) if valid else None
+
+    def _build_model(self):
+        from megatron.core import parallel_state as ps
+        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+        from megatron.core.transformer.module import Float16Module
+
+        from megatron_memory import parallel
+        from megatron_memory.model import MemoryGPTModel
+
+        cfg = self.cfg
+        self.tconfig = transformer_config(cfg, self.bf16)
+        vocab = cfg.model.vocab_size or padded_vocab(self.tokenizer.vocab_size, cfg.parallel.tp)
+        if vocab < self.tokenizer.vocab_size:
+            raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
+                              f"{self.tokenizer.vocab_size}")
+        model = MemoryGPTModel(self.tconfig, cfg.memory, vocab_size=vocab,
+                               max_sequence_length=cfg.model.seq_length,
+                               pre_process=ps.is_pipeline_first_stage(),
+                               post_process=ps.is_pipeline_last_stage(),
+                               rotary_base=cfg.model.rope_base)
+        model.to(self.device)
+        self.raw_model = model
+        if self.bf16:
+            model = Float16Module(self.tconfig, model)
+        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
+                                                   use_distributed_optimizer=False)
+        self.model = DistributedDataParallel(self.tconfig, ddp_config, model)
+        self.tconfig.finalize_model_grads_func = parallel.finalize_memory_grads
+        if cfg.train.load:
+            self.load(cfg.train.load)
+
+    def _build_optimizer(self):
+        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+
+        from megatron_memory.model import optimizer_overrides
+
+        t = self.cfg.train
+        oc = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
+                             adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8,
+                             clip_grad=t.clip_grad, bf16=self.bf16, params_dtype=torch.float32,
+                             use_distributed_optimizer=False)
+        self.optimizer = get_megatron_optimizer(oc, [self.model],
+                                                config_overrides=optimizer_overrides(oc, self.cfg.memory))
+        self.scheduler = OptimizerParamScheduler(
+            self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup(),
+            lr_decay_steps=t.steps, lr_decay_style="cosine", start_wd=t.weight_decay,
+            end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant")
+
+    def _run_schedule(self, data_iter, num_micro: int, forward_only: bool) -> float:
+        """One pass of Megatron's (pipeline) schedule; returns the mean loss on every rank."""
+        from megatron.core import parallel_state as ps
+        from megatron.core.pipeline_parallel import get_forward_backward_func
+
+        out = get_forward_backward_func()(
+            forward_step_func=functools.partial(forward_step, self.device), data_iterator=data_iter,
+            model=[self.model], num_microbatches=num_micro, seq_length=self.cfg.model.seq_length,
+            micro_batch_size=self.cfg.train.micro_batch_size, forward_only=forward_only)
+        local = sum(float(o["lm loss"]) for o in out) / len(out) if out else 0.0
+        loss = torch.tensor([local], dtype=torch.float64, device=self.device)
+        dist.all_reduce(loss, group=ps.get_pipeline_model_parallel_group())  # last stage holds it
+        dist.all_reduce(loss, group=ps.get_data_parallel_group())
+        return float(loss) / self.dp
+
+    def train_step(self) -> tuple[float, float]:
+        self.model.zero_grad_buffer()
+        self.optimizer.zero_grad()
+        loss = self._run_schedule(self.train_iter, self.num_micro, forward_only=False)
+        ok, grad_norm, _ = self.optimizer.step()
+        if not ok:
+            raise FloatingPointError("optimizer step failed (non-finite gradients)")
+        self.scheduler.step(increment=1)
+        return loss, float(grad_norm or 0.0)
+
+    @torch.no_grad()
+    def evaluate(self) -> Optional[float]:
+        if self.valid_iter is None or self.cfg.train.eval_iters == 0:
+            return None
+        self.model.eval()
+        loss = self._run_schedule(self.valid_iter, self.cfg.train.eval_iters, forward_only=True)
+        self.model.train()
+        return loss
+
+    def fit(self) -> History:
+        t, hist = self.cfg.train, History()
+        tokens_per_step = self.global_batch * self.cfg.model.seq_length
+        start = time.time()
+        for step in range(1, t.steps + 1):
+            loss, gnorm = self.train_step()
+            hist.losses.append(loss)
+            hist.grad_norms.append(gnorm)
+            hist.tokens += tokens_per_step
+            if step % t.log_interval == 0 or step == t.steps:
+                self._log_progress(step, start, hist)
+        hist.seconds = time.time() - start
+        hist.valid_loss = self.evaluate()
+        if t.save:
+            self.save(t.save)
+        if self.writer:
+            if hist.valid_loss is not None:
+                self.writer.add_scalar("valid/loss", hist.valid_loss, t.steps)
+            self.writer.close()
+        return hist
+
+    def _log_progress(self, step: int, start: float, hist: History) -> None:
+        elapsed = time.time() - start
+        tok_s = hist.tokens / max(elapsed, 1e-9)
+        eta = elapsed / step * (self.cfg.train.steps - step)
+        window = hist.losses[-self.cfg.train.log_interval:]
+        loss = sum(window) / len(window)
+        lr = self.scheduler.get_lr(self.optimizer.param_groups[0])
+        if self.rank == 0:
+            self.log(f"step {step:>5}/{self.cfg.train.steps} | loss {loss:7.4f} | lr {lr:.2e} | "
+                     f"grad-norm {hist.grad_norms[-1]:6.3f} | {tok_s:8.0f} tok/s | "
+                     f"elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
+        if self.writer:
+            for name, val in (("train/loss", loss), ("train/lr", lr),
+                              ("train/grad_norm", hist.grad_norms[-1]), ("train/tokens_per_s", tok_s)):
+                self.writer.add_scalar(name, val, step)
+
+    def save(self, directory: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        path = Path(directory)
+        _check_empty(path)
+        path.mkdir(parents=True, exist_ok=True)
+        dist_checkpointing.save(self.raw_model.sharded_state_dict(), str(path))
+
+    def load(self, directory: str) -> None:
+        from megatron.core import dist_checkpointing
+
+        if not dist_checkpointing.check_is_distributed_checkpoint(directory):
+            raise FileNotFoundError(f"{directory} is not a Megatron distributed checkpoint")
+        state = dist_checkpointing.load(self.raw_model.sharded_state_dict(), directory)
+        self.raw_model.load_state_dict(state)
+
+    def close(self) -> None:
+        from megatron.core import parallel_state as ps
+
+        ps.destroy_model_parallel()

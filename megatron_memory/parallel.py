@@ -1,21 +1,50 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """Tensor-parallel plan of the memory layer (the single-device math is in ``layer.py``).
 
-Each TP rank runs the query, product-key search, gating and W2 for its own share of the tokens
-(with sequence parallelism these are the tokens it already holds; without, the layer scatters the
-replicated sequence first and gathers the result at the end, so the search is never computed TP
-times). Those layer parameters are replicated across TP and their gradients are summed over the
-TP group by ``finalize_memory_grads``.
+The value table [N, v] is split along its width: TP rank r holds all N rows and columns
+[r*v/TP, (r+1)*v/TP). Load is balanced whatever the index distribution, split sizes never depend
+on data, and nothing waits on the host.
+
+Forward of one memory layer on TP rank r (T_r tokens here, T = sum over the TP group):
+  1. tokens: with sequence parallelism (SP) the rank already holds its T_r = T/TP tokens; without
+     SP the activations are replicated and the layer keeps only its 1/TP share
+     (``split_tokens``), so the query and product-key search run once per token, not TP times.
+  2. query + search on the T_r tokens -> indices [T_r, bag] int64, weights [T_r, bag] fp32.
+  3. all-gather indices and weights over TP -> [T, bag].
+  4. local lookup of the column slice for all T tokens -> [T, v/TP].
+  5. all-to-all (hidden-split -> token-split) -> [T_r, v]: each token's full-width result on the
+     rank that owns it; gating (W1, silu) and W2 run there.
+  6. without SP, all-gather the [T_r, d] outputs back to the replicated [T, d] layout.
+Backward mirrors it: (5) all-to-all back, (4) the local table gradient needs no communication
+(each rank owns its columns), the weights' gradient is a partial sum over columns, so (3) is a
+reduce-scatter; (6)/(1) swap gather and split. Memory-layer parameters (query, keys, QK gain,
+W1, W2) are replicated over TP and see only T_r tokens on each rank: ``finalize_memory_grads``
+sums their gradients over the TP group (values are not TP-reduced; DDP averages over DP).
+
+Bytes each rank sends (and, symmetrically, receives) per token of the TP group, with
+bag = heads*k, p = TP, e = activation bytes (2 for bf16), idx 8 B, weight 4 B:
+  forward:  all-gather of indices+weights: (p-1)/p * bag * 12;  all-to-all of results:
+            (p-1)/p * v/p * e;  without SP, the output all-gather: (p-1)/p * d * e.
+  backward: reduce-scatter of weight grads: (p-1)/p * bag * 4;  all-to-all of result grads:
+            (p-1)/p * v/p * e;  without SP, the input-grad all-gather: (p-1)/p * d * e.
+At bag=128, v=d=4096, p=2, bf16: forward 768 B + 2048 B (+4096 B without SP) per token.
 """
 from __future__ import annotations
 
 import torch
 from megatron.core import parallel_state
+from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import (
+    all_to_all_hp2sp,
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
+
+import kernels
+from megatron_memory.config import MemoryConfig
+from megatron_memory.layer import MemoryValues
 
 
 def tp_world_size() -> int:
@@ -38,6 +67,30 @@ def gather_tokens(out: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
     return gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
 
 
+class ShardedMemoryValues(MemoryValues):
+    """The value table split along its width over the tensor-parallel group (module docstring)."""
+
+    def __init__(self, config: TransformerConfig, memory_config: MemoryConfig):
+        tp, rank = tp_world_size(), parallel_state.get_tensor_model_parallel_rank()
+        full = memory_config.value_dim(config.hidden_size)
+        width = full // tp
+        super().__init__(config, memory_config, columns=(rank * width, (rank + 1) * width))
+        # Counted once per TP rank in grad norms; checkpointed as a slice along dim 1.
+        set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=1, stride=1)
+
+    def lookup(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """This rank's tokens: indices, weights [T_r, bag] -> full-width results [T_r, v]."""
+        all_indices = gather_from_sequence_parallel_region(indices, tensor_parallel_output_grad=False)
+        all_weights = gather_from_sequence_parallel_region(weights, tensor_parallel_output_grad=True)
+        columns = kernels.embedding_bag(self.weight, all_indices, all_weights)   # [T, v/TP]
+        return all_to_all_hp2sp(columns)                                        # [T_r, v]
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        state = {}
+        self._save_to_state_dict(state, "", keep_vars=True)
+        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 1}, sharded_offsets)
+
+
 def mark_tp_partial(module: torch.nn.Module) -> None:
     """Flag a memory layer's own parameters: each TP rank sees a share of the tokens, so their
     gradients are partial sums that ``finalize_memory_grads`` adds up over the TP group."""
@@ -45,12 +98,18 @@ def mark_tp_partial(module: torch.nn.Module) -> None:
         p.memory_tp_partial = True
 
 
-def _reduce_tp_partial_grads(model_chunks) -> None:
+def _grad_buffer(p: torch.nn.Parameter):
+    """Megatron DDP's fp32 main_grad when present, else .grad."""
+    main = getattr(p, "main_grad", None)
+    return main if main is not None else p.grad
+
+
+def reduce_tp_partial_grads(model_chunks) -> None:
     if tp_world_size() == 1:
         return
-    grads = [p.main_grad for chunk in model_chunks for p in chunk.parameters()
-             if getattr(p, "memory_tp_partial", False) and p.requires_grad
-             and getattr(p, "main_grad", None) is not None]
+    grads = [_grad_buffer(p) for chunk in model_chunks for p in chunk.parameters()
+             if getattr(p, "memory_tp_partial", False) and p.requires_grad]
+    grads = [g for g in grads if g is not None]
     if not grads:
         return
     flat = torch._utils._flatten_dense_tensors(grads)
@@ -66,4 +125,4 @@ def finalize_memory_grads(model_chunks, num_tokens=None, pg_collection=None, for
 
     finalize_model_grads(model_chunks, num_tokens, pg_collection=pg_collection,
                          force_all_reduce=force_all_reduce)
-    _reduce_tp_partial_grads(model_chunks)
+    reduce_tp_partial_grads(model_chunks)

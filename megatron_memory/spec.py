@@ -3,9 +3,10 @@
 chosen layers. Local (non-Transformer-Engine) modules run on CPU and on any GPU."""
 from __future__ import annotations
 
-import copy
+import warnings
 from typing import Optional
 
+import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import (
@@ -17,6 +18,45 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_memory.config import MemoryConfig
 from megatron_memory.layer import MemoryPlus, MemoryValues
+
+try:  # Apex is not on PyPI; Megatron's fused norms need it.
+    import apex  # noqa: F401
+    from megatron.core.fusions.fused_layer_norm import FusedLayerNorm
+
+    HAVE_APEX = True
+except ImportError:
+    HAVE_APEX = False
+_warned_no_apex = False
+
+
+class TorchNorm:
+    """torch RMSNorm/LayerNorm usable with sequence parallelism: Megatron's WrappedTorchNorm
+    refuses SP, so the gains are marked ``sequence_parallel`` here and Megatron's
+    finalize_model_grads sums their gradients over the TP group."""
+
+    def __new__(cls, config: TransformerConfig, hidden_size: int, eps: float = 1e-5, **unused):
+        norm_cls = torch.nn.RMSNorm if config.normalization == "RMSNorm" else torch.nn.LayerNorm
+        norm = norm_cls(hidden_size, eps=eps, dtype=config.params_dtype)
+        for p in norm.parameters():
+            p.sequence_parallel = config.sequence_parallel
+        return norm
+
+
+def norm_impl():
+    """Apex's fused norm when present, else TorchNorm (with one warning per process)."""
+    global _warned_no_apex
+    if HAVE_APEX:
+        return FusedLayerNorm
+    if not _warned_no_apex:
+        warnings.warn("Apex is not installed: using torch norms (slower on GPU, same math)")
+        _warned_no_apex = True
+    return TorchNorm
+
+
+def _local_spec(config: TransformerConfig) -> ModuleSpec:
+    spec = get_gpt_layer_local_spec(normalization=config.normalization)
+    spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm_impl()
+    return spec
 
 
 def memory_mlp_spec(memory_config: MemoryConfig, values: MemoryValues, layer_id: int) -> ModuleSpec:
@@ -33,10 +73,8 @@ def memory_gpt_layer_specs(config: TransformerConfig, memory_config: MemoryConfi
         raise ValueError("memory layers need the shared MemoryValues table")
     specs = []
     for i in range(config.num_layers):
-        spec = get_gpt_layer_local_spec(normalization=config.normalization)
+        spec = _local_spec(config)
         if i in memory_layers:
-            spec = copy.copy(spec)
-            spec.submodules = copy.copy(spec.submodules)
             spec.submodules.mlp = memory_mlp_spec(memory_config, values, i)
         specs.append(spec)
     return specs
@@ -56,5 +94,4 @@ def memory_gpt_block_spec(config: TransformerConfig, memory_config: MemoryConfig
     """The decoder block spec of this pipeline stage (as get_gpt_decoder_block_spec slices it)."""
     specs = memory_gpt_layer_specs(config, memory_config, values)
     local = [specs[i] for i in local_layer_ids(config, vp_stage, pp_rank)]
-    final_norm = get_gpt_layer_local_spec(normalization=config.normalization).submodules.input_layernorm
-    return TransformerBlockSubmodules(layer_specs=local, layer_norm=final_norm)
+    return TransformerBlockSubmodules(layer_specs=local, layer_norm=norm_impl())

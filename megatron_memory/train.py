@@ -17,6 +17,7 @@ def _quiet_libraries() -> None:
     import logging
 
     warnings.filterwarnings("ignore")
+    warnings.filterwarnings("default", module="megatron_memory")
     for name in ("megatron", "torch.distributed", "torch.utils.cpp_extension"):
         logging.getLogger(name).setLevel(logging.ERROR)
 

@@ -142,7 +142,10 @@ class Trainer:
         d, t = self.cfg.data, self.cfg.train
         if d.data_path:
             prefixes, tok_path = list(d.data_path), d.tokenizer
-        else:
+        else:  # rank 0 writes the embedded corpus once; the others wait, then read it
+            if self.rank == 0:
+                data.ensure_default_data()
+            dist.barrier()
             prefix, tok_path = data.ensure_default_data()
             prefixes = [prefix]
         self.tokenizer = data.Tokenizer(tok_path)

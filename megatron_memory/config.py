@@ -165,7 +165,13 @@ class TrainConfig:
     weight_decay: float = opt(0.1, "decoupled weight decay (not on biases and norm gains)")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.95, "AdamW beta2")
-    clip_grad: float = opt(1.0, "gradient-norm clip; 0 turns clipping off")
+    clip_grad: float = opt(1.0, "gradient-norm clip, applied separately to the value table and to "
+                           "the other parameters (as the reference); 0 turns clipping off")
+    distributed_optimizer: Optional[bool] = opt(None, "shard optimizer state over data-parallel "
+                                                "ranks (Megatron distributed optimizer); default: on when DP > 1")
+    recompute_activations: bool = opt(False, "recompute attention and dense-FFN activations in "
+                                      "backward (memory layers are not recomputed: a second "
+                                      "lookup costs more than the activations it saves)")
     seed: int = opt(1234, "seed of the dense init and data order")
     bf16: Optional[bool] = opt(None, "bf16 mixed precision; default: on with CUDA, off on CPU")
     log_interval: int = opt(10, "steps between progress lines and TensorBoard scalars")

@@ -75,8 +75,17 @@ def install_cpu_shims() -> bool:
     torch.cuda.current_stream = lambda *a, **k: _NoStream()
     _CudaToCpu().__enter__()
 
+    import megatron.core.fusions.fused_softmax as msoftmax
     import megatron.core.optimizer.optimizer as mopt
     import megatron.core.tensor_parallel.random as mrandom
+    import megatron.core.transformer.utils as mutils
+
+    # Activation recompute replays the forward inside autograd, outside the thread-local
+    # _CudaToCpu mode, so this literal device="cuda" needs its own shim.
+    def causal_mask_cpu(sq: int) -> torch.Tensor:
+        return torch.triu(torch.ones(sq, sq), diagonal=1).bool()
+
+    mutils.get_default_causal_mask = msoftmax.get_default_causal_mask = causal_mask_cpu
 
     mrandom._set_cuda_rng_state = lambda state, device=-1, graph_safe=False: torch.set_rng_state(state)
     mopt.clip_grad_by_total_norm_fp32 = _clip_grads_cpu

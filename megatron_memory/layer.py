@@ -25,16 +25,28 @@ import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 import kernels
 from megatron_memory.config import MemoryConfig
 
+VALUE_GRAD_NORM_GROUP = "memory_values"
 # Rows generated per chunk when initialising the table: bounds the temporary [rows, v] buffer.
 _INIT_CHUNK_ELEMS = 1 << 26
 
 
 def _param_device(config: TransformerConfig):
     return "cpu" if config.use_cpu_initialization else torch.cuda.current_device()
+
+
+def register_value_grad_norm_group() -> None:
+    """Let Megatron's optimizer clip the value table by its own gradient norm (the reference
+    clips values and the rest separately): Megatron 0.19 clips each name registered in its
+    SEPARATE_GRAD_NORM_GROUPS on its own, and the table's param carries that name."""
+    import megatron.core.optimizer.optimizer as mopt
+
+    if VALUE_GRAD_NORM_GROUP not in mopt.SEPARATE_GRAD_NORM_GROUPS:
+        mopt.SEPARATE_GRAD_NORM_GROUPS = mopt.SEPARATE_GRAD_NORM_GROUPS + (VALUE_GRAD_NORM_GROUP,)
 
 
 def acc_dtype(t: torch.Tensor) -> torch.dtype:
@@ -69,6 +81,9 @@ class MemoryValues(MegatronModule):
         self.weight = torch.nn.Parameter(torch.empty(memory_config.num_values, width,
                                                      dtype=config.params_dtype, device=device))
         self.weight.is_memory_value = True  # selects the value param group (LR multiplier)
+        register_value_grad_norm_group()
+        self.weight.grad_norm_group = VALUE_GRAD_NORM_GROUP  # clipped on its own
+        self.stage_group = None  # set when other pipeline stages hold copies (parallel.py)
         if config.perform_initialization:
             self.reset_parameters()
 
@@ -87,6 +102,23 @@ class MemoryValues(MegatronModule):
     def lookup(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """indices, weights [T, bag] -> [T, v]: the weighted sum of the selected rows."""
         return kernels.embedding_bag(self.weight, indices, weights)
+
+    def mark_pipeline_copy(self, group, main: bool) -> None:
+        """This table is one of several identical copies on pipeline stages joined by ``group``;
+        ``main`` marks the copy counted in grad norms and written as the main checkpoint replica."""
+        self.stage_group = group
+        self.weight.shared = not main  # Megatron's grad-norm code skips ``shared`` params
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """[N, v] global; a TP slice is offset along dim 1; pipeline copies are replicas."""
+        state = {}
+        self._save_to_state_dict(state, "", keep_vars=True)
+        axis = {} if self.columns == (0, self.full_dim) else {"weight": 1}
+        out = make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets)
+        if getattr(self.weight, "shared", False):
+            for t in out.values():
+                t.replica_id = (1,) + tuple(t.replica_id[1:])
+        return out
 
 
 class MemoryPlus(MegatronModule):

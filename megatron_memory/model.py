@@ -46,6 +46,22 @@ class MemoryGPTModel(GPTModel):
         self.memory_config = memory_config
         self.memory_layer_ids = self_local
         self.memory_values = values  # registered once, here
+        self._link_pipeline_copies(config, memory_config)
+
+    def _link_pipeline_copies(self, config, memory_config) -> None:
+        """Memory layers on several pipeline stages: each of those stages holds an identical
+        copy (same seeded init); gradients are summed across them (``finalize_memory_grads``)
+        so the copies stay equal, like Megatron's tied embeddings."""
+        from megatron.core import parallel_state as ps
+
+        from megatron_memory import parallel
+
+        if config.pipeline_model_parallel_size == 1:
+            return
+        stages = parallel.memory_stages(config, memory_config)
+        group = parallel.build_stage_group(stages)  # collective: every rank takes part
+        if self.memory_values is not None and len(stages) > 1:
+            self.memory_values.mark_pipeline_copy(group, main=ps.get_pipeline_model_parallel_rank() == stages[0])
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None):

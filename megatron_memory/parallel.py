@@ -40,7 +40,6 @@ from megatron.core.tensor_parallel.mappings import (
     scatter_to_sequence_parallel_region,
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 import kernels
 from megatron_memory.config import MemoryConfig
@@ -85,10 +84,6 @@ class ShardedMemoryValues(MemoryValues):
         columns = kernels.embedding_bag(self.weight, all_indices, all_weights)   # [T, v/TP]
         return all_to_all_hp2sp(columns)                                        # [T_r, v]
 
-    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
-        state = {}
-        self._save_to_state_dict(state, "", keep_vars=True)
-        return make_sharded_tensors_for_checkpoint(state, prefix, {"weight": 1}, sharded_offsets)
 
 
 def mark_tp_partial(module: torch.nn.Module) -> None:
@@ -118,11 +113,51 @@ def reduce_tp_partial_grads(model_chunks) -> None:
         g.copy_(synced)
 
 
+def memory_stages(config: TransformerConfig, memory_config: MemoryConfig) -> list[int]:
+    """Pipeline stages that build at least one memory layer (each holds a copy of the table)."""
+    from megatron_memory.spec import local_layer_ids
+
+    layers = set(memory_config.resolved_layers(config.num_layers))
+    return [s for s in range(config.pipeline_model_parallel_size)
+            if layers.intersection(local_layer_ids(config, pp_rank=s))]
+
+
+def build_stage_group(stages: list[int]):
+    """The group of this rank's pipeline peers at ``stages`` (None if fewer than two stages).
+
+    Collective over the whole world: every rank creates every such group in the same order.
+    """
+    import torch.distributed as dist
+
+    if len(stages) < 2:
+        return None
+    mine = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
+    every = [None] * dist.get_world_size()
+    dist.all_gather_object(every, mine)
+    group_of_mine = None
+    for pp_ranks in sorted({tuple(r) for r in every}):
+        group = dist.new_group([pp_ranks[s] for s in stages])
+        if tuple(mine) == pp_ranks:
+            group_of_mine = group
+    return group_of_mine if parallel_state.get_pipeline_model_parallel_rank() in stages else None
+
+
+def _sync_table_copies(model_chunks) -> None:
+    """Sum the value-table gradient over the pipeline stages holding a copy: the logical table
+    is one, so every copy takes the same (total) gradient and the same optimizer step."""
+    for chunk in model_chunks:
+        for m in chunk.modules():
+            group = getattr(m, "stage_group", None)
+            if isinstance(m, MemoryValues) and group is not None:
+                torch.distributed.all_reduce(_grad_buffer(m.weight), group=group)
+
+
 def finalize_memory_grads(model_chunks, num_tokens=None, pg_collection=None, force_all_reduce=False):
-    """Megatron's ``finalize_model_grads`` plus the memory layers' TP reductions; install it as
-    ``TransformerConfig.finalize_model_grads_func``."""
+    """Megatron's ``finalize_model_grads`` plus the memory layers' reductions (TP partial sums,
+    table copies across pipeline stages); install as ``TransformerConfig.finalize_model_grads_func``."""
     from megatron.core.distributed import finalize_model_grads
 
     finalize_model_grads(model_chunks, num_tokens, pg_collection=pg_collection,
                          force_all_reduce=force_all_reduce)
     reduce_tp_partial_grads(model_chunks)
+    _sync_table_copies(model_chunks)

@@ -56,6 +56,8 @@ def transformer_config(cfg: RunConfig, bf16: bool):
         params_dtype=torch.bfloat16 if bf16 else torch.float32,
         pipeline_dtype=torch.bfloat16 if bf16 else torch.float32, bf16=bf16,
         use_cpu_initialization=on_cpu,
+        recompute_granularity="selective" if cfg.train.recompute_activations else None,
+        recompute_modules=["core_attn", "mlp"] if cfg.train.recompute_activations else None,
         # Fused paths need CUDA extensions; batch_p2p_comm on gloo swaps activations (shared notes).
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
@@ -73,7 +75,8 @@ class History:
     """What the run measured, step by step (for the summary, tests and TensorBoard)."""
 
     losses: list[float] = field(default_factory=list)
-    grad_norms: list[float] = field(default_factory=list)
+    grad_norms: list[float] = field(default_factory=list)        # all but the value table
+    value_grad_norms: list[float] = field(default_factory=list)  # the value table's own
     tokens: int = 0
     seconds: float = 0.0
     valid_loss: Optional[float] = None
@@ -120,6 +123,8 @@ class Trainer:
         self.bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else torch.cuda.is_available()
         if self.bf16 and not torch.cuda.is_available():
             raise ConfigError("train.bf16 needs CUDA; on CPU train in fp32 (--no-bf16)")
+        self.dist_opt = (cfg.train.distributed_optimizer if cfg.train.distributed_optimizer is not None
+                         else self.dp > 1)
         gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * self.dp
         self.num_micro = gbs // (cfg.train.micro_batch_size * self.dp)
         self.global_batch = gbs
@@ -176,11 +181,14 @@ class Trainer:
                                post_process=ps.is_pipeline_last_stage(),
                                rotary_base=cfg.model.rope_base)
         model.to(self.device)
+        for layer in model.memory_layers():  # see TrainConfig.recompute_activations
+            layer_module = next(m for m in model.decoder.layers if m.mlp is layer)
+            layer_module.recompute_mlp = False
         self.raw_model = model
         if self.bf16:
             model = Float16Module(self.tconfig, model)
         ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=False)
+                                                   use_distributed_optimizer=self.dist_opt)
         self.model = DistributedDataParallel(self.tconfig, ddp_config, model)
         self.tconfig.finalize_model_grads_func = parallel.finalize_memory_grads
         if cfg.train.load:
@@ -196,7 +204,7 @@ class Trainer:
         oc = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                              adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8,
                              clip_grad=t.clip_grad, bf16=self.bf16, params_dtype=torch.float32,
-                             use_distributed_optimizer=False)
+                             use_distributed_optimizer=self.dist_opt)
         self.optimizer = get_megatron_optimizer(oc, [self.model],
                                                 config_overrides=optimizer_overrides(oc, self.cfg.memory))
         self.scheduler = OptimizerParamScheduler(
@@ -219,15 +227,20 @@ class Trainer:
         dist.all_reduce(loss, group=ps.get_data_parallel_group())
         return float(loss) / self.dp
 
-    def train_step(self) -> tuple[float, float]:
+    def train_step(self) -> tuple[float, float, float]:
+        """One optimizer step; returns (loss, grad norm of the rest, grad norm of the values)."""
+        from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
+
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self._run_schedule(self.train_iter, self.num_micro, forward_only=False)
         ok, grad_norm, _ = self.optimizer.step()
         if not ok:
             raise FloatingPointError("optimizer step failed (non-finite gradients)")
+        self.last_lr = self.scheduler.get_lr({"max_lr": self.cfg.train.lr, "min_lr": self.cfg.train.min_lr})
         self.scheduler.step(increment=1)
-        return loss, float(grad_norm or 0.0)
+        value_norm = getattr(self.optimizer, "grad_norms_by_group", {}).get(VALUE_GRAD_NORM_GROUP)
+        return loss, float(grad_norm or 0.0), float(value_norm or 0.0)
 
     @torch.no_grad()
     def evaluate(self) -> Optional[float]:
@@ -243,9 +256,10 @@ class Trainer:
         tokens_per_step = self.global_batch * self.cfg.model.seq_length
         start = time.time()
         for step in range(1, t.steps + 1):
-            loss, gnorm = self.train_step()
+            loss, gnorm, vnorm = self.train_step()
             hist.losses.append(loss)
             hist.grad_norms.append(gnorm)
+            hist.value_grad_norms.append(vnorm)
             hist.tokens += tokens_per_step
             if step % t.log_interval == 0 or step == t.steps:
                 self._log_progress(step, start, hist)
@@ -265,14 +279,17 @@ class Trainer:
         eta = elapsed / step * (self.cfg.train.steps - step)
         window = hist.losses[-self.cfg.train.log_interval:]
         loss = sum(window) / len(window)
-        lr = self.scheduler.get_lr(self.optimizer.param_groups[0])
+        lr = self.last_lr  # the dense parameters' lr of this step (values: x value_lr_mult)
         if self.rank == 0:
             self.log(f"step {step:>5}/{self.cfg.train.steps} | loss {loss:7.4f} | lr {lr:.2e} | "
-                     f"grad-norm {hist.grad_norms[-1]:6.3f} | {tok_s:8.0f} tok/s | "
+                     f"grad-norm {hist.grad_norms[-1]:6.3f} (values {hist.value_grad_norms[-1]:6.3f}) | "
+                     f"{tok_s:8.0f} tok/s | "
                      f"elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
         if self.writer:
             for name, val in (("train/loss", loss), ("train/lr", lr),
-                              ("train/grad_norm", hist.grad_norms[-1]), ("train/tokens_per_s", tok_s)):
+                              ("train/grad_norm", hist.grad_norms[-1]),
+                              ("train/value_grad_norm", hist.value_grad_norms[-1]),
+                              ("train/tokens_per_s", tok_s)):
                 self.writer.add_scalar(name, val, step)
 
     def save(self, directory: str) -> None:

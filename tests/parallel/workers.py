@@ -1,0 +1,84 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Rank bodies for the parallel tests: train a tiny Memory+ GPT through the Trainer, or load a
+checkpoint and produce logits. Run them with ``dist_utils.run_ranks(..., tp=0)``."""
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import torch
+
+
+def tiny_config(tp: int = 1, pp: int = 1, sp: bool = False, steps: int = 4, dp_batch: int = 4,
+                save: Optional[str] = None, load: Optional[str] = None, **changes):
+    from configs.presets import get_preset
+    from megatron_memory.config import replace
+
+    base = {"model.num_layers": 4, "model.hidden_size": 64, "memory.layers": [1, 3],
+            "parallel.tp": tp, "parallel.pp": pp, "parallel.sequence_parallel": sp,
+            "train.steps": steps, "train.micro_batch_size": dp_batch, "train.tensorboard_dir": "",
+            "train.eval_iters": 0, "train.save": save, "train.load": load}
+    base.update(changes)
+    return replace(get_preset("tiny"), **base)
+
+
+def train(cfg, out_file: str) -> None:
+    """Train; rank 0 writes losses and grad norms, every rank holding the table writes it."""
+    import torch.distributed as dist
+
+    from megatron_memory.training import Trainer
+
+    trainer = Trainer(cfg, log=lambda line: None)
+    hist = trainer.fit()
+    if dist.get_rank() == 0:
+        json.dump({"losses": hist.losses, "grad_norms": hist.grad_norms,
+                   "value_grad_norms": hist.value_grad_norms}, open(out_file, "w"))
+    values = trainer.raw_model.memory_values
+    if values is not None:
+        torch.save({"columns": values.columns, "weight": values.weight.detach().float().clone()},
+                   f"{out_file}.values{dist.get_rank()}")
+    trainer.close()
+
+
+def save_init(cfg, directory: str) -> None:
+    """Save the freshly initialised model: a common start for layouts whose init differs
+    (Megatron draws dense weights stage by stage, so a PP=2 init differs from PP=1)."""
+    from megatron_memory.training import Trainer
+
+    trainer = Trainer(cfg, log=lambda line: None)
+    trainer.save(directory)
+    trainer.close()
+
+
+def logits(cfg, out_file: str) -> None:
+    """Logits of the first training micro-batch (full vocabulary) -> out_file (last stage)."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+    from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
+
+    from megatron_memory.training import Trainer
+
+    from megatron.core.pipeline_parallel import get_forward_backward_func
+
+    trainer = Trainer(cfg, log=lambda line: None)
+    batch = next(trainer.train_iter)
+    captured = []
+
+    def step(data_iterator, model):  # forward only, through the pipeline schedule
+        out = model(batch["tokens"], batch["position_ids"], None)
+
+        def keep(output):
+            captured.append(gather_from_tensor_model_parallel_region(output))
+            return output.sum() * 0, {}
+
+        return out, keep
+
+    with torch.no_grad():
+        get_forward_backward_func()(forward_step_func=step, data_iterator=iter([None]),
+                                    model=[trainer.model], num_microbatches=1,
+                                    seq_length=cfg.model.seq_length,
+                                    micro_batch_size=cfg.train.micro_batch_size, forward_only=True)
+    if ps.get_tensor_model_parallel_rank() == 0 and ps.is_pipeline_last_stage():
+        torch.save(captured[0], out_file)
+    dist.barrier()
+    trainer.close()

@@ -1,0 +1,172 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Launch ``megatron_memory.train`` on one or many nodes through torchrun, deepspeed or SLURM.
+
+    python -m launch.run torchrun  --nproc-per-node 8 [--nnodes 2 --node-rank 0 --master-addr H] -- TRAIN FLAGS
+    python -m launch.run deepspeed --hostfile hosts.txt [--nproc-per-node 8]                     -- TRAIN FLAGS
+    python -m launch.run slurm     --nnodes 2 --nproc-per-node 8 [--partition P --time T]        -- TRAIN FLAGS
+
+The training flags are validated against the world size (nodes x processes) before anything
+starts. ``--dry-run`` prints the fully resolved command(s) (for SLURM: the batch script) and
+exits. NCCL_NVLS_ENABLE=0 is exported: NVLink multicast is off (it can take down shared hosts).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import shlex
+import subprocess
+import sys
+from pathlib import Path
+
+from megatron_memory.cli import config_from_args
+from megatron_memory.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def read_hostfile(path: str) -> list[tuple[str, int]]:
+    """DeepSpeed hostfile lines 'host slots=N' -> [(host, N)]; '#' starts a comment."""
+    hosts = []
+    for n, line in enumerate(Path(path).read_text().splitlines(), 1):
+        line = line.split("#", 1)[0].strip()
+        if not line:
+            continue
+        parts = line.split()
+        slots = [p for p in parts[1:] if p.startswith("slots=")]
+        if len(parts) > 2 or (len(parts) == 2 and not slots):
+            raise ValueError(f"{path}:{n}: expected 'hostname slots=N', got {line!r}")
+        try:
+            hosts.append((parts[0], int(slots[0].split("=", 1)[1]) if slots else 1))
+        except ValueError as err:
+            raise ValueError(f"{path}:{n}: slots must be an integer in {line!r}") from err
+    if not hosts:
+        raise ValueError(f"{path}: no hosts")
+    return hosts
+
+
+def torchrun_command(a, node_rank: int) -> list[str]:
+    cmd = [a.python, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc_per_node}"]
+    if a.nnodes == 1:
+        cmd += ["--standalone"]
+    else:
+        cmd += [f"--nnodes={a.nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint={a.master_addr}:{a.master_port}", f"--rdzv-id={a.run_id}"]
+    return cmd + ["-m", "megatron_memory.train", *a.train_args]
+
+
+def deepspeed_command(a) -> list[str]:
+    cmd = [a.python, "-m", "deepspeed.launcher.runner", f"--master_port={a.master_port}"]
+    if a.hostfile:
+        cmd += [f"--hostfile={a.hostfile}", f"--num_nodes={a.nnodes}"]
+        cmd += [f"--master_addr={a.master_addr}"] if a.master_addr != "127.0.0.1" else []
+    cmd += [f"--num_gpus={a.nproc_per_node}", "--no_local_rank", "--module", "megatron_memory.train"]
+    return cmd + list(a.train_args)
+
+
+def slurm_script(a) -> str:
+    """An sbatch script: one torchrun per node (srun), rendezvous on the first node."""
+    env = " ".join(f"{k}={v}" for k, v in ENV.items())
+    torchrun = [a.python, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc_per_node}",
+                "--nnodes=$SLURM_NNODES", "--node-rank=$SLURM_NODEID", "--rdzv-backend=c10d",
+                f"--rdzv-endpoint=$MASTER_ADDR:{a.master_port}", "--rdzv-id=$SLURM_JOB_ID",
+                "-m", "megatron_memory.train", *map(shlex.quote, a.train_args)]
+    opts = [f"--nodes={a.nnodes}", "--ntasks-per-node=1", f"--gpus-per-node={a.nproc_per_node}",
+            f"--job-name={a.job_name}", f"--output={a.job_name}-%j.out"]
+    opts += [f"--partition={a.partition}"] if a.partition else []
+    opts += [f"--time={a.time}"] if a.time else []
+    return "\n".join(["#!/usr/bin/env bash", *(f"#SBATCH {o}" for o in opts), "set -euo pipefail",
+                      f"cd {shlex.quote(str(ROOT))}",
+                      'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+                      f"export {env}",
+                      "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(" ".join(torchrun)), ""])
+
+
+def parse(argv: list[str]):
+    if "--" in argv:
+        i = argv.index("--")
+        argv, train_args = argv[:i], argv[i + 1:]
+    else:
+        train_args = []
+    ap = argparse.ArgumentParser(prog="python -m launch.run", description=__doc__,
+                                 formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("launcher", choices=["torchrun", "deepspeed", "slurm"])
+    ap.add_argument("--nnodes", type=int, default=None, help="nodes (default 1; deepspeed: from the hostfile)")
+    ap.add_argument("--nproc-per-node", type=int, default=None,
+                    help="processes (GPUs) per node (default: visible GPUs, else 1; deepspeed: hostfile slots)")
+    ap.add_argument("--node-rank", type=int, default=None, help="torchrun: this node's rank (default: all, with --dry-run)")
+    ap.add_argument("--master-addr", default="127.0.0.1", help="rendezvous host (the first node)")
+    ap.add_argument("--master-port", type=int, default=29500, help="rendezvous port")
+    ap.add_argument("--run-id", default="megatron-memory", help="torchrun rendezvous id")
+    ap.add_argument("--hostfile", default=None, help="deepspeed hostfile ('host slots=N' lines)")
+    ap.add_argument("--partition", default=None, help="slurm partition")
+    ap.add_argument("--time", default=None, help="slurm time limit, e.g. 24:00:00")
+    ap.add_argument("--job-name", default="megatron-memory", help="slurm job name")
+    ap.add_argument("--python", default=sys.executable, help="python that has megatron-memory installed")
+    ap.add_argument("--dry-run", action="store_true", help="print the resolved command(s) and exit")
+    a = ap.parse_args(argv)
+    a.train_args = train_args
+    return a
+
+
+def resolve(a) -> None:
+    """Fill defaults, check the layout against the world size, raise ValueError if inconsistent."""
+    if a.launcher == "deepspeed" and a.hostfile:
+        hosts = read_hostfile(a.hostfile)
+        if len({s for _, s in hosts}) != 1:
+            raise ValueError(f"{a.hostfile}: every host needs the same slots, got {hosts}")
+        a.nnodes = a.nnodes or len(hosts)
+        a.nproc_per_node = a.nproc_per_node or hosts[0][1]
+        if a.nnodes > len(hosts):
+            raise ValueError(f"--nnodes {a.nnodes} but {a.hostfile} lists {len(hosts)} hosts")
+        if a.master_addr == "127.0.0.1" and a.nnodes > 1:
+            a.master_addr = hosts[0][0]
+    a.nnodes = a.nnodes or 1
+    if a.nproc_per_node is None:
+        import torch
+
+        a.nproc_per_node = max(1, torch.cuda.device_count())
+    if a.nnodes < 1 or a.nproc_per_node < 1:
+        raise ValueError("--nnodes and --nproc-per-node must be >= 1")
+    if a.launcher == "deepspeed" and a.nnodes > 1 and not a.hostfile:
+        raise ValueError("deepspeed on several nodes needs --hostfile")
+    if a.launcher == "torchrun" and a.nnodes > 1 and a.master_addr == "127.0.0.1" and not a.dry_run:
+        raise ValueError("torchrun on several nodes needs --master-addr (the first node's address)")
+    cfg, _ = config_from_args(a.train_args)
+    cfg.validate(world_size=a.nnodes * a.nproc_per_node)
+
+
+def main(argv=None) -> int:
+    a = parse(sys.argv[1:] if argv is None else argv)
+    try:
+        resolve(a)
+    except (ValueError, ConfigError, KeyError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    env_line = " ".join(f"{k}={v}" for k, v in ENV.items())
+    if a.launcher == "slurm":
+        script = slurm_script(a)
+        if a.dry_run:
+            print(script)
+            return 0
+        path = ROOT / f"{a.job_name}.sbatch"
+        path.write_text(script)
+        return subprocess.call(["sbatch", str(path)])
+    if a.launcher == "deepspeed":
+        cmds = [deepspeed_command(a)]
+    else:
+        ranks = range(a.nnodes) if a.node_rank is None else [a.node_rank]
+        cmds = [torchrun_command(a, r) for r in ranks]
+    if a.dry_run:
+        for i, cmd in enumerate(cmds):
+            where = f"# node {i}\n" if len(cmds) > 1 else ""
+            print(f"{where}{env_line} {shlex.join(cmd)}")
+        return 0
+    if len(cmds) > 1:
+        print("error: torchrun on several nodes: run this on each node with --node-rank", file=sys.stderr)
+        return 2
+    return subprocess.call(cmds[0], env={**os.environ, **ENV}, cwd=ROOT)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -175,6 +175,9 @@ class TrainConfig:
     seed: int = opt(1234, "seed of the dense init and data order")
     bf16: Optional[bool] = opt(None, "bf16 mixed precision; default: on with CUDA, off on CPU")
     log_interval: int = opt(10, "steps between progress lines and TensorBoard scalars")
+    key_usage: bool = opt(True, "log the share of values each memory layer selects per log window")
+    peak_tflops: Optional[float] = opt(None, "per-GPU bf16 peak for MFU; default: by GPU name "
+                                       "(H100/H200 989), none on CPU")
     eval_iters: int = opt(4, "validation micro-batches at the end (0: none)")
     tensorboard_dir: Optional[str] = opt("runs/latest", "TensorBoard event directory ('' to disable)")
     save: Optional[str] = opt(None, "directory to save a distributed checkpoint at the end")

@@ -142,6 +142,7 @@ class MemoryPlus(MegatronModule):
         self.half = mc.k_dim // 2
         # Not registered as a submodule: the model owns the one table (see module docstring).
         object.__setattr__(self, "values", values)
+        self.key_usage = None  # a metrics.KeyUsage when the trainer tracks key usage
         kw = dict(device=_param_device(config), dtype=config.params_dtype)
         self.query = torch.nn.Linear(d, mc.heads * mc.k_dim, bias=True, **kw)
         self.keys = torch.nn.Parameter(torch.empty(mc.heads, 2, mc.n_keys, self.half, **kw))
@@ -209,6 +210,8 @@ class MemoryPlus(MegatronModule):
         x = parallel.split_tokens(hidden_states, self.config)      # [s', b, d], s' = s / TP
         flat = x.reshape(-1, x.shape[-1])
         indices, weights = self.select(flat)
+        if self.key_usage is not None:
+            self.key_usage.update(indices)
         y = self.values.lookup(indices, weights)
         out = self.mix(flat, y.to(flat.dtype)).view(x.shape)
         return parallel.gather_tokens(out, self.config), None

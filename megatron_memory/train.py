@@ -40,6 +40,13 @@ def summary(cfg, trainer, hist) -> str:
         + (f", validation {hist.valid_loss:.4f}" if hist.valid_loss is not None else ""),
         f"tokens     {hist.tokens:,} in {hist.seconds:.1f} s = {hist.tokens / max(hist.seconds, 1e-9):,.0f} tok/s",
     ]
+    if hist.key_usage:
+        lines.append("key usage  " + ", ".join(f"layer {lid}: {f:.0%} of values used "
+                                              f"(effective {e:.0%})" for lid, (f, e) in hist.key_usage.items())
+                     + " in the last log window")
+    mfu = trainer.mfu(hist.tokens / max(hist.seconds, 1e-9))
+    if mfu is not None:
+        lines.append(f"MFU        {mfu:.1%} (memory lookup counted as 2*bag*v FLOPs per token)")
     if cfg.train.tensorboard_dir:
         lines.append(f"tensorboard {cfg.train.tensorboard_dir}  (tensorboard --logdir {cfg.train.tensorboard_dir})")
     if cfg.train.save:

@@ -19,6 +19,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 
 from megatron_memory.config import ConfigError, RunConfig
+from megatron_memory.metrics import KeyUsage, flops_per_token, peak_flops
 
 
 def init_distributed() -> torch.device:
@@ -80,6 +81,7 @@ class History:
     tokens: int = 0
     seconds: float = 0.0
     valid_loss: Optional[float] = None
+    key_usage: dict = field(default_factory=dict)  # last window: {layer: (fraction, effective)}
 
 
 def _check_empty(path: Path) -> None:
@@ -184,6 +186,9 @@ class Trainer:
         for layer in model.memory_layers():  # see TrainConfig.recompute_activations
             layer_module = next(m for m in model.decoder.layers if m.mlp is layer)
             layer_module.recompute_mlp = False
+            if cfg.train.key_usage:
+                layer.key_usage = KeyUsage(cfg.memory.num_values, self.device)
+        self.vocab_size = vocab
         self.raw_model = model
         if self.bf16:
             model = Float16Module(self.tconfig, model)
@@ -273,9 +278,37 @@ class Trainer:
             self.writer.close()
         return hist
 
+    def key_usage(self) -> dict[int, tuple[float, float]]:
+        """{memory layer id: (fraction used, effective usage)} over the last window, on every
+        rank (collective: each stage contributes its own layers)."""
+        from megatron.core import parallel_state as ps
+
+        layers = self.cfg.memory.resolved_layers(self.cfg.model.num_layers)
+        if not (self.cfg.train.key_usage and layers):
+            return {}
+        stats = torch.zeros(2 * len(layers), dtype=torch.float64, device=self.device)
+        groups = (ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group())
+        first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
+        for layer in self.raw_model.memory_layers():
+            frac, eff = layer.key_usage.summarize(groups)
+            if first:
+                i = layers.index(layer.layer_id)
+                stats[2 * i], stats[2 * i + 1] = frac, eff
+        dist.all_reduce(stats)
+        return {lid: (float(stats[2 * i]), float(stats[2 * i + 1])) for i, lid in enumerate(layers)}
+
+    def mfu(self, tokens_per_s: float) -> Optional[float]:
+        peak = self.cfg.train.peak_tflops * 1e12 if self.cfg.train.peak_tflops else peak_flops(self.device)
+        if peak is None:
+            return None
+        return tokens_per_s * flops_per_token(self.cfg, self.vocab_size) / (peak * dist.get_world_size())
+
     def _log_progress(self, step: int, start: float, hist: History) -> None:
         elapsed = time.time() - start
         tok_s = hist.tokens / max(elapsed, 1e-9)
+        usage = self.key_usage()
+        mfu = self.mfu(tok_s)
+        hist.key_usage = usage
         eta = elapsed / step * (self.cfg.train.steps - step)
         window = hist.losses[-self.cfg.train.log_interval:]
         loss = sum(window) / len(window)
@@ -283,14 +316,20 @@ class Trainer:
         if self.rank == 0:
             self.log(f"step {step:>5}/{self.cfg.train.steps} | loss {loss:7.4f} | lr {lr:.2e} | "
                      f"grad-norm {hist.grad_norms[-1]:6.3f} (values {hist.value_grad_norms[-1]:6.3f}) | "
-                     f"{tok_s:8.0f} tok/s | "
-                     f"elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
+                     f"{tok_s:8.0f} tok/s" + (f" | MFU {mfu:5.1%}" if mfu is not None else "")
+                     + (f" | keys used {min(u[0] for u in usage.values()):.0%}" if usage else "")
+                     + f" | elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
         if self.writer:
             for name, val in (("train/loss", loss), ("train/lr", lr),
                               ("train/grad_norm", hist.grad_norms[-1]),
                               ("train/value_grad_norm", hist.value_grad_norms[-1]),
                               ("train/tokens_per_s", tok_s)):
                 self.writer.add_scalar(name, val, step)
+            if mfu is not None:
+                self.writer.add_scalar("train/mfu", mfu, step)
+            for lid, (frac, eff) in usage.items():
+                self.writer.add_scalar(f"memory/keys_used_layer{lid}", frac, step)
+                self.writer.add_scalar(f"memory/effective_usage_layer{lid}", eff, step)
 
     def save(self, directory: str) -> None:
         from megatron.core import dist_checkpointing

@@ -40,8 +40,9 @@ def test_short_training_lowers_the_loss(short_run):
     assert first > 6.0            # ~ln(1024) at init
     assert last < first - 2.5     # learns well within 60 steps
     assert valid < first - 2.5
-    assert re.search(r"step\s+60/60 \| loss .* tok/s \| elapsed .* \| ETA", out)
+    assert re.search(r"step\s+60/60 \| loss .* tok/s \| keys used \d+% \| elapsed .* \| ETA", out)
     assert "memory layers [1, 3, 5]" in out
+    assert re.search(r"key usage  layer 1: \d+% of values used \(effective \d+%\)", out)
     assert list((tmp / "tb").glob("events.out.tfevents.*"))
 
 

@@ -67,10 +67,9 @@ def memory_mlp_spec(memory_config: MemoryConfig, values: MemoryValues, layer_id:
 
 def memory_gpt_layer_specs(config: TransformerConfig, memory_config: MemoryConfig,
                            values: Optional[MemoryValues]) -> list[ModuleSpec]:
-    """One spec per layer of the whole model (all pipeline stages), 0-based."""
+    """One spec per layer of the whole model (all pipeline stages), 0-based; ``values`` may be
+    None where this rank builds no memory layer."""
     memory_layers = set(memory_config.resolved_layers(config.num_layers))
-    if memory_layers and values is None:
-        raise ValueError("memory layers need the shared MemoryValues table")
     specs = []
     for i in range(config.num_layers):
         spec = _local_spec(config)
@@ -93,5 +92,8 @@ def memory_gpt_block_spec(config: TransformerConfig, memory_config: MemoryConfig
                           pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
     """The decoder block spec of this pipeline stage (as get_gpt_decoder_block_spec slices it)."""
     specs = memory_gpt_layer_specs(config, memory_config, values)
-    local = [specs[i] for i in local_layer_ids(config, vp_stage, pp_rank)]
+    ids = local_layer_ids(config, vp_stage, pp_rank)
+    if values is None and set(ids).intersection(memory_config.resolved_layers(config.num_layers)):
+        raise ValueError("memory layers on this stage need the shared MemoryValues table")
+    local = [specs[i] for i in ids]
     return TransformerBlockSubmodules(layer_specs=local, layer_norm=norm_impl())

@@ -1,0 +1,82 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""The memory calculator against real models: parameter counts per GPU at TP x PP, and the
+activation formula of a dense layer against the bytes autograd actually saves."""
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from configs.presets import get_preset
+from megatron_memory.config import replace
+from tests.parallel import workers
+from tests.parallel.dist_utils import run_ranks
+from tools.memory_calculator import _activations, estimate, main
+
+
+def _count_params(cfg, out_file: str) -> None:
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    from megatron_memory.training import Trainer
+
+    trainer = Trainer(cfg, log=lambda line: None)
+    model = trainer.raw_model
+    table = model.memory_values.weight.numel() if model.memory_values is not None else 0
+    total = sum(p.numel() for p in model.parameters())
+    counts = [None] * dist.get_world_size()
+    dist.all_gather_object(counts, (ps.get_pipeline_model_parallel_rank(), total - table, table))
+    if dist.get_rank() == 0:
+        json.dump(counts, open(out_file, "w"))
+    trainer.close()
+
+
+@pytest.mark.parametrize("tp,pp", [(1, 1), (2, 2)])
+def test_param_counts_match_built_model(tmp_path, tp, pp):
+    cfg = workers.tiny_config(tp=tp, pp=pp, **{"model.num_layers": 4, "memory.layers": [1]})
+    run_ranks(tp * pp, _count_params, cfg, str(tmp_path / "c.json"), tp=0)
+    counts = json.load(open(tmp_path / "c.json"))
+    rows = estimate(cfg, tp * pp, vocab_size=1024)
+    for stage, dense, table in counts:
+        assert rows[stage].dense_params == dense, (stage, rows[stage].dense_params, dense)
+        assert rows[stage].table_params == table
+    assert rows[0].table_params == 4096 * 64 // tp and (pp == 1 or rows[1].table_params == 0)
+
+
+def test_dense_layer_activations_match_saved_tensors(megatron_world):
+    from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
+    from megatron.core.transformer.transformer_layer import TransformerLayer
+
+    from tests.conftest import tiny_transformer_config
+
+    cfg = replace(get_preset("tiny"), **{"model.hidden_size": 64, "model.seq_length": 96,
+                                         "model.num_layers": 1, "memory.layers": []})
+    tcfg = tiny_transformer_config(num_layers=1, hidden_size=64, ffn_hidden_size=cfg.model.ffn_size(),
+                                   num_attention_heads=4)
+    layer = TransformerLayer(tcfg, get_gpt_layer_local_spec(normalization="RMSNorm").submodules)
+    x = torch.randn(96, 2, 64, requires_grad=True)
+    saved = {}
+
+    params = {p.untyped_storage().data_ptr() for p in layer.parameters()}
+
+    def pack(t):
+        ptr = t.untyped_storage().data_ptr()
+        if ptr not in params and t.dtype != torch.bool:  # weights and the shared mask aside
+            saved[ptr] = t.untyped_storage().nbytes()
+        return t
+
+    mask = torch.triu(torch.ones(96, 96, dtype=torch.bool), 1)[None, None]
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        layer(x, attention_mask=mask)
+    measured = sum(saved.values())
+    predicted = _activations(cfg, [0], set(), mbs=2, tp=1, e=4)
+    assert abs(predicted - measured) / measured < 0.03, (predicted, measured)
+
+
+def test_cli_flags_layouts_that_do_not_fit(capsys):
+    assert main(["--world-size", "4", "--gpu-gib", "80", "--", "--preset", "8b-memory", "--tp", "2",
+                 "--pp", "2", "--global-batch-size", "8"]) == 0
+    out = capsys.readouterr().out
+    assert "OVER" in out and "[16, 26]" in out
+    assert main(["--world-size", "3", "--", "--tp", "2"]) == 2

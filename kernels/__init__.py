@@ -4,6 +4,9 @@
 The layer calls only ``embedding_bag`` and ``product_key_search``; a faster implementation drops
 in here without touching the layer. ``force_reference(True)`` (or MEGATRON_MEMORY_REFERENCE=1)
 pins the reference, so tests can check both paths.
+
+On CUDA the Triton ``embedding_bag`` accumulates a trainable table Parameter's gradient straight
+into its ``main_grad`` (or ``.grad``) and returns None to autograd for it (kernels/README.md).
 """
 from __future__ import annotations
 
@@ -13,7 +16,14 @@ import torch
 
 from kernels.reference import embedding_bag_reference, product_key_search_reference
 
-HAVE_TRITON = False  # set by the Triton ops once they exist (kernel issue)
+try:  # Triton is optional: without it every op runs the reference.
+    # Module imports (not their functions): kernels.triton_* must stay the submodules.
+    from kernels import triton_embedding_bag as _triton_bag
+    from kernels import triton_product_key as _triton_search
+
+    HAVE_TRITON = True
+except ImportError:
+    HAVE_TRITON = False
 
 _FORCE_REFERENCE = os.environ.get("MEGATRON_MEMORY_REFERENCE", "0") == "1"
 
@@ -25,14 +35,19 @@ def force_reference(on: bool = True) -> None:
 
 
 def use_triton(t: torch.Tensor) -> bool:
+    """True when the Triton ops serve tensor t: Triton importable, t on CUDA, not forced off."""
     return HAVE_TRITON and t.is_cuda and not _FORCE_REFERENCE
 
 
 def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """out[t] = sum_b weights[t, b] * values[indices[t, b]]; shapes [N, d], [T, bag], [T, bag] -> [T, d]."""
+    if use_triton(values):
+        return _triton_bag.triton_embedding_bag(values, indices, weights)
     return embedding_bag_reference(values, indices, weights)
 
 
 def product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int):
     """Top-k product keys: query [T, H, 2, half], keys [H, 2, n, half] -> (scores, indices) [T, H, k]."""
+    if use_triton(query):
+        return _triton_search.triton_product_key_search(query, keys, k)
     return product_key_search_reference(query, keys, k)

@@ -38,13 +38,21 @@ def summary(cfg, trainer, hist) -> str:
         f"{'bf16' if trainer.bf16 else 'fp32'}",
         f"loss       {first:.4f} (first 5 steps) -> {last:.4f} (last 10 steps)"
         + (f", validation {hist.valid_loss:.4f}" if hist.valid_loss is not None else ""),
-        f"tokens     {hist.tokens:,} in {hist.seconds:.1f} s = {hist.tokens / max(hist.seconds, 1e-9):,.0f} tok/s",
+        f"tokens     {hist.tokens:,} in {hist.seconds:.1f} s = {hist.tokens / max(hist.seconds, 1e-9):,.0f} tok/s"
+        f" ({hist.steady_tokens_per_s(trainer.global_batch * cfg.model.seq_length):,.0f} tok/s after step 3)",
     ]
+    if hist.peak_gib:
+        from tools.memory_calculator import estimate
+
+        predicted = estimate(cfg, trainer.world_size, trainer.vocab_size, bf16=trainer.bf16)
+        lines.append("peak mem   " + ", ".join(
+            f"stage {s}: {g:.1f} GiB (calculator {predicted[s].total / 2**30:.1f})"
+            for s, g in hist.peak_gib.items()))
     if hist.key_usage:
         lines.append("key usage  " + ", ".join(f"layer {lid}: {f:.0%} of values used "
                                               f"(effective {e:.0%})" for lid, (f, e) in hist.key_usage.items())
                      + " in the last log window")
-    mfu = trainer.mfu(hist.tokens / max(hist.seconds, 1e-9))
+    mfu = trainer.mfu(hist.steady_tokens_per_s(trainer.global_batch * cfg.model.seq_length))
     if mfu is not None:
         lines.append(f"MFU        {mfu:.1%} (memory lookup counted as 2*bag*v FLOPs per token)")
     if cfg.train.tensorboard_dir:

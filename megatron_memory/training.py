@@ -82,6 +82,13 @@ class History:
     seconds: float = 0.0
     valid_loss: Optional[float] = None
     key_usage: dict = field(default_factory=dict)  # last window: {layer: (fraction, effective)}
+    step_seconds: list[float] = field(default_factory=list)
+    peak_gib: dict = field(default_factory=dict)   # {pipeline stage: max over its ranks}, CUDA only
+
+    def steady_tokens_per_s(self, tokens_per_step: int, skip: int = 3) -> float:
+        """Throughput without the first ``skip`` steps (Triton compilation, allocator warm-up)."""
+        times = self.step_seconds[skip:] if len(self.step_seconds) > skip else self.step_seconds
+        return tokens_per_step * len(times) / max(sum(times), 1e-9)
 
 
 def _check_empty(path: Path) -> None:
@@ -121,6 +128,7 @@ class Trainer:
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
         self.rank = dist.get_rank()
+        self.world_size = dist.get_world_size()
         self.dp = ps.get_data_parallel_world_size()
         self.bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else torch.cuda.is_available()
         if self.bf16 and not torch.cuda.is_available():
@@ -260,8 +268,12 @@ class Trainer:
         t, hist = self.cfg.train, History()
         tokens_per_step = self.global_batch * self.cfg.model.seq_length
         start = time.time()
+        if self.device.type == "cuda":
+            torch.cuda.reset_peak_memory_stats()
         for step in range(1, t.steps + 1):
-            loss, gnorm, vnorm = self.train_step()
+            t0 = time.time()
+            loss, gnorm, vnorm = self.train_step()  # ends in a host sync (loss, grad norm)
+            hist.step_seconds.append(time.time() - t0)
             hist.losses.append(loss)
             hist.grad_norms.append(gnorm)
             hist.value_grad_norms.append(vnorm)
@@ -269,6 +281,7 @@ class Trainer:
             if step % t.log_interval == 0 or step == t.steps:
                 self._log_progress(step, start, hist)
         hist.seconds = time.time() - start
+        hist.peak_gib = self.peak_memory()
         hist.valid_loss = self.evaluate()
         if t.save:
             self.save(t.save)
@@ -277,6 +290,20 @@ class Trainer:
                 self.writer.add_scalar("valid/loss", hist.valid_loss, t.steps)
             self.writer.close()
         return hist
+
+    def peak_memory(self) -> dict[int, float]:
+        """{pipeline stage: peak GiB allocated by torch, max over the stage's ranks} (CUDA)."""
+        from megatron.core import parallel_state as ps
+
+        if self.device.type != "cuda":
+            return {}
+        mine = (ps.get_pipeline_model_parallel_rank(), torch.cuda.max_memory_allocated() / 2**30)
+        every = [None] * dist.get_world_size()
+        dist.all_gather_object(every, mine)
+        out: dict[int, float] = {}
+        for stage, gib in every:
+            out[stage] = max(out.get(stage, 0.0), gib)
+        return dict(sorted(out.items()))
 
     def key_usage(self) -> dict[int, tuple[float, float]]:
         """{memory layer id: (fraction used, effective usage)} over the last window, on every

@@ -1,0 +1,189 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""The whole Memory+ layer, forward+backward, vs a dense SwiGLU FFN of the same width (one GPU).
+
+    python benchmarks/bench_memory_layer.py [--append] [--rep-ms 200] [--smoke]
+
+T = 8192 tokens, bf16 params, N = 2**20 values (n_keys 1024), 4 heads, k 32, k_dim 512,
+QK-norm on; d in {2048, 4096}; FFN width 5632 (8/3 d rounded up to 256) at d=2048 and 14336 at
+d=4096. The table carries an fp32 ``main_grad`` on the Triton path (the training path). The
+reference path returns a dense table gradient into .grad (it cannot use main_grad) and may not
+fit at d=4096 (its lookup materialises [T, bag, d] fp32 twice): then it reads "OOM".
+Breakdown rows time one part's forward+backward alone: query+search (``select``), lookup
+(``values.lookup``), W1/W2 (``mix``). ``--smoke`` runs tiny shapes on CPU (interpreter).
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_embedding_bag import (ROOT, bench_ms, device, emit, env_header, free_memory,  # noqa: E402
+                                 md_table)
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import kernels  # noqa: E402
+
+from kernels import triton_product_key as pk
+assert str(ROOT) in sys.path
+
+
+def build(d: int, smoke: bool):
+    from megatron.core.transformer import TransformerConfig
+
+    from megatron_memory.config import MemoryConfig
+    from megatron_memory.layer import MemoryPlus, MemoryValues
+
+    cfg = TransformerConfig(num_layers=1, hidden_size=d, num_attention_heads=max(1, d // 128),
+                            ffn_hidden_size=ffn_width(d), params_dtype=torch.bfloat16,
+                            use_cpu_initialization=smoke, perform_initialization=True,
+                            add_bias_linear=False, gated_linear_unit=True,
+                            activation_func=F.silu, hidden_dropout=0.0, attention_dropout=0.0)
+    mc = (MemoryConfig(layers=[0], n_keys=8, heads=2, k=4, k_dim=16) if smoke
+          else MemoryConfig(layers=[0], n_keys=1024, heads=4, k=32, k_dim=512, qk_norm=True))
+    mc.validate(1, d)
+    values = MemoryValues(cfg, mc)
+    return MemoryPlus(cfg, mc, values, layer_id=0), values
+
+
+def ffn_width(d: int) -> int:
+    return 14336 if d == 4096 else max(256, (8 * d + 3 * 256 - 1) // (3 * 256) * 256)
+
+
+class SwiGLU(torch.nn.Module):
+    def __init__(self, d: int, ffn: int):
+        super().__init__()
+        kw = dict(bias=False, device=device(), dtype=torch.bfloat16)
+        self.fc = torch.nn.Linear(d, 2 * ffn, **kw)
+        self.proj = torch.nn.Linear(ffn, d, **kw)
+
+    def forward(self, x):
+        a, b = self.fc(x).chunk(2, dim=-1)
+        return self.proj(F.silu(a) * b)
+
+
+def fwd_bwd(fn, *grads):
+    """A closure running fn() and backpropagating `grads` into its outputs."""
+    def run():
+        outs = fn()
+        outs = outs if isinstance(outs, tuple) else (outs,)
+        torch.autograd.backward([o for o, g in zip(outs, grads) if g is not None],
+                                [g for g in grads if g is not None])
+    return run
+
+
+def time_parts(layer, values, x, rep_ms):
+    """ms of the whole layer and of its three parts, each forward+backward."""
+    T, d = x.shape
+    H, k = layer.memory_config.heads, layer.memory_config.k
+    with torch.no_grad():
+        idx, w = layer.select(x)
+        y = values.lookup(idx, w).to(x.dtype)
+    dev = x.device
+    g_out = torch.randn(T, d, device=dev, dtype=x.dtype)
+    g_w = torch.randn(T, H * k, device=dev)
+    g_y = torch.randn(T, y.shape[1], device=dev, dtype=y.dtype)
+    w_req, y_req = w.clone().requires_grad_(), y.clone().requires_grad_()
+    x3 = x.view(T, 1, d)
+    res = {}
+    parts = {
+        "Memory+ layer": fwd_bwd(lambda: layer(x3)[0].view(T, d), g_out),
+        "query+search": fwd_bwd(lambda: layer.select(x)[1], g_w),
+        "lookup": fwd_bwd(lambda: values.lookup(idx, w_req), g_y),
+        "W1/W2 (mix)": fwd_bwd(lambda: layer.mix(x, y_req), g_out),
+    }
+    for name, fn in parts.items():
+        try:
+            res[name] = bench_ms(fn, rep_ms, grad_to_none=[x, w_req, y_req])
+        except torch.OutOfMemoryError:
+            res[name] = None
+            print(f"  {name}: OOM", flush=True)
+        free_memory()
+    return res
+
+
+def search_precision(layer, x, rep_ms):
+    """Search forward alone: torch reference vs Triton with fp32 dots in ieee / tf32x3 mode,
+    and the share of (t, h) rows whose selected set equals the ieee one."""
+    mc = layer.memory_config
+    with torch.no_grad():
+        q = layer.query(x).view(x.shape[0], mc.heads, 2, layer.half)
+        qn, kn = layer._normalised(q, layer.keys)
+        ref_idx = pk.search_forward(qn, kn, mc.k, precision="ieee")[1].sort(-1).values
+        ref_ms = bench_ms(lambda: kernels.product_key_search_reference(qn, kn, mc.k), rep_ms)
+        rows = [["torch reference", f"{ref_ms:.3f}", "-"]]
+        for prec in ("ieee", "tf32x3"):
+            idx = pk.search_forward(qn, kn, mc.k, precision=prec)[1].sort(-1).values
+            same = (idx == ref_idx).all(-1).float().mean().item()
+            ms = bench_ms(lambda: pk.search_forward(qn, kn, mc.k, precision=prec), rep_ms)
+            rows.append([f"triton {prec}", f"{ms:.3f}", f"{same * 100:.2f}%"])
+    return rows
+
+
+def bench_width(d: int, T: int, rep_ms: int, smoke: bool):
+    torch.manual_seed(0)
+    layer, values = build(d, smoke)
+    x = torch.randn(T, d, device=device(), dtype=torch.bfloat16).requires_grad_()
+    ffn = SwiGLU(d, ffn_width(d))
+    g = torch.randn(T, d, device=device(), dtype=torch.bfloat16)
+    t_ffn = bench_ms(fwd_bwd(lambda: ffn(x), g), rep_ms, grad_to_none=[x])
+    del ffn
+    free_memory()
+    kernels.force_reference(True)
+    ref = time_parts(layer, values, x, rep_ms)
+    kernels.force_reference(False)
+    values.weight.grad = None
+    free_memory()
+    values.weight.main_grad = torch.zeros(values.weight.shape, device=device())
+    tri = time_parts(layer, values, x, rep_ms)
+    prec = search_precision(layer, x, rep_ms)
+    del layer, values, x
+    free_memory()
+
+    def fmt(ms):
+        return "OOM" if ms is None else f"{ms:.3f}"
+
+    rows = [[d, "dense SwiGLU FFN", "-", f"{t_ffn:.3f}", "-", "1.00"]]
+    for name in tri:
+        r, t = ref[name], tri[name]
+        rows.append([d, name, fmt(r), fmt(t), f"{r / t:.2f}x" if r and t else "n/a",
+                     f"{t / t_ffn:.2f}" if t else "n/a"])
+    for r in rows:
+        print("  " + " | ".join(str(c) for c in r), flush=True)
+    return rows, [[d] + r for r in prec]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
+    ap.add_argument("--rep-ms", type=int, default=200, help="do_bench rep time per measurement")
+    ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter check)")
+    args = ap.parse_args()
+    if args.smoke:
+        from tests.kernels.test_embedding_bag import install_interpreter_shim
+
+        install_interpreter_shim()  # numpy >= 2.5 vs Triton 3.6's interpreter
+    if args.smoke:  # the interpreter runs the Triton ops on CPU tensors
+        kernels.use_triton = lambda t: kernels.HAVE_TRITON and not kernels._FORCE_REFERENCE
+    widths, T = ((64,), 32) if args.smoke else ((2048, 4096), 8192)
+    rows, prec = [], []
+    for d in widths:
+        r, p = bench_width(d, T, args.rep_ms, args.smoke)
+        rows += r
+        prec += p
+    text = env_header(f"Memory+ layer vs dense FFN (T={T}, bf16, N=2^20, heads 4, k 32, "
+                      f"k_dim 512, QK-norm)")
+    text += ("\nms of forward+backward; ref = torch reference ops (table grad into .grad), "
+             "triton = Triton ops (table grad into fp32 main_grad). Last column: Triton time / "
+             "dense FFN time.\n\n")
+    text += md_table(["d", "part", "ref ms", "triton ms", "ref/triton", "triton/FFN"], rows)
+    text += "\nSearch forward alone (fp32 QK-normed inputs):\n\n"
+    text += md_table(["d", "search", "ms", "same sets as ieee"], prec)
+    emit("bench_memory_layer", text, args.append)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

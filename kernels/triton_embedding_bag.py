@@ -1,0 +1,435 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Weighted EmbeddingBag in Triton: out[t] = sum_b w[t, b] * V[idx[t, b]].
+
+Shapes: V [N, d] (bf16/fp16/fp32), idx [T, bag] (int32/int64), w [T, bag] (fp32/bf16/fp16),
+out [T, d] in V's dtype. Every sum runs in fp32.
+
+The op is memory bound: forward reads T*bag gathered rows, backward reads them again plus the
+output-gradient rows and read-modify-writes the table gradient. The table gradient goes straight
+into the buffer the optimizer reads (Megatron's fp32 ``main_grad`` or ``.grad``), touching only
+the rows used: no [T, bag, d] intermediate, no dense zero-filled temporary, no fold pass.
+
+Backward strategies (see kernels/README.md for the byte counts):
+  segment  sort the flat indices, one program per run of equal rows (split every SEGMENT_CHUNK
+           occurrences; split runs are summed in a second pass in a fixed order): deterministic.
+  atomic   one program per token scatters w * g[t] with fp32 atomics: nondeterministic, fp32
+           buffers only (other buffers fall back to segment).
+"""
+from __future__ import annotations
+
+import os
+from typing import Optional
+
+import torch
+import triton
+import triton.language as tl
+
+from kernels.reference import embedding_bag_reference
+
+# The strategy used when deterministic=None; chosen by measurement (benchmarks/RESULTS.md).
+DEFAULT_STRATEGY = "segment"
+# Most occurrences of one row a segment program reduces; longer runs (hot rows) are split over
+# programs whose fp32 partial sums a second kernel adds in order, so a row used by every token
+# costs T*bag/SEGMENT_CHUNK parallel programs rather than one serial one.
+SEGMENT_CHUNK = 512
+
+_TABLE_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
+_WEIGHT_DTYPES = (torch.float32, torch.bfloat16, torch.float16)
+_INDEX_DTYPES = (torch.int32, torch.int64)
+
+
+def interpreting() -> bool:
+    """True under TRITON_INTERPRET=1 (CPU tensors allowed, kernels run in numpy)."""
+    return os.environ.get("TRITON_INTERPRET", "0") == "1"
+
+
+# --------------------------------------------------------------------------------------------
+# Kernels
+# --------------------------------------------------------------------------------------------
+
+@triton.jit
+def _forward_kernel(values, indices, weights, out, bag, d, stride_v, stride_o,
+                    BAG_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (t, column block): out[t, cols] = sum_b w[t, b] * V[idx[t, b], cols].
+
+    Each iteration gathers a [BAG_BLOCK, BLOCK_D] tile: BAG_BLOCK independent row segments, each
+    read with 16-byte vector loads, so many requests are in flight per thread (latency hiding
+    without relying on occupancy alone). Row indices go to int64 before the multiply: N*d may
+    exceed 2**31.
+    """
+    t = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    bs = tl.arange(0, BAG_BLOCK)
+    rows = tl.load(indices + t * bag + bs, mask=bs < bag, other=0).to(tl.int64)
+    w = tl.load(weights + t * bag + bs, mask=bs < bag, other=0.0).to(tl.float32)
+    for b0 in range(0, bag, BAG_BLOCK):
+        v = tl.load(values + rows[:, None] * stride_v + cols[None, :],
+                    mask=(b0 + bs < bag)[:, None] & cmask[None, :], other=0.0)
+        # Prefetch the next tile's indices while the row loads are in flight: the gather
+        # address depends on them, so this takes one memory latency off every iteration.
+        nb = b0 + BAG_BLOCK + bs
+        rows_next = tl.load(indices + t * bag + nb, mask=nb < bag, other=0).to(tl.int64)
+        w_next = tl.load(weights + t * bag + nb, mask=nb < bag, other=0.0).to(tl.float32)
+        acc += tl.sum(v.to(tl.float32) * w[:, None], axis=0)
+        rows = rows_next
+        w = w_next
+    tl.store(out + t * stride_o + cols, acc.to(out.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _segment_kernel(grad_out, values, weights, sorted_pos, chunk_start, chunk_row, chunk_slot,
+                    buf, partial, dots, M, bag, d, stride_g, stride_v, stride_b,
+                    NEED_DOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (chunk, column block): one run of equal rows r in sorted order.
+
+    acc = sum over the run of w[pos] * g[pos // bag] (fp32); the program owns row r of ``buf``
+    (slot < 0) and read-modify-writes it once, or (slot >= 0, a split hot row) stores acc to
+    ``partial[slot]`` for _fold_kernel. With NEED_DOTS it also writes the partial weight grads
+    dots[block, pos] = <g[pos // bag], V[r]> over its columns, fused: both rows are in registers.
+    Each flat position lies in exactly one chunk, so every dots entry is written exactly once.
+    """
+    c = tl.program_id(0)
+    pid_d = tl.program_id(1)
+    start = tl.load(chunk_start + c)
+    end = tl.load(chunk_start + c + 1)
+    row = tl.load(chunk_row + c).to(tl.int64)
+    slot = tl.load(chunk_slot + c)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    # Issued before the loop so its latency overlaps the gradient-row loads.
+    old = tl.load(buf + row * stride_b + cols, mask=cmask & (slot < 0), other=0.0).to(tl.float32)
+    if NEED_DOTS:
+        v = tl.load(values + row * stride_v + cols, mask=cmask, other=0.0).to(tl.float32)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for p0 in range(start, end, BLOCK_P):
+        p = p0 + tl.arange(0, BLOCK_P)
+        pmask = p < end
+        pos = tl.load(sorted_pos + p, mask=pmask, other=0).to(tl.int64)
+        w = tl.load(weights + pos, mask=pmask, other=0.0).to(tl.float32)
+        g = tl.load(grad_out + (pos // bag)[:, None] * stride_g + cols[None, :],
+                    mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+        acc += tl.sum(g * w[:, None], axis=0)
+        if NEED_DOTS:
+            tl.store(dots + pid_d.to(tl.int64) * M + pos, tl.sum(g * v[None, :], axis=1), mask=pmask)
+    if slot < 0:
+        tl.store(buf + row * stride_b + cols, (old + acc).to(buf.dtype.element_ty), mask=cmask)
+    else:
+        tl.store(partial + slot.to(tl.int64) * d + cols, acc, mask=cmask)
+
+
+@triton.jit
+def _fold_kernel(partial, fold_row, fold_slot, buf, d, stride_b,
+                 BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (split row, column block): buf[row] += sum of its partial rows, in slot order
+    (deterministic), one read-modify-write of the row."""
+    f = tl.program_id(0)
+    cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    row = tl.load(fold_row + f).to(tl.int64)
+    s0 = tl.load(fold_slot + f)
+    s1 = tl.load(fold_slot + f + 1)
+    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+    for s in range(s0, s1, BLOCK_S):
+        ss = (s + tl.arange(0, BLOCK_S)).to(tl.int64)
+        x = tl.load(partial + ss[:, None] * d + cols[None, :],
+                    mask=(ss < s1)[:, None] & cmask[None, :], other=0.0)
+        acc += tl.sum(x, axis=0)
+    ptrs = buf + row * stride_b + cols
+    old = tl.load(ptrs, mask=cmask, other=0.0).to(tl.float32)
+    tl.store(ptrs, (old + acc).to(buf.dtype.element_ty), mask=cmask)
+
+
+@triton.jit
+def _token_kernel(grad_out, values, indices, weights, buf, dots, M, bag, d,
+                  stride_g, stride_v, stride_b, NEED_DOTS: tl.constexpr, SCATTER: tl.constexpr,
+                  BAG_BLOCK: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (t, column block): loads g[t] once; SCATTER atomically adds w * g[t] into the
+    fp32 ``buf`` rows (relaxed: only the sum matters); NEED_DOTS writes the partial weight
+    grads <g[t], V[idx]> over its columns."""
+    t = tl.program_id(0).to(tl.int64)
+    pid_d = tl.program_id(1)
+    cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
+    cmask = cols < d
+    g = tl.load(grad_out + t * stride_g + cols, mask=cmask, other=0.0).to(tl.float32)
+    for b0 in range(0, bag, BAG_BLOCK):
+        bs = b0 + tl.arange(0, BAG_BLOCK)
+        bmask = bs < bag
+        m2 = bmask[:, None] & cmask[None, :]
+        rows = tl.load(indices + t * bag + bs, mask=bmask, other=0).to(tl.int64)
+        if NEED_DOTS:
+            v = tl.load(values + rows[:, None] * stride_v + cols[None, :], mask=m2, other=0.0)
+            dot = tl.sum(v.to(tl.float32) * g[None, :], axis=1)
+            tl.store(dots + pid_d.to(tl.int64) * M + t * bag + bs, dot, mask=bmask)
+        if SCATTER:
+            w = tl.load(weights + t * bag + bs, mask=bmask, other=0.0).to(tl.float32)
+            tl.atomic_add(buf + rows[:, None] * stride_b + cols[None, :], w[:, None] * g[None, :],
+                          mask=m2, sem="relaxed")
+
+
+# --------------------------------------------------------------------------------------------
+# Launch configurations (chosen by d and element size; see kernels/README.md)
+# --------------------------------------------------------------------------------------------
+
+def _warps(tile: int) -> int:
+    """Warps for a tile of `tile` elements: ~64 elements per thread keeps 4-8 vector loads in
+    flight per thread without spilling."""
+    return max(1, min(8, tile // 2048))
+
+
+def gather_config(d: int, esize: int, bag: int) -> dict:
+    """BLOCK_D / BAG_BLOCK / num_warps of the row-gathering kernels (forward, token)."""
+    block_d = max(16, min(triton.next_power_of_2(d), 2048 // esize))
+    budget = 16384 // esize                    # elements of one gathered tile (16 KiB of table)
+    bag_block = max(1, min(triton.next_power_of_2(max(bag, 1)), budget // block_d, 32))
+    return dict(BLOCK_D=block_d, BAG_BLOCK=bag_block, num_warps=_warps(block_d * bag_block))
+
+
+def segment_config(d: int, esize: int) -> dict:
+    block_d = max(16, min(triton.next_power_of_2(d), 2048 // esize))
+    block_p = max(1, min(32, (8192 // esize) // block_d))
+    return dict(BLOCK_D=block_d, BLOCK_P=block_p, num_warps=_warps(block_d * block_p * 2))
+
+
+# --------------------------------------------------------------------------------------------
+# Launchers (also used by kernels/triton_product_key.py for its backward)
+# --------------------------------------------------------------------------------------------
+
+def launch_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+                   out_dtype: Optional[torch.dtype] = None, config: Optional[dict] = None):
+    """values [N, d] (row stride free, unit column stride), indices/weights [T, bag] -> [T, d]."""
+    T, bag = indices.shape
+    d = values.shape[1]
+    out = torch.empty(T, d, dtype=out_dtype or values.dtype, device=values.device)
+    if T == 0 or d == 0:
+        return out
+    cfg = dict(config or gather_config(d, values.element_size(), bag))
+    grid = (T, triton.cdiv(d, cfg["BLOCK_D"]))
+    _forward_kernel[grid](values, indices.contiguous(), weights.contiguous(), out, bag, d,
+                          values.stride(0), out.stride(0), **cfg)
+    return out
+
+
+def _segment_plan(indices: torch.Tensor, n_rows: int, chunk: int):
+    """Sort the flat indices and cut the runs of equal rows into chunks of <= `chunk`.
+
+    Returns (sorted_pos [M] int64, chunk_start [C+1] int32, chunk_row [C], chunk_slot [C] int32
+    (-1: the chunk owns its row; else its slot in the partial buffer), fold_row [F],
+    fold_slot [F+1] int32, S = number of slots). Host syncs: the run count, the chunk counts,
+    and (hot rows only) the split runs.
+    """
+    flat = indices.reshape(-1)
+    if flat.dtype == torch.int64 and n_rows <= 2**31:
+        flat = flat.to(torch.int32)   # 4-byte radix-sort keys: half the sort passes
+    M, dev = flat.numel(), flat.device
+    sorted_rows, sorted_pos = torch.sort(flat, stable=True)  # stable: fixed summation order
+    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
+    nch = (counts + chunk - 1) // chunk
+    split = nch > 1
+    C, S, F = torch.stack([nch.sum(), torch.where(split, nch, 0).sum(), split.sum()]).tolist()
+    seg = torch.repeat_interleave(torch.arange(rows.numel(), device=dev), nch, output_size=C)
+    seg_start = torch.cumsum(counts, 0) - counts
+    first_chunk = torch.cumsum(nch, 0) - nch
+    k_in_seg = torch.arange(C, device=dev) - first_chunk[seg]
+    chunk_start = torch.empty(C + 1, dtype=torch.int32, device=dev)
+    chunk_start[:C] = seg_start[seg] + k_in_seg * chunk
+    chunk_start[C] = M
+    chunk_split = split[seg]
+    chunk_slot = torch.where(chunk_split, torch.cumsum(chunk_split, 0) - 1, -1).to(torch.int32)
+    split_seg = torch.nonzero(split).squeeze(1) if F else rows.new_zeros(0, dtype=torch.int64)
+    fold_slot = torch.zeros(F + 1, dtype=torch.int32, device=dev)
+    fold_slot[1:] = torch.cumsum(nch[split_seg], 0)
+    return sorted_pos, chunk_start, rows[seg], chunk_slot, rows[split_seg], fold_slot, S
+
+
+def launch_segment_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                            weights: torch.Tensor, buf: torch.Tensor, need_dots: bool,
+                            chunk: Optional[int] = None, config: Optional[dict] = None):
+    """buf[r] += sum_{(t,b): idx[t,b]=r} w[t,b] * grad_out[t] (fp32 sums, one RMW per row);
+    returns the fp32 weight grads [T, bag] = <grad_out[t], V[idx[t, b]]> if need_dots else None.
+
+    grad_out [T, d], values [N, d] (read only for the dots), buf [N, d] any float dtype.
+    """
+    T, bag = indices.shape
+    M, d = indices.numel(), buf.shape[1]
+    dev = buf.device
+    if M == 0 or d == 0:
+        return torch.zeros(T, bag, dtype=torch.float32, device=dev) if need_dots else None
+    plan = _segment_plan(indices, values.shape[0], chunk or SEGMENT_CHUNK)
+    sorted_pos, chunk_start, chunk_row, chunk_slot, fold_row, fold_slot, S = plan
+    cfg = dict(config or segment_config(d, grad_out.element_size()))
+    n_dblk = triton.cdiv(d, cfg["BLOCK_D"])
+    dots = torch.empty(n_dblk if need_dots else 1, M, dtype=torch.float32, device=dev)
+    partial = torch.empty(max(S, 1), d, dtype=torch.float32, device=dev)
+    _segment_kernel[(chunk_row.numel(), n_dblk)](
+        grad_out, values, weights.contiguous(), sorted_pos, chunk_start, chunk_row, chunk_slot,
+        buf, partial, dots, M, bag, d, grad_out.stride(0), values.stride(0), buf.stride(0),
+        NEED_DOTS=need_dots, **cfg)
+    if fold_row.numel():
+        fold_d = max(16, min(triton.next_power_of_2(d), 256))
+        _fold_kernel[(fold_row.numel(), triton.cdiv(d, fold_d))](
+            partial, fold_row, fold_slot, buf, d, buf.stride(0), BLOCK_S=16, BLOCK_D=fold_d,
+            num_warps=2)
+    return dots.sum(0).view(T, bag) if need_dots else None
+
+
+def launch_token_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                          weights: torch.Tensor, buf: Optional[torch.Tensor], need_dots: bool,
+                          config: Optional[dict] = None):
+    """Atomic strategy (buf fp32, or None for the weight grads alone): same contract as
+    launch_segment_backward."""
+    T, bag = indices.shape
+    M, d = indices.numel(), values.shape[1]
+    dev = values.device
+    if M == 0 or d == 0:
+        return torch.zeros(T, bag, dtype=torch.float32, device=dev) if need_dots else None
+    cfg = dict(config or gather_config(d, values.element_size(), bag))
+    n_dblk = triton.cdiv(d, cfg["BLOCK_D"])
+    dots = torch.empty(n_dblk if need_dots else 1, M, dtype=torch.float32, device=dev)
+    target = buf if buf is not None else dots
+    _token_kernel[(T, n_dblk)](
+        grad_out, values, indices.contiguous(), weights.contiguous(), target, dots, M, bag, d,
+        grad_out.stride(0), values.stride(0), target.stride(0), NEED_DOTS=need_dots,
+        SCATTER=buf is not None, **cfg)
+    return dots.sum(0).view(T, bag) if need_dots else None
+
+
+# --------------------------------------------------------------------------------------------
+# Autograd
+# --------------------------------------------------------------------------------------------
+
+def _strategy(deterministic: Optional[bool]) -> str:
+    if deterministic or torch.are_deterministic_algorithms_enabled():
+        return "segment"
+    return "atomic" if deterministic is False else DEFAULT_STRATEGY
+
+
+def _owns_grad(values: torch.Tensor) -> bool:
+    """A trainable leaf Parameter: its gradient is accumulated in place, not returned."""
+    return isinstance(values, torch.nn.Parameter) and values.is_leaf and values.requires_grad
+
+
+def _grad_buffer(param: torch.nn.Parameter) -> torch.Tensor:
+    """Megatron DDP's main_grad if set; else .grad, zero-created on first use in the param's
+    dtype (autograd requires .grad to match it; the kernels still sum in fp32 and round once
+    per row and step)."""
+    main = getattr(param, "main_grad", None)
+    if main is not None:
+        return main
+    if param.grad is None:
+        param.grad = torch.zeros_like(param, memory_format=torch.contiguous_format)
+    if param.grad.stride(-1) != 1:
+        raise ValueError("embedding_bag: the table's .grad needs unit column stride, got "
+                         f"strides {tuple(param.grad.stride())}")
+    return param.grad
+
+
+def _table_backward(grad_out, values, indices, weights, buf, need_dots, deterministic):
+    """Accumulate the table gradient into buf; return the fp32 weight grads (or None)."""
+    if _strategy(deterministic) == "atomic" and buf.dtype == torch.float32:
+        return launch_token_backward(grad_out, values, indices, weights, buf, need_dots)
+    return launch_segment_backward(grad_out, values, indices, weights, buf, need_dots)
+
+
+class _EmbeddingBag(torch.autograd.Function):
+    """forward(values [N, d], indices [T, bag], weights [T, bag], deterministic) -> [T, d].
+
+    backward: weight grads are returned; the table gradient of a trainable Parameter goes into
+    its main_grad/.grad (None is returned for it), then ``memory_grad_ready_hook()`` runs if set.
+    Any other table that needs a gradient gets a normal dense one.
+    """
+
+    @staticmethod
+    def forward(ctx, values, indices, weights, deterministic):
+        ctx.save_for_backward(values, indices, weights)
+        ctx.param = values  # the Python object: main_grad / hooks are attributes on it
+        ctx.deterministic = deterministic
+        return launch_forward(values, indices, weights)
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_out):
+        values, indices, weights = ctx.saved_tensors
+        need_v, _, need_w, _ = ctx.needs_input_grad
+        grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
+        param = ctx.param
+        grad_v = grad_w = None
+        if need_v:
+            owned = _owns_grad(param)
+            if owned:
+                buf = _grad_buffer(param)
+            else:  # a returned gradient; fp32 when atomics will add into it
+                atomic = _strategy(ctx.deterministic) == "atomic"
+                buf = torch.zeros(values.shape, device=values.device,
+                                  dtype=torch.float32 if atomic else values.dtype)
+            dots = _table_backward(grad_out, values, indices, weights, buf, need_w,
+                                   ctx.deterministic)
+            if owned:
+                hook = getattr(param, "memory_grad_ready_hook", None)
+                if callable(hook):
+                    hook()
+            else:
+                grad_v = buf.to(values.dtype)
+        elif need_w:
+            dots = launch_token_backward(grad_out, values, indices, weights, None, True)
+        if need_w:
+            grad_w = dots.to(weights.dtype)
+        return grad_v, None, grad_w, None
+
+
+# --------------------------------------------------------------------------------------------
+# Public entry point
+# --------------------------------------------------------------------------------------------
+
+def _check(values, indices, weights, deterministic) -> None:
+    """One ValueError per problem, before any compute."""
+    if values.dim() != 2:
+        raise ValueError(f"embedding_bag: values must be [N, d], got shape {tuple(values.shape)}")
+    if indices.dim() != 2:
+        raise ValueError(f"embedding_bag: indices must be [T, bag], got shape {tuple(indices.shape)}")
+    if weights.shape != indices.shape:
+        raise ValueError(f"embedding_bag: weights shape {tuple(weights.shape)} != indices shape "
+                         f"{tuple(indices.shape)}")
+    if indices.dtype not in _INDEX_DTYPES:
+        raise ValueError(f"embedding_bag: indices must be int32 or int64, got {indices.dtype}")
+    if values.dtype not in _TABLE_DTYPES + (torch.float64,):
+        raise ValueError(f"embedding_bag: values dtype {values.dtype} unsupported "
+                         "(bf16, fp16, fp32; fp64 uses the reference)")
+    if weights.dtype not in _WEIGHT_DTYPES + (torch.float64,):
+        raise ValueError(f"embedding_bag: weights dtype {weights.dtype} unsupported (fp32, bf16, fp16)")
+    if not (values.device == indices.device == weights.device):
+        raise ValueError(f"embedding_bag: tensors on different devices: values {values.device}, "
+                         f"indices {indices.device}, weights {weights.device}")
+    if values.stride(1) != 1 and values.shape[1] > 1:
+        raise ValueError(f"embedding_bag: values needs unit column stride, got {tuple(values.stride())}")
+    if indices.numel() >= 2**31:
+        raise ValueError(f"embedding_bag: T*bag={indices.numel()} must stay below 2**31")
+    if deterministic not in (None, True, False):
+        raise ValueError(f"embedding_bag: deterministic must be None, True or False, got {deterministic!r}")
+    main = getattr(values, "main_grad", None)
+    if main is not None:
+        if main.shape != values.shape:
+            raise ValueError(f"embedding_bag: main_grad shape {tuple(main.shape)} != values shape "
+                             f"{tuple(values.shape)}")
+        if main.device != values.device or (main.stride(1) != 1 and main.shape[1] > 1):
+            raise ValueError("embedding_bag: main_grad must be on the table's device with unit "
+                             f"column stride, got {main.device}, strides {tuple(main.stride())}")
+    if not values.is_cuda and not interpreting():
+        raise ValueError("embedding_bag: the Triton op needs CUDA tensors (or TRITON_INTERPRET=1)")
+
+
+def triton_embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor, *,
+                         deterministic: Optional[bool] = None) -> torch.Tensor:
+    """out[t] = sum_b weights[t, b] * values[indices[t, b]]: [N, d], [T, bag], [T, bag] -> [T, d].
+
+    Pass the table Parameter itself: its gradient is accumulated into ``main_grad`` (fp32, if the
+    attribute is set) or ``.grad``, and not returned by autograd (see _EmbeddingBag).
+    deterministic: None = DEFAULT_STRATEGY, True = segment (also under
+    torch.use_deterministic_algorithms), False = atomic. fp64 inputs run the torch reference.
+    Indices must lie in [0, N): like F.embedding on CUDA, they are not range-checked.
+    """
+    _check(values, indices, weights, deterministic)
+    if values.dtype == torch.float64 or weights.dtype == torch.float64:
+        return embedding_bag_reference(values, indices, weights)
+    return _EmbeddingBag.apply(values, indices, weights, deterministic)

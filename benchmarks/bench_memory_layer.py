@@ -119,6 +119,14 @@ def search_precision(layer, x, rep_ms):
             same = (idx == ref_idx).all(-1).float().mean().item()
             ms = bench_ms(lambda: pk.search_forward(qn, kn, mc.k, precision=prec), rep_ms)
             rows.append([f"triton {prec}", f"{ms:.3f}", f"{same * 100:.2f}%"])
+        # Tile sweep of the Triton search (registers permitting), to pick search_config.
+        for bt, bn, warps in ((16, 64, 4), (16, 128, 8), (32, 128, 8), (64, 64, 8)):
+            cfg = dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_H=32, num_warps=warps)
+            try:
+                ms = bench_ms(lambda: pk.search_forward(qn, kn, mc.k, config=cfg), rep_ms)
+                rows.append([f"triton ieee T{bt} N{bn} w{warps}", f"{ms:.3f}", "-"])
+            except Exception as err:  # a config that does not compile (registers) is skipped
+                rows.append([f"triton ieee T{bt} N{bn} w{warps}", f"failed: {type(err).__name__}", "-"])
     return rows
 
 
@@ -138,6 +146,9 @@ def bench_width(d: int, T: int, rep_ms: int, smoke: bool):
     free_memory()
     values.weight.main_grad = torch.zeros(values.weight.shape, device=device())
     tri = time_parts(layer, values, x, rep_ms)
+    kernels.SEARCH_BACKEND = "triton"
+    tri_search = time_parts(layer, values, x, rep_ms)
+    kernels.SEARCH_BACKEND = "torch"
     prec = search_precision(layer, x, rep_ms)
     del layer, values, x
     free_memory()
@@ -150,6 +161,9 @@ def bench_width(d: int, T: int, rep_ms: int, smoke: bool):
         r, t = ref[name], tri[name]
         rows.append([d, name, fmt(r), fmt(t), f"{r / t:.2f}x" if r and t else "n/a",
                      f"{t / t_ffn:.2f}" if t else "n/a"])
+    for name in ("Memory+ layer", "query+search"):
+        t = tri_search.get(name)
+        rows.append([d, f"{name}, Triton search", "-", fmt(t), "-", f"{t / t_ffn:.2f}" if t else "n/a"])
     for r in rows:
         print("  " + " | ".join(str(c) for c in r), flush=True)
     return rows, [[d] + r for r in prec]
@@ -176,8 +190,9 @@ def main() -> int:
     text = env_header(f"Memory+ layer vs dense FFN (T={T}, bf16, N=2^20, heads 4, k 32, "
                       f"k_dim 512, QK-norm)")
     text += ("\nms of forward+backward; ref = torch reference ops (table grad into .grad), "
-             "triton = Triton ops (table grad into fp32 main_grad). Last column: Triton time / "
-             "dense FFN time.\n\n")
+             "triton = the default CUDA dispatch (Triton lookup with the table grad into fp32 "
+             "main_grad, torch search; rows 'Triton search' use the fused Triton search). Last "
+             "column: time / dense FFN time.\n\n")
     text += md_table(["d", "part", "ref ms", "triton ms", "ref/triton", "triton/FFN"], rows)
     text += "\nSearch forward alone (fp32 QK-normed inputs):\n\n"
     text += md_table(["d", "search", "ms", "same sets as ieee"], prec)

@@ -26,6 +26,13 @@ except ImportError:
     HAVE_TRITON = False
 
 _FORCE_REFERENCE = os.environ.get("MEGATRON_MEMORY_REFERENCE", "0") == "1"
+# Which search runs on CUDA: measured on an H200 (benchmarks/RESULTS.md, 2026-11-26), torch's
+# matmul + topk search (4.3 ms forward at T=8192, H=4, n=1024) beat the fused Triton search
+# (6.1 ms), whose in-register bitonic top-k merges dominate; "triton" selects it anyway (no
+# [T, H, 2, n] intermediate: ~0.4 GB less memory at T=8192).
+SEARCH_BACKEND = os.environ.get("MEGATRON_MEMORY_SEARCH", "torch")
+if SEARCH_BACKEND not in ("torch", "triton"):
+    raise ValueError(f"MEGATRON_MEMORY_SEARCH={SEARCH_BACKEND!r}: choose 'torch' or 'triton'")
 
 
 def force_reference(on: bool = True) -> None:
@@ -48,6 +55,6 @@ def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
 
 def product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int):
     """Top-k product keys: query [T, H, 2, half], keys [H, 2, n, half] -> (scores, indices) [T, H, k]."""
-    if use_triton(query):
+    if use_triton(query) and SEARCH_BACKEND == "triton":
         return _triton_search.triton_product_key_search(query, keys, k)
     return product_key_search_reference(query, keys, k)

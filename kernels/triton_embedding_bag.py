@@ -188,7 +188,9 @@ def gather_config(d: int, esize: int, bag: int) -> dict:
 
 def segment_config(d: int, esize: int) -> dict:
     block_d = max(16, min(triton.next_power_of_2(d), 2048 // esize))
-    block_p = max(1, min(32, (8192 // esize) // block_d))
+    # Two occurrences per step: the H200 sweep at d=4096 (RESULTS.md) ran the segment backward in
+    # 10.5 ms with BLOCK_P=2 vs 13.7 ms with 4 (fewer live rows, more programs in flight).
+    block_p = max(1, min(32, (4096 // esize) // block_d))
     return dict(BLOCK_D=block_d, BLOCK_P=block_p, num_warps=_warps(block_d * block_p * 2))
 
 

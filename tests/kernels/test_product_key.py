@@ -177,11 +177,15 @@ def test_gpu_layer_like_qk_norm_inputs(nan_empty):
 
 
 @requires_cuda
-def test_gpu_dispatch_uses_triton(monkeypatch):
+def test_gpu_dispatch_follows_search_backend(monkeypatch):
     seen = []
     real = pk.triton_product_key_search
     monkeypatch.setattr(pk, "triton_product_key_search", lambda *a: seen.append(1) or real(*a))
     q, K = (t.cuda() for t in _good())
-    got = kernels.product_key_search(q, K, 4)
     want = product_key_search_reference(q, K, 4)
+    monkeypatch.setattr(kernels, "SEARCH_BACKEND", "torch")
+    got = kernels.product_key_search(q, K, 4)
+    assert seen == [] and torch.equal(got[1], want[1])
+    monkeypatch.setattr(kernels, "SEARCH_BACKEND", "triton")
+    got = kernels.product_key_search(q, K, 4)
     assert seen == [1] and torch.equal(got[1].sort(-1).values, want[1].sort(-1).values)

@@ -1,0 +1,94 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Memory+ vs dense training throughput and peak memory, same layout, same run of this script.
+
+    python benchmarks/bench_training.py --gpus 2 --launcher torchrun \\
+        --run "tp2:--preset 8b-memory --num-layers 12 --tp 2 --sequence-parallel" ...
+
+Each --run is NAME:TRAIN FLAGS for ``python -m megatron_memory.train``; common flags (--steps,
+--global-batch-size, ...) go after ``--common``. For each run it prints steady tokens/s (steps
+after the third), MFU, peak memory per pipeline stage next to the memory calculator's
+prediction, and first/last loss; pairs NAME-memory / NAME-dense get a throughput ratio. The
+table goes to stdout, to $OUT/bench_training.md when OUT is set, and to benchmarks/RESULTS.md
+with --append.
+"""
+from __future__ import annotations
+
+import argparse
+import datetime
+import os
+import re
+import shlex
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def run_one(launcher: str, gpus: int, flags: list[str], log: Path) -> dict:
+    cmd = [sys.executable, "-m", "launch.run", launcher, "--nproc-per-node", str(gpus), "--", *flags]
+    t0 = time.time()
+    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+    log.write_text(shlex.join(cmd) + "\n" + proc.stdout + proc.stderr)
+    out = proc.stdout
+    res = {"rc": proc.returncode, "wall": time.time() - t0}
+    if m := re.search(r"\(([\d,]+) tok/s after step 3\)", out):
+        res["tok_s"] = float(m.group(1).replace(",", ""))
+    if m := re.search(r"MFU\s+([\d.]+)%", out):
+        res["mfu"] = float(m.group(1))
+    if m := re.search(r"loss\s+([\d.]+) \(first 5 steps\) -> ([\d.]+)", out):
+        res["loss"] = (float(m.group(1)), float(m.group(2)))
+    res["peak"] = re.findall(r"stage (\d+): ([\d.]+) GiB \(calculator ([\d.]+)\)", out)
+    if proc.returncode:
+        res["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
+    return res
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--gpus", type=int, required=True)
+    ap.add_argument("--launcher", default="torchrun", choices=["torchrun", "deepspeed"])
+    ap.add_argument("--run", action="append", required=True, help="NAME:TRAIN FLAGS")
+    ap.add_argument("--common", default="", help="flags added to every run")
+    ap.add_argument("--title", default="Memory+ vs dense training")
+    ap.add_argument("--append", action="store_true")
+    a = ap.parse_args()
+    out_dir = Path(os.environ.get("OUT", "/tmp"))
+    results = {}
+    for spec in a.run:
+        name, flags = spec.split(":", 1)
+        flags = shlex.split(flags) + shlex.split(a.common)
+        print(f"== {name}: {' '.join(flags)}", flush=True)
+        results[name] = run_one(a.launcher, a.gpus, flags, out_dir / f"train_{name}.log")
+        print(f"   {results[name]}", flush=True)
+    import torch
+
+    gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
+    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
+                            text=True).stdout.strip() or "unknown"
+    lines = [f"### {a.title} — {gpu} x{a.gpus}, {datetime.date.today()}, commit {commit}", "",
+             f"launcher {a.launcher}; common flags `{a.common}`", "",
+             "| run | flags | tok/s | vs dense | MFU | peak GiB per stage (calculator) | loss first -> last |",
+             "|---|---|---|---|---|---|---|"]
+    for spec in a.run:
+        name, flags = spec.split(":", 1)
+        r = results[name]
+        dense = results.get(name.replace("memory", "dense")) if "memory" in name else None
+        ratio = (f"{r['tok_s'] / dense['tok_s']:.1%}" if dense and dense.get("tok_s") and r.get("tok_s")
+                 else "-")
+        peak = ", ".join(f"{s}: {g} ({c})" for s, g, c in r["peak"]) or "-"
+        loss = f"{r['loss'][0]:.3f} -> {r['loss'][1]:.3f}" if "loss" in r else r.get("error", "failed")
+        lines.append(f"| {name} | `{flags.strip()}` | {r.get('tok_s', 0):,.0f} | {ratio} | "
+                     f"{r.get('mfu', 0):.1f}% | {peak} | {loss} |")
+    table = "\n".join(lines) + "\n"
+    print(table)
+    (out_dir / "bench_training.md").write_text(table)
+    if a.append:
+        with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
+            f.write(table + "\n")
+    return 0 if all(r["rc"] == 0 for r in results.values()) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -9,9 +9,8 @@ TRAIN FLAGS are those of ``python -m megatron_memory.train`` (e.g. --preset 8b-m
 mixed-precision optimizer over torch's foreach AdamW, local GPT spec, fused Triton lookup):
 
   bf16: weights 2 B/param, grad buffer 4 B, fp32 master + Adam m, v 12 B (/DP with the
-  distributed optimizer); fp32 (CPU): 4 + 4 + 8. torch's foreach AdamW also allocates, while it
-  steps one param group, a temporary of 4 B per element of that group (the value table's group
-  is the largest), counted as a transient peak.
+  distributed optimizer); fp32 (CPU): 4 + 4 + 8. No optimizer-step temporary is counted: on the
+  H200 runs of benchmarks/RESULTS.md (2026-11-26) peaks showed none the size of a param group.
   Activations per micro-batch and layer (e = 2 bytes, T = s*b tokens, t = TP, t_sp = t with
   sequence parallelism else 1), counted from the tensors autograd saves (checked on CPU in
   tests/tools): attention e*T*h*(3/t_sp + 4/t) + 6*b*(a/t)*s^2 (fp32 softmax kept for its
@@ -43,11 +42,10 @@ class StageMemory:
     grads: float
     optimizer: float
     activations: float
-    transient: float
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations + self.transient
+        return self.weights + self.grads + self.optimizer + self.activations
 
 
 def _layer_params(cfg: RunConfig, memory: bool, tp: int) -> tuple[int, int]:
@@ -112,16 +110,14 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True
         acts = _activations(cfg, layers, mem, t.micro_batch_size, tp, e) * min(micro, pp - stage)
         if stage == pp - 1:
             acts += t.micro_batch_size * cfg.model.seq_length * vocab_size / tp * (e + 4)
-        largest_group = max(table, sharded + replicated) / opt_div
         out.append(StageMemory(stage, layers, sorted(mem.intersection(layers)), sharded + replicated,
-                               table, params * b_w, params * b_g, params * b_o / opt_div, acts,
-                               4 * largest_group))
+                               table, params * b_w, params * b_g, params * b_o / opt_div, acts))
     return out
 
 
 def format_table(rows: list[StageMemory], gpu_gib: float) -> str:
     head = (f"{'stage':>5} {'layers':>9} {'memory':>10} {'params/GPU':>12} {'table/GPU':>11} "
-            f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'transient':>9} {'total GiB':>9}")
+            f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total GiB':>9}")
     lines = [head, "-" * len(head)]
     for r in rows:
         span = f"{r.layers[0]}-{r.layers[-1]}" if r.layers else "-"
@@ -129,7 +125,7 @@ def format_table(rows: list[StageMemory], gpu_gib: float) -> str:
         lines.append(f"{r.stage:>5} {span:>9} {str(r.memory_layers or '-'):>10} "
                      f"{r.dense_params / 1e9:>11.2f}B {r.table_params / 1e9:>10.2f}B "
                      f"{r.weights / GIB:>8.1f} {r.grads / GIB:>8.1f} {r.optimizer / GIB:>8.1f} "
-                     f"{r.activations / GIB:>8.1f} {r.transient / GIB:>9.1f} {r.total / GIB:>9.1f}{flag}")
+                     f"{r.activations / GIB:>8.1f} {r.total / GIB:>9.1f}{flag}")
     return "\n".join(lines)
 
 

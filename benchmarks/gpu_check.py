@@ -7,162 +7,19 @@ then a launch-config sweep if time is left. Fits one < 9 minute device call on a
 Every step runs in its own process with a time limit; its output streams live and is saved to
 $OUT/<step>.log when OUT is set. The tables and a status line per step are printed again at the
 end. Exit status: 0 if the tests passed, 1 otherwise (the benchmarks run either way).
-If pytest is not installed, a minimal built-in runner executes the same test functions.
 """
 from __future__ import annotations
 
 import argparse
 import contextlib
-import importlib
-import itertools
 import os
 import subprocess
 import sys
 import threading
 import time
-import types
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
-TEST_MODULES = ["tests.kernels.test_embedding_bag", "tests.kernels.test_product_key"]
-
-
-# ------------------------------------------------------------------ fallback test runner
-
-class _Skip(Exception):
-    pass
-
-
-class _Mark:
-    def parametrize(self, names, values, ids=None):
-        names = [n.strip() for n in names.split(",")] if isinstance(names, str) else list(names)
-
-        def deco(fn):
-            fn.__dict__.setdefault("_params", []).append((names, list(values)))
-            return fn
-        return deco
-
-    def skipif(self, cond, reason=""):
-        def deco(fn):
-            if cond:
-                fn._skip = reason
-            return fn
-        return deco
-
-
-class _MonkeyPatch:
-    def __init__(self):
-        self._undo = []
-
-    def setattr(self, obj, name, value):
-        self._undo.append((obj, name, getattr(obj, name)))
-        setattr(obj, name, value)
-
-    def undo(self):
-        for obj, name, value in reversed(self._undo):
-            setattr(obj, name, value)
-
-
-def _stub_pytest():
-    """Just what tests/ use: mark.parametrize/skipif, fixture, raises, skip, fail, approx."""
-    mod = types.ModuleType("pytest")
-    mod.mark = _Mark()
-    mod._fixtures = {}
-
-    def fixture(fn=None, **kw):
-        def reg(f):
-            mod._fixtures[f.__name__] = f
-            return f
-        return reg(fn) if fn is not None else reg
-
-    @contextlib.contextmanager
-    def raises(exc, match=None):
-        try:
-            yield
-        except exc as e:
-            import re
-            if match and not re.search(match, str(e)):
-                raise AssertionError(f"{exc.__name__} message {str(e)!r} does not match {match!r}")
-        else:
-            raise AssertionError(f"did not raise {exc.__name__}")
-
-    def skip(reason=""):
-        raise _Skip(reason)
-
-    def fail(msg=""):
-        raise AssertionError(msg)
-
-    def approx(value, rel=1e-6):
-        class Approx:
-            def __eq__(self, other):
-                return abs(other - value) <= rel * abs(value)
-        return Approx()
-
-    mod.fixture, mod.raises, mod.skip, mod.fail, mod.approx = fixture, raises, skip, fail, approx
-    sys.modules["pytest"] = mod
-    return mod
-
-
-def _call(fn, kwargs, pytest_mod):
-    """Run one test with its fixtures (monkeypatch, nan_empty) set up and torn down."""
-    import inspect
-
-    mp, gens = _MonkeyPatch(), []
-    args = dict(kwargs)
-    try:
-        for name in inspect.signature(fn).parameters:
-            if name in args:
-                continue
-            if name == "monkeypatch":
-                args[name] = mp
-            else:
-                fixture = pytest_mod._fixtures[name]
-                wants_mp = "monkeypatch" in inspect.signature(fixture).parameters
-                gen = fixture(monkeypatch=mp) if wants_mp else fixture()
-                args[name] = next(gen) if inspect.isgenerator(gen) else gen
-                if inspect.isgenerator(gen):
-                    gens.append(gen)
-        fn(**args)
-    finally:
-        for gen in gens:
-            next(gen, None)
-        mp.undo()
-
-
-def mini_run() -> int:
-    """Collect test_* functions (not the interpreter ones), expand parametrize, run, report."""
-    sys.path.insert(0, str(ROOT))
-    pytest_mod = _stub_pytest()
-    importlib.import_module("tests.conftest")
-    passed = failed = skipped = 0
-    for mod_name in TEST_MODULES:
-        mod = importlib.import_module(mod_name)
-        for name, fn in list(vars(mod).items()):
-            if not name.startswith("test_") or "interpreter" in name or not callable(fn):
-                continue
-            layers = list(reversed(getattr(fn, "_params", [])))
-            combos = itertools.product(*[[dict(zip(n, v if len(n) > 1 else (v,))) for v in vals]
-                                         for n, vals in layers]) if layers else [()]
-            for combo in combos:
-                kwargs = {k: v for part in combo for k, v in part.items()}
-                label = f"{mod_name}::{name}[{'-'.join(map(str, kwargs.values()))}]"
-                if getattr(fn, "_skip", None):
-                    skipped += 1
-                    continue
-                try:
-                    _call(fn, kwargs, pytest_mod)
-                    passed += 1
-                except _Skip:
-                    skipped += 1
-                except Exception as exc:  # report and stop at the first failure, like -x
-                    failed += 1
-                    import traceback
-                    traceback.print_exc()
-                    print(f"FAILED {label}: {type(exc).__name__}: {str(exc)[:500]}")
-                    print(f"{failed} failed, {passed} passed, {skipped} skipped")
-                    return 1
-    print(f"{passed} passed, {skipped} skipped (built-in runner)")
-    return 0
 
 
 # ------------------------------------------------------------------ orchestration
@@ -221,28 +78,22 @@ def tables(log: str) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--budget-s", type=float, default=520.0, help="wall-clock budget of all steps")
-    ap.add_argument("--mini-tests", action="store_true", help=argparse.SUPPRESS)
     ap.add_argument("--smoke", action="store_true",
                     help="CPU dry run of this script: benchmarks at tiny shapes in the interpreter")
     args = ap.parse_args()
-    if args.mini_tests:
-        return mini_run()
     start = time.time()
     import torch
 
     print(f"GPU: {torch.cuda.get_device_name() if torch.cuda.is_available() else 'none'}; "
           f"torch {torch.__version__}; python {sys.version.split()[0]}", flush=True)
     py = sys.executable
-    try:
-        import pytest  # noqa: F401
-        # Three shards in parallel: Triton compiles (CPU-bound) dominate the test time.
-        base = [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
-        eb_file, pk_file = "tests/kernels/test_embedding_bag.py", "tests/kernels/test_product_key.py"
-        test_cmds = [base + [eb_file, "-k", "gpu_matches_reference"],
-                     base + [eb_file, "-k", "not gpu_matches_reference and not interpreter"],
-                     base + [pk_file, "tests/kernels/test_reference.py", "-k", "not interpreter"]]
-    except ImportError:
-        test_cmds = [[py, "benchmarks/gpu_check.py", "--mini-tests"]]
+    # Three shards in parallel: Triton compiles (CPU-bound) dominate the test time. pytest is in
+    # the device image (device/KINDS.md).
+    base = [py, "-m", "pytest", "-q", "-x", "-p", "no:cacheprovider"]
+    eb_file, pk_file = "tests/kernels/test_embedding_bag.py", "tests/kernels/test_product_key.py"
+    test_cmds = [base + [eb_file, "-k", "gpu_matches_reference"],
+                 base + [eb_file, "-k", "not gpu_matches_reference and not interpreter"],
+                 base + [pk_file, "tests/kernels/test_reference.py", "-k", "not interpreter"]]
     extra = ["--smoke"] if args.smoke else ["--append"]
     steps = [("tests", test_cmds, 250),
              ("bench_embedding_bag", [[py, "benchmarks/bench_embedding_bag.py"] + extra], 150),

@@ -196,7 +196,8 @@ def bench_shape(d: int, T: int, dist: str, N: int, bag: int, rep_ms: int, ceilin
 
 # ---------------------------------------------------------------- launch-config sweep
 
-def sweep(d: int, T: int, N: int, bag: int, rep_ms: int, ceiling: float) -> str:
+def sweep(d: int, T: int, N: int, bag: int, rep_ms: int, ceiling: float,
+          backward_only: bool = False) -> str:
     """Forward and segment-backward tile choices at one shape (ms, % of copy): data for
     gather_config / segment_config in kernels/triton_embedding_bag.py. Rows print as measured."""
     dev = device()
@@ -221,14 +222,14 @@ def sweep(d: int, T: int, N: int, bag: int, rep_ms: int, ceiling: float) -> str:
         print("  sweep " + " | ".join(rows[-1]), flush=True)
 
     blocks = (512, 1024, 2048) if d >= 512 else (16, 32)
-    for bd in blocks:
+    for bd in () if backward_only else blocks:
         for bb in (4, 8, 16):
             for nw in (4, 8):
                 measure("fwd", dict(BLOCK_D=bd, BAG_BLOCK=bb, num_warps=nw),
                         lambda idx, cfg: eb.launch_forward(V, idx, w, config=cfg), nb["fwd"])
     for bd in blocks:
-        for bp in (2, 4, 8):
-            for nw in (4, 8):
+        for bp in (1, 2, 4) if backward_only else (2, 4, 8):
+            for nw in (2, 4, 8) if backward_only else (4, 8):
                 measure("seg bwd", dict(BLOCK_D=bd, BLOCK_P=bp, num_warps=nw),
                         lambda idx, cfg: eb.launch_segment_backward(g, V, idx, w, buf, True, config=cfg),
                         bwd_bytes)
@@ -248,6 +249,8 @@ def main() -> int:
     ap.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     ap.add_argument("--sweep", action="store_true", help="also sweep launch configs at d=4096")
     ap.add_argument("--sweep-only", action="store_true", help="only the launch-config sweep")
+    ap.add_argument("--sweep-backward", action="store_true",
+                    help="only a wider sweep of the segment backward (BLOCK_P 1-4, 2-8 warps)")
     ap.add_argument("--rep-ms", type=int, default=100, help="do_bench rep time per measurement")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes (CPU interpreter check)")
     args = ap.parse_args()
@@ -264,9 +267,9 @@ def main() -> int:
     ceiling = copy_gbps(args.rep_ms, 1 << 30 if not args.smoke else 1 << 20)
     print(f"copy ceiling {ceiling:.0f} GB/s", flush=True)
     sweep_shape = (16, 4) if args.smoke else (4096, 8192)
-    if args.sweep_only:
+    if args.sweep_only or args.sweep_backward:
         text = env_header("EmbeddingBag launch-config sweep (bf16 table)")
-        text += sweep(*sweep_shape, N, bag, min(args.rep_ms, 50), ceiling)
+        text += sweep(*sweep_shape, N, bag, min(args.rep_ms, 50), ceiling, args.sweep_backward)
         emit("bench_embedding_bag_sweep", text, args.append)
         return 0
     rows = []

@@ -28,6 +28,8 @@ def main() -> int:
     ap.add_argument("--T", type=int, default=8192)
     ap.add_argument("--rep-ms", type=int, default=100)
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (TRITON_INTERPRET=1)")
+    ap.add_argument("--compare", nargs="+", metavar="BLOCK_D,BLOCK_P,WARPS",
+                    help="skip the sweep: time these configs on uniform and zipf indices")
     a = ap.parse_args()
     N, bag = (1 << 20, 128) if not a.smoke else (64, 8)
     if a.smoke:
@@ -36,6 +38,8 @@ def main() -> int:
         install_interpreter_shim()
         a.d, a.T = 16, 4
     ceiling = bench.copy_gbps(a.rep_ms, 1 << 30 if not a.smoke else 1 << 20)
+    if a.compare:
+        return compare(a, N, bag, ceiling)
     table = bench.sweep(a.d, a.T, N, bag, min(a.rep_ms, 50), ceiling, backward_only=True)
     best_line = next(l for l in table.splitlines() if l.startswith("| seg bwd | BLOCK_D="))
     best = {k: int(v) for k, v in (kv.split("=") for kv in best_line.split("|")[2].split())}
@@ -51,6 +55,23 @@ def main() -> int:
     print(text)
     if os.environ.get("OUT"):
         Path(os.environ["OUT"], "tune_segment.md").write_text(text)
+    return 0
+
+
+def compare(a, N: int, bag: int, ceiling: float) -> int:
+    """The lookup rows under each given segment config, uniform and zipf-skewed indices."""
+    head = ["config", "d", "T", "idx", "pass", "GB", "torch ms", "torch %", "seg ms", "seg %",
+            "atomic ms", "atomic %", "torch/seg"]
+    rows = []
+    for spec in a.compare:
+        bd, bp, nw = (int(x) for x in spec.split(","))
+        eb.segment_config = lambda d, esize, c=dict(BLOCK_D=bd, BLOCK_P=bp, num_warps=nw): dict(c)
+        for dist in ("uniform", "zipf"):
+            rows += [[spec] + r for r in bench.bench_shape(a.d, a.T, dist, N, bag, a.rep_ms, ceiling)]
+    text = bench.env_header(f"Segment backward configs at d={a.d}, T={a.T}") + "\n" + bench.md_table(head, rows)
+    print(text)
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], "tune_segment_compare.md").write_text(text)
     return 0
 
 

@@ -174,10 +174,6 @@ class MemoryPlus(MegatronModule):
             self.w1.bias.zero_()
             self.w2.bias.zero_()
 
-    def memory_params(self) -> list[torch.nn.Parameter]:
-        """This layer's own parameters (the shared table is not among them)."""
-        return list(self.parameters())
-
     def _normalised(self, q: torch.Tensor, keys: torch.Tensor):
         """QK-norm: RMS-normalise query halves (learnable gain) and sub-keys, scale 1/sqrt(half)."""
         mc = self.memory_config

@@ -36,15 +36,15 @@ class MemoryGPTModel(GPTModel):
         memory_config.validate(config.num_layers, config.hidden_size,
                                config.tensor_model_parallel_size)
         mem = set(memory_config.resolved_layers(config.num_layers))
-        self_local = [i for i in local_layer_ids(config, vp_stage) if i in mem]
-        values = build_values(config, memory_config) if self_local else None
+        local_memory = [i for i in local_layer_ids(config, vp_stage) if i in mem]
+        values = build_values(config, memory_config) if local_memory else None
         spec = memory_gpt_block_spec(config, memory_config, values, vp_stage=vp_stage)
         gpt_kwargs.setdefault("position_embedding_type", "rope")
         super().__init__(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
                          max_sequence_length=max_sequence_length, pre_process=pre_process,
                          post_process=post_process, vp_stage=vp_stage, **gpt_kwargs)
         self.memory_config = memory_config
-        self.memory_layer_ids = self_local
+        self.memory_layer_ids = local_memory
         self.memory_values = values  # registered once, here
         self._link_pipeline_copies(config, memory_config)
 

@@ -60,7 +60,7 @@ class MemoryGPTModel(GPTModel):
             return
         stages = parallel.memory_stages(config, memory_config)
         group = parallel.build_stage_group(stages)  # collective: every rank takes part
-        if self.memory_values is not None and len(stages) > 1:
+        if group is not None:  # this stage holds one of several copies
             self.memory_values.mark_pipeline_copy(group, main=ps.get_pipeline_model_parallel_rank() == stages[0])
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),

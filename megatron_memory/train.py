@@ -28,6 +28,7 @@ def summary(cfg, trainer, hist) -> str:
     first = sum(hist.losses[:5]) / min(5, len(hist.losses))
     last = sum(hist.losses[-10:]) / min(10, len(hist.losses))
     layers = cfg.memory.resolved_layers(cfg.model.num_layers)
+    steady = hist.steady_tokens_per_s(trainer.tokens_per_step)
     lines = [
         "=" * 72,
         f"model      {cfg.model.num_layers} layers x d={cfg.model.hidden_size}, memory layers "
@@ -39,7 +40,7 @@ def summary(cfg, trainer, hist) -> str:
         f"loss       {first:.4f} (first 5 steps) -> {last:.4f} (last 10 steps)"
         + (f", validation {hist.valid_loss:.4f}" if hist.valid_loss is not None else ""),
         f"tokens     {hist.tokens:,} in {hist.seconds:.1f} s = {hist.tokens / max(hist.seconds, 1e-9):,.0f} tok/s"
-        f" ({hist.steady_tokens_per_s(trainer.global_batch * cfg.model.seq_length):,.0f} tok/s after step 3)",
+        f" ({steady:,.0f} tok/s after step 3)",
     ]
     if hist.peak_gib:
         from tools.memory_calculator import estimate
@@ -52,7 +53,7 @@ def summary(cfg, trainer, hist) -> str:
         lines.append("key usage  " + ", ".join(f"layer {lid}: {f:.0%} of values used "
                                               f"(effective {e:.0%})" for lid, (f, e) in hist.key_usage.items())
                      + " in the last log window")
-    mfu = trainer.mfu(hist.steady_tokens_per_s(trainer.global_batch * cfg.model.seq_length))
+    mfu = trainer.mfu(steady)
     if mfu is not None:
         lines.append(f"MFU        {mfu:.1%} (memory lookup counted as 2*bag*v FLOPs per token)")
     if cfg.train.tensorboard_dir:

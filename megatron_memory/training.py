@@ -121,14 +121,14 @@ class Trainer:
         from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
         self.device = init_distributed()
-        cfg.validate(dist.get_world_size())
+        self.world_size = dist.get_world_size()
+        cfg.validate(self.world_size)
         self.cfg, self.log = cfg, log
         if cfg.train.save:
             _check_empty(Path(cfg.train.save))  # before any compute: never lose a saved run
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
         self.rank = dist.get_rank()
-        self.world_size = dist.get_world_size()
         self.dp = ps.get_data_parallel_world_size()
         self.bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else torch.cuda.is_available()
         if self.bf16 and not torch.cuda.is_available():
@@ -138,13 +138,14 @@ class Trainer:
         gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * self.dp
         self.num_micro = gbs // (cfg.train.micro_batch_size * self.dp)
         self.global_batch = gbs
+        self.tokens_per_step = gbs * cfg.model.seq_length
         torch.manual_seed(cfg.train.seed)
         model_parallel_cuda_manual_seed(cfg.train.seed)
         self._build_data()
         self._build_model()
         self._build_optimizer()
         self.writer = None
-        if cfg.train.tensorboard_dir and self.rank == dist.get_world_size() - 1:
+        if cfg.train.tensorboard_dir and self.rank == self.world_size - 1:
             from torch.utils.tensorboard import SummaryWriter
 
             self.writer = SummaryWriter(cfg.train.tensorboard_dir)
@@ -266,7 +267,6 @@ class Trainer:
 
     def fit(self) -> History:
         t, hist = self.cfg.train, History()
-        tokens_per_step = self.global_batch * self.cfg.model.seq_length
         start = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
@@ -277,7 +277,7 @@ class Trainer:
             hist.losses.append(loss)
             hist.grad_norms.append(gnorm)
             hist.value_grad_norms.append(vnorm)
-            hist.tokens += tokens_per_step
+            hist.tokens += self.tokens_per_step
             if step % t.log_interval == 0 or step == t.steps:
                 self._log_progress(step, start, hist)
         hist.seconds = time.time() - start
@@ -298,7 +298,7 @@ class Trainer:
         if self.device.type != "cuda":
             return {}
         mine = (ps.get_pipeline_model_parallel_rank(), torch.cuda.max_memory_allocated() / 2**30)
-        every = [None] * dist.get_world_size()
+        every = [None] * self.world_size
         dist.all_gather_object(every, mine)
         out: dict[int, float] = {}
         for stage, gib in every:
@@ -328,7 +328,7 @@ class Trainer:
         peak = self.cfg.train.peak_tflops * 1e12 if self.cfg.train.peak_tflops else peak_flops(self.device)
         if peak is None:
             return None
-        return tokens_per_s * flops_per_token(self.cfg, self.vocab_size) / (peak * dist.get_world_size())
+        return tokens_per_s * flops_per_token(self.cfg, self.vocab_size) / (peak * self.world_size)
 
     def _log_progress(self, step: int, start: float, hist: History) -> None:
         elapsed = time.time() - start

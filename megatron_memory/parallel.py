@@ -85,7 +85,6 @@ class ShardedMemoryValues(MemoryValues):
         return all_to_all_hp2sp(columns)                                        # [T_r, v]
 
 
-
 def mark_tp_partial(module: torch.nn.Module) -> None:
     """Flag a memory layer's own parameters: each TP rank sees a share of the tokens, so their
     gradients are partial sums that ``finalize_memory_grads`` adds up over the TP group."""

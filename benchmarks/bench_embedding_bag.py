@@ -26,7 +26,7 @@ sys.path.insert(0, str(ROOT))
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-from kernels import triton_embedding_bag as eb
+from megatron_memory.kernels import triton_embedding_bag as eb
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 N_SETS = 3  # index sets rotated between calls so L2 never holds the previous call's rows

@@ -24,9 +24,9 @@ from bench_embedding_bag import (ROOT, bench_ms, device, emit, env_header, free_
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
-import kernels  # noqa: E402
+from megatron_memory import kernels  # noqa: E402
 
-from kernels import triton_product_key as pk
+from megatron_memory.kernels import triton_product_key as pk
 assert str(ROOT) in sys.path
 
 

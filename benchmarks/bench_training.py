@@ -27,7 +27,7 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def run_one(launcher: str, gpus: int, flags: list[str], log: Path) -> dict:
-    cmd = [sys.executable, "-m", "launch.run", launcher, "--nproc-per-node", str(gpus), "--", *flags]
+    cmd = [sys.executable, "-m", "megatron_memory.launch.run", launcher, "--nproc-per-node", str(gpus), "--", *flags]
     t0 = time.time()
     proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
     log.write_text(shlex.join(cmd) + "\n" + proc.stdout + proc.stderr)

@@ -10,7 +10,7 @@ mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -
 if [ "$mib" -ge 122880 ]; then LAYOUT="--tp 2 --pp 2 --sequence-parallel"; GIB=141; else LAYOUT="--tp 4 --sequence-parallel"; GIB=80; fi
 LAUNCHER=deepspeed
 python3 -c "import deepspeed.launcher.runner" 2>/dev/null || { echo "deepspeed unavailable: torchrun"; LAUNCHER=torchrun; }
-python3 -m tools.memory_calculator --world-size 4 --gpu-gib $GIB -- --preset 8b-memory --global-batch-size 8 $LAYOUT
+python3 -m megatron_memory.tools.memory_calculator --world-size 4 --gpu-gib $GIB -- --preset 8b-memory --global-batch-size 8 $LAYOUT
 COMMON="--steps 50 --warmup-steps 5 --log-interval 10 --global-batch-size 8 --micro-batch-size 1 --vocab-size 32000 --tensorboard-dir '' --eval-iters 0"
 timeout 520 python3 benchmarks/bench_training.py --gpus 4 --launcher $LAUNCHER --title "Full-depth 8B Memory+ vs dense, 4 GPUs" \
   --run "8b-memory:--preset 8b-memory $LAYOUT" --run "8b-dense:--preset 8b-dense $LAYOUT" --common "$COMMON" 2>&1 | tail -12

@@ -19,7 +19,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import bench_embedding_bag as bench  # noqa: E402
-from kernels import triton_embedding_bag as eb  # noqa: E402
+from megatron_memory.kernels import triton_embedding_bag as eb  # noqa: E402
 
 
 def main() -> int:

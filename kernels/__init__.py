@@ -14,12 +14,12 @@ import os
 
 import torch
 
-from kernels.reference import embedding_bag_reference, product_key_search_reference
+from megatron_memory.kernels.reference import embedding_bag_reference, product_key_search_reference
 
 try:  # Triton is optional: without it every op runs the reference.
     # Module imports (not their functions): kernels.triton_* must stay the submodules.
-    from kernels import triton_embedding_bag as _triton_bag
-    from kernels import triton_product_key as _triton_search
+    from megatron_memory.kernels import triton_embedding_bag as _triton_bag
+    from megatron_memory.kernels import triton_product_key as _triton_search
 
     HAVE_TRITON = True
 except ImportError:

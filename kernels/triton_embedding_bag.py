@@ -24,7 +24,7 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.reference import embedding_bag_reference
+from megatron_memory.kernels.reference import embedding_bag_reference
 
 # The strategy used when deterministic=None; chosen by measurement (benchmarks/RESULTS.md).
 DEFAULT_STRATEGY = "segment"

@@ -33,8 +33,8 @@ import torch
 import triton
 import triton.language as tl
 
-from kernels.triton_embedding_bag import interpreting, launch_forward, launch_segment_backward
-from kernels.reference import product_key_search_reference
+from megatron_memory.kernels.triton_embedding_bag import interpreting, launch_forward, launch_segment_backward
+from megatron_memory.kernels.reference import product_key_search_reference
 
 _DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 # tl.dot mode for fp32 inputs (the layer's QK-norm output): "ieee" is exact fp32, so the chosen

@@ -1,9 +1,9 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """Launch ``megatron_memory.train`` on one or many nodes through torchrun, deepspeed or SLURM.
 
-    python -m launch.run torchrun  --nproc-per-node 8 [--nnodes 2 --node-rank 0 --master-addr H] -- TRAIN FLAGS
-    python -m launch.run deepspeed --hostfile hosts.txt [--nproc-per-node 8]                     -- TRAIN FLAGS
-    python -m launch.run slurm     --nnodes 2 --nproc-per-node 8 [--partition P --time T]        -- TRAIN FLAGS
+    python -m megatron_memory.launch.run torchrun  --nproc-per-node 8 [--nnodes 2 --node-rank 0 --master-addr H] -- TRAIN FLAGS
+    python -m megatron_memory.launch.run deepspeed --hostfile hosts.txt [--nproc-per-node 8]                     -- TRAIN FLAGS
+    python -m megatron_memory.launch.run slurm     --nnodes 2 --nproc-per-node 8 [--partition P --time T]        -- TRAIN FLAGS
 
 The training flags are validated against the world size (nodes x processes) before anything
 starts. ``--dry-run`` prints the fully resolved command(s) (for SLURM: the batch script) and
@@ -88,7 +88,7 @@ def parse(argv: list[str]):
         argv, train_args = argv[:i], argv[i + 1:]
     else:
         train_args = []
-    ap = argparse.ArgumentParser(prog="python -m launch.run", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m megatron_memory.launch.run", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("launcher", choices=["torchrun", "deepspeed", "slurm"])
     ap.add_argument("--nnodes", type=int, default=None, help="nodes (default 1; deepspeed: from the hostfile)")

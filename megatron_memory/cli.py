@@ -12,7 +12,7 @@ import types
 import typing
 from typing import Any, Optional
 
-from configs.presets import PRESETS, get_preset
+from megatron_memory.configs.presets import PRESETS, get_preset
 from megatron_memory.config import RunConfig
 
 _SECTIONS = ("model", "memory", "parallel", "train", "data")

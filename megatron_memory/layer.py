@@ -27,7 +27,7 @@ from megatron.core.transformer.module import MegatronModule
 from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
-import kernels
+from megatron_memory import kernels
 from megatron_memory.config import MemoryConfig
 
 VALUE_GRAD_NORM_GROUP = "memory_values"

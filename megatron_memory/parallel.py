@@ -41,7 +41,7 @@ from megatron.core.tensor_parallel.mappings import (
 )
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-import kernels
+from megatron_memory import kernels
 from megatron_memory.config import MemoryConfig
 from megatron_memory.layer import MemoryValues
 

@@ -43,7 +43,7 @@ def summary(cfg, trainer, hist) -> str:
         f" ({steady:,.0f} tok/s after step 3)",
     ]
     if hist.peak_gib:
-        from tools.memory_calculator import estimate
+        from megatron_memory.tools.memory_calculator import estimate
 
         predicted = estimate(cfg, trainer.world_size, trainer.vocab_size, bf16=trainer.bf16)
         lines.append("peak mem   " + ", ".join(

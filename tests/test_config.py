@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from configs.presets import PRESETS, get_preset
+from megatron_memory.configs.presets import PRESETS, get_preset
 from megatron_memory.cli import config_from_args
 from megatron_memory.config import ConfigError, MemoryConfig, RunConfig, replace
 

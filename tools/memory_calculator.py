@@ -2,7 +2,7 @@
 """Predict per-GPU memory of a training run: weights, gradients, optimizer state, the value-table
 shard, activations, for every pipeline stage of a TP x PP x DP layout.
 
-    python -m tools.memory_calculator --world-size 4 [--vocab-size 32000] [--gpu-gib 80] -- TRAIN FLAGS
+    python -m megatron_memory.tools.memory_calculator --world-size 4 [--vocab-size 32000] [--gpu-gib 80] -- TRAIN FLAGS
 
 TRAIN FLAGS are those of ``python -m megatron_memory.train`` (e.g. --preset 8b-memory --tp 2
 --pp 2). The numbers model how this project trains (Megatron DDP with fp32 grad buffers, Megatron
@@ -133,7 +133,7 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(prog="python -m tools.memory_calculator", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m megatron_memory.tools.memory_calculator", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world-size", type=int, required=True, help="GPUs in the job")
     ap.add_argument("--vocab-size", type=int, default=32000, help="padded vocabulary")

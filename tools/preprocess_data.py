@@ -1,7 +1,7 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """jsonl -> Megatron indexed dataset (.bin/.idx), tokenised with a local Hugging Face tokenizer.
 
-    python -m tools.preprocess_data --input corpus.jsonl --tokenizer path/to/tokenizer.json \\
+    python -m megatron_memory.tools.preprocess_data --input corpus.jsonl --tokenizer path/to/tokenizer.json \\
         --output-prefix data/corpus_text_document [--json-key text] [--no-eod]
 
 Each line is a JSON object; its ``--json-key`` string is one document, followed by the
@@ -19,7 +19,7 @@ from megatron_memory.data import Tokenizer, read_jsonl, write_indexed_dataset
 
 
 def main(argv=None) -> int:
-    ap = argparse.ArgumentParser(prog="python -m tools.preprocess_data", description=__doc__,
+    ap = argparse.ArgumentParser(prog="python -m megatron_memory.tools.preprocess_data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--input", required=True, help="jsonl file, one document per line")
     ap.add_argument("--tokenizer", required=True,

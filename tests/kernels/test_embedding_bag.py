@@ -15,12 +15,12 @@ from pathlib import Path
 import pytest
 import torch
 
-import kernels
-from kernels.reference import embedding_bag_reference
+from megatron_memory import kernels
+from megatron_memory.kernels.reference import embedding_bag_reference
 from tests.conftest import requires_cuda
 
 # The package's `embedding_bag` attribute is the dispatch function, which shadows the submodule.
-from kernels import triton_embedding_bag as eb
+from megatron_memory.kernels import triton_embedding_bag as eb
 ROOT = Path(__file__).resolve().parents[2]
 TOL = {torch.float32: 1e-5, torch.float16: 2e-3, torch.bfloat16: 1e-2}
 

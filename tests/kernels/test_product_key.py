@@ -12,12 +12,12 @@ import pytest
 import torch
 import triton
 
-import kernels
-from kernels.reference import product_key_search_reference
+from megatron_memory import kernels
+from megatron_memory.kernels.reference import product_key_search_reference
 from tests.conftest import requires_cuda
 from tests.kernels.test_embedding_bag import TOL, rel_err, run_interpreted, sm90_compile
 
-from kernels import triton_product_key as pk
+from megatron_memory.kernels import triton_product_key as pk
 
 
 def scores_at(q: torch.Tensor, K: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:

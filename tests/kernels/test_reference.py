@@ -6,8 +6,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-import kernels
-from kernels.reference import embedding_bag_reference, product_key_search_reference
+from megatron_memory import kernels
+from megatron_memory.kernels.reference import embedding_bag_reference, product_key_search_reference
 
 
 @pytest.mark.parametrize("index_dtype", [torch.int32, torch.int64])

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from launch.run import main, read_hostfile
+from megatron_memory.launch.run import main, read_hostfile
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["--preset", "8b-memory", "--tp", "2", "--pp", "4"]
@@ -70,7 +70,7 @@ def test_layout_and_hostfile_errors(capsys, tmp_path):
 
 @pytest.mark.parametrize("launcher", ["torchrun", "deepspeed"])
 def test_real_four_process_cpu_run(launcher):
-    r = subprocess.run([sys.executable, "-m", "launch.run", launcher, "--nproc-per-node", "4",
+    r = subprocess.run([sys.executable, "-m", "megatron_memory.launch.run", launcher, "--nproc-per-node", "4",
                         "--master-port", "29731" if launcher == "torchrun" else "29733", "--",
                         "--tp", "2", "--pp", "2", "--num-layers", "4", "--memory-layers", "1", "3",
                         "--steps", "3", "--log-interval", "1", "--tensorboard-dir", ""],

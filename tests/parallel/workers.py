@@ -11,7 +11,7 @@ import torch
 
 def tiny_config(tp: int = 1, pp: int = 1, sp: bool = False, steps: int = 4, dp_batch: int = 4,
                 save: Optional[str] = None, load: Optional[str] = None, **changes):
-    from configs.presets import get_preset
+    from megatron_memory.configs.presets import get_preset
     from megatron_memory.config import replace
 
     base = {"model.num_layers": 4, "model.hidden_size": 64, "memory.layers": [1, 3],

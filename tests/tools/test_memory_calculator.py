@@ -8,11 +8,11 @@ import json
 import pytest
 import torch
 
-from configs.presets import get_preset
+from megatron_memory.configs.presets import get_preset
 from megatron_memory.config import replace
 from tests.parallel import workers
 from tests.parallel.dist_utils import run_ranks
-from tools.memory_calculator import _activations, estimate, main
+from megatron_memory.tools.memory_calculator import _activations, estimate, main
 
 
 def _count_params(cfg, out_file: str) -> None:

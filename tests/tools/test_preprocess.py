@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from megatron_memory.data import Tokenizer, default_corpus, train_bpe_tokenizer
-from tools.preprocess_data import main
+from megatron_memory.tools.preprocess_data import main
 
 
 @pytest.fixture(scope="module")

@@ -6,7 +6,7 @@ import math
 
 import torch
 
-from configs.presets import get_preset
+from megatron_memory.configs.presets import get_preset
 from megatron_memory.config import replace
 from megatron_memory.metrics import KeyUsage, flops_per_token
 

@@ -180,8 +180,18 @@ class TrainConfig:
                                        "(H100/H200 989), none on CPU")
     eval_iters: int = opt(4, "validation micro-batches at the end (0: none)")
     tensorboard_dir: Optional[str] = opt("runs/latest", "TensorBoard event directory ('' to disable)")
-    save: Optional[str] = opt(None, "directory to save a distributed checkpoint at the end")
-    load: Optional[str] = opt(None, "directory of a checkpoint to load before training")
+    save: Optional[str] = opt(None, "checkpoint directory: iter_NNNNNNN/ per save and a tracker "
+                              "file naming the latest; saved every save_interval steps and at the end")
+    save_interval: Optional[int] = opt(None, "steps between checkpoints (default: only at the end)")
+    keep_last: Optional[int] = opt(None, "keep only the newest K checkpoints in --save (default: all)")
+    load: Optional[str] = opt(None, "checkpoint to start from: a --save directory (its latest "
+                              "iteration) or one iter_* directory; resumes model, optimizer, LR "
+                              "schedule, data position and RNG; TP/PP/DP may differ")
+    finetune: bool = opt(False, "with --load: take only the weights, start at step 0 with a fresh "
+                         "optimizer and schedule")
+    exit_interval: Optional[int] = opt(None, "stop (after saving) once the step is a multiple of this")
+    checkpoint_integrity: bool = opt(True, "write SHA-256 hashes of every checkpoint file and check "
+                                     "them on load (one extra read pass over the files)")
 
     def warmup(self) -> int:
         return self.steps // 10 if self.warmup_steps is None else self.warmup_steps
@@ -196,6 +206,11 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be in 0..steps")
         if self.log_interval < 1:
             raise ConfigError("train.log_interval must be >= 1")
+        for name in ("save_interval", "keep_last", "exit_interval"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.finetune and not self.load:
+            raise ConfigError("train.finetune needs train.load (the checkpoint to take weights from)")
 
 
 @dataclass

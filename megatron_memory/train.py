@@ -7,6 +7,7 @@ import time
 import warnings
 from typing import Optional
 
+from megatron_memory.checkpoint import CheckpointError
 from megatron_memory.cli import config_from_args, format_config
 from megatron_memory.config import ConfigError
 
@@ -58,8 +59,8 @@ def summary(cfg, trainer, hist) -> str:
         lines.append(f"MFU        {mfu:.1%} (memory lookup counted as 2*bag*v FLOPs per token)")
     if cfg.train.tensorboard_dir:
         lines.append(f"tensorboard {cfg.train.tensorboard_dir}  (tensorboard --logdir {cfg.train.tensorboard_dir})")
-    if cfg.train.save:
-        lines.append(f"checkpoint {cfg.train.save}")
+    if hist.saved:
+        lines.append(f"checkpoint {hist.saved[-1]}  (resume: --load {cfg.train.save})")
     return "\n".join(lines + ["=" * 72])
 
 
@@ -80,7 +81,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.time()
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
     if dist.get_rank() == 0:

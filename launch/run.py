@@ -6,8 +6,11 @@
     python -m megatron_memory.launch.run slurm     --nnodes 2 --nproc-per-node 8 [--partition P --time T]        -- TRAIN FLAGS
 
 The training flags are validated against the world size (nodes x processes) before anything
-starts. ``--dry-run`` prints the fully resolved command(s) (for SLURM: the batch script) and
-exits. NCCL_NVLS_ENABLE=0 is exported: NVLink multicast is off (it can take down shared hosts).
+starts. The processes run in the launcher's working directory (relative paths in the flags mean
+what they mean here) and need no source checkout: ``-m megatron_memory.train`` is found the way
+the launcher found this package (install, working directory or PYTHONPATH, all inherited).
+``--dry-run`` prints the fully resolved command(s) (for SLURM: the batch script) and exits.
+NCCL_NVLS_ENABLE=0 is exported: NVLink multicast is off (it can take down shared hosts).
 """
 from __future__ import annotations
 
@@ -21,7 +24,6 @@ from pathlib import Path
 from megatron_memory.cli import config_from_args
 from megatron_memory.config import ConfigError
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -76,7 +78,7 @@ def slurm_script(a) -> str:
     opts += [f"--partition={a.partition}"] if a.partition else []
     opts += [f"--time={a.time}"] if a.time else []
     return "\n".join(["#!/usr/bin/env bash", *(f"#SBATCH {o}" for o in opts), "set -euo pipefail",
-                      f"cd {shlex.quote(str(ROOT))}",
+                      f"cd {shlex.quote(os.getcwd())}",
                       'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                       f"export {env}",
                       "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(" ".join(torchrun)), ""])
@@ -123,7 +125,7 @@ def resolve(a) -> None:
             a.master_addr = hosts[0][0]
     a.nnodes = a.nnodes or 1
     if a.nproc_per_node is None:
-        import torch
+        import torch  # lazy: only to count GPUs; --help and explicit layouts skip loading torch
 
         a.nproc_per_node = max(1, torch.cuda.device_count())
     if a.nnodes < 1 or a.nproc_per_node < 1:
@@ -149,7 +151,7 @@ def main(argv=None) -> int:
         if a.dry_run:
             print(script)
             return 0
-        path = ROOT / f"{a.job_name}.sbatch"
+        path = Path(f"{a.job_name}.sbatch")
         path.write_text(script)
         return subprocess.call(["sbatch", str(path)])
     if a.launcher == "deepspeed":
@@ -165,7 +167,7 @@ def main(argv=None) -> int:
     if len(cmds) > 1:
         print("error: torchrun on several nodes: run this on each node with --node-rank", file=sys.stderr)
         return 2
-    return subprocess.call(cmds[0], env={**os.environ, **ENV}, cwd=ROOT)
+    return subprocess.call(cmds[0], env={**os.environ, **ENV})
 
 
 if __name__ == "__main__":

@@ -35,6 +35,11 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_memory.config import ConfigError, RunConfig
 
@@ -44,7 +49,6 @@ FORMAT_VERSION = 1
 
 class CheckpointError(RuntimeError):
     """A checkpoint cannot be used; the message names the directory or file and the fix."""
-
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"
@@ -105,8 +109,6 @@ def check_architecture(saved: dict, mine: dict, where: Path) -> None:
 
 def peek(path: str | os.PathLike) -> tuple[Path, dict]:
     """(checkpoint directory, its common state) without building anything; errors are one line."""
-    from megatron.core import dist_checkpointing
-
     target = resolve(path)
     try:
         common = dist_checkpointing.load_common_state_dict(str(target))
@@ -124,8 +126,6 @@ def _first_line(err: BaseException) -> str:
 
 
 def _layout() -> dict:
-    from megatron.core import parallel_state as ps
-
     return {"tp": ps.get_tensor_model_parallel_world_size(),
             "pp": ps.get_pipeline_model_parallel_world_size(),
             "dp": ps.get_data_parallel_world_size()}
@@ -133,9 +133,6 @@ def _layout() -> dict:
 
 def _rng_object(state):
     """This rank's RNG state as a ShardedObject on the (pp, tp, dp) grid of ranks."""
-    from megatron.core import parallel_state as ps
-    from megatron.core.dist_checkpointing.mapping import ShardedObject
-
     lay = _layout()
     offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
               ps.get_data_parallel_rank())
@@ -143,8 +140,7 @@ def _rng_object(state):
 
 
 def rng_state() -> dict:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
+    """Every random stream a step may draw from, on this rank."""
     return {"python": random.getstate(), "numpy": np.random.get_state(),
             "torch": torch.get_rng_state(),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
@@ -152,8 +148,6 @@ def rng_state() -> dict:
 
 
 def set_rng_state(state: dict) -> None:
-    from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
-
     random.setstate(state["python"])
     np.random.set_state(state["numpy"])
     torch.set_rng_state(state["torch"])
@@ -183,8 +177,6 @@ def _prepare_distributed_optimizer_load(optimizer) -> None:
     overwrites it in place); and its fully-reshardable load skips the per-param "step" tensor on
     the source side but still looks it up (KeyError), although the step is restored from the
     param groups: give the lookup an explicit "nothing to copy" (None) for it."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if not isinstance(opt, DistributedOptimizer):
             continue
@@ -204,8 +196,6 @@ def _unshare_adam_steps(optimizer) -> None:
     per-parameter "step" as ONE tensor shared by every parameter; Adam then increments it once
     per parameter per step, which corrupts the bias correction after a resume. Give each
     parameter its own copy."""
-    from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
-
     for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
         if isinstance(opt, DistributedOptimizer):
             for state in opt.optimizer.state.values():
@@ -216,8 +206,6 @@ def _unshare_adam_steps(optimizer) -> None:
 def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = True) -> Path:
     """Write ``root/iter_<iteration>`` (collective), then point the tracker at it and prune old
     checkpoints beyond ``train.keep_last``. Iteration 0 saves the weights only."""
-    from megatron.core import dist_checkpointing
-
     root, final = Path(root), iteration_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")
     if dist.get_rank() == 0:
@@ -265,8 +253,6 @@ def _prune(root: Path, keep_last: Optional[int], keep: int) -> None:
 def load(trainer, target: Path, common: dict) -> int:
     """Restore the model and, for a training checkpoint, the optimizer, LR schedule, data
     position and (same layout only) RNG states. Returns the iteration to continue from."""
-    from megatron.core import dist_checkpointing
-
     full = common.get("iteration", 0) > 0 and common.get("scheduler") is not None
     same_layout = common.get("layout") == _layout()
     sd = _state_dict(trainer, is_loading=True, with_optimizer=full, with_rng=full and same_layout)

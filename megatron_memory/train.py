@@ -2,6 +2,7 @@
 """Entry point: ``python -m megatron_memory.train [--preset NAME] [flags]`` (see --help)."""
 from __future__ import annotations
 
+import logging
 import sys
 import time
 import warnings
@@ -10,13 +11,12 @@ from typing import Optional
 from megatron_memory.checkpoint import CheckpointError
 from megatron_memory.cli import config_from_args, format_config
 from megatron_memory.config import ConfigError
+from megatron_memory.memory_estimate import estimate
 
 
 def _quiet_libraries() -> None:
     """Megatron and torch warn about optional extras (Apex, TE, CUDA) on every rank; the run
     prints what matters itself."""
-    import logging
-
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module="megatron_memory")
     for name in ("megatron", "torch.distributed", "torch.utils.cpp_extension"):
@@ -44,8 +44,6 @@ def summary(cfg, trainer, hist) -> str:
         f" ({steady:,.0f} tok/s after step 3)",
     ]
     if hist.peak_gib:
-        from megatron_memory.tools.memory_calculator import estimate
-
         predicted = estimate(cfg, trainer.world_size, trainer.vocab_size, bf16=trainer.bf16)
         lines.append("peak mem   " + ", ".join(
             f"stage {s}: {g:.1f} GiB (calculator {predicted[s].total / 2**30:.1f})"
@@ -74,6 +72,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(format_config(cfg))
         return 0
     _quiet_libraries()
+    # Lazy: torch and Megatron load only to train, so --help and --print-config answer at once.
     import torch.distributed as dist
 
     from megatron_memory.training import Trainer

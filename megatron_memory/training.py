@@ -19,10 +19,22 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
+from torch.utils.tensorboard import SummaryWriter
 
-from megatron_memory import checkpoint
+from megatron_memory import checkpoint, data, parallel
 from megatron_memory.config import ConfigError, RunConfig
+from megatron_memory.cpu import install_cpu_shims
+from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
 from megatron_memory.metrics import KeyUsage, flops_per_token, peak_flops
+from megatron_memory.model import MemoryGPTModel, optimizer_overrides
 
 
 def init_distributed() -> torch.device:
@@ -31,8 +43,6 @@ def init_distributed() -> torch.device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
     else:
-        from megatron_memory.cpu import install_cpu_shims
-
         install_cpu_shims()
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
@@ -45,8 +55,6 @@ def init_distributed() -> torch.device:
 
 def transformer_config(cfg: RunConfig, bf16: bool):
     """Megatron TransformerConfig of the GPT body (local spec: RMSNorm, SwiGLU, RoPE, no biases)."""
-    from megatron.core.transformer import TransformerConfig
-
     m, p = cfg.model, cfg.parallel
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
@@ -134,9 +142,6 @@ class Trainer:
     """Builds everything from a validated RunConfig; ``fit()`` trains and returns a History."""
 
     def __init__(self, cfg: RunConfig, log=print):
-        from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
         self.device = init_distributed()
         self.world_size = dist.get_world_size()
         cfg.validate(self.world_size)
@@ -170,15 +175,9 @@ class Trainer:
             self._load(*self.resume)
         self.writer = None
         if cfg.train.tensorboard_dir and self.rank == self.world_size - 1:
-            from torch.utils.tensorboard import SummaryWriter
-
             self.writer = SummaryWriter(cfg.train.tensorboard_dir)
 
     def _build_data(self):
-        from megatron.core import parallel_state as ps
-
-        from megatron_memory import data
-
         d, t = self.cfg.data, self.cfg.train
         if d.data_path:
             prefixes, tok_path = list(d.data_path), d.tokenizer
@@ -197,13 +196,6 @@ class Trainer:
         self.valid_iter = data.MicroBatches(valid, t.micro_batch_size, self.dp, dp_rank) if valid else None
 
     def _build_model(self):
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.transformer.module import Float16Module
-
-        from megatron_memory import parallel
-        from megatron_memory.model import MemoryGPTModel
-
         cfg = self.cfg
         self.tconfig = transformer_config(cfg, self.bf16)
         vocab = cfg.model.vocab_size or self._checkpoint_vocab() or padded_vocab(
@@ -269,11 +261,6 @@ class Trainer:
             self.log(f"loaded {what} from {target}")
 
     def _build_optimizer(self):
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from megatron_memory.model import optimizer_overrides
-
         t = self.cfg.train
         oc = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                              adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8,
@@ -290,9 +277,6 @@ class Trainer:
 
     def _run_schedule(self, data_iter, num_micro: int, forward_only: bool) -> float:
         """One pass of Megatron's (pipeline) schedule; returns the mean loss on every rank."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         out = get_forward_backward_func()(
             forward_step_func=functools.partial(forward_step, self.device), data_iterator=data_iter,
             model=[self.model], num_microbatches=num_micro, seq_length=self.cfg.model.seq_length,
@@ -305,8 +289,6 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step; returns (loss, grad norm of the rest, grad norm of the values)."""
-        from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
-
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self._run_schedule(self.train_iter, self.num_micro, forward_only=False)
@@ -364,8 +346,6 @@ class Trainer:
 
     def peak_memory(self) -> dict[int, float]:
         """{pipeline stage: peak GiB allocated by torch, max over the stage's ranks} (CUDA)."""
-        from megatron.core import parallel_state as ps
-
         if self.device.type != "cuda":
             return {}
         mine = (ps.get_pipeline_model_parallel_rank(), torch.cuda.max_memory_allocated() / 2**30)
@@ -379,8 +359,6 @@ class Trainer:
     def key_usage(self) -> dict[int, tuple[float, float]]:
         """{memory layer id: (fraction used, effective usage)} over the last window, on every
         rank (collective: each stage contributes its own layers)."""
-        from megatron.core import parallel_state as ps
-
         layers = self.cfg.memory.resolved_layers(self.cfg.model.num_layers)
         if not (self.cfg.train.key_usage and layers):
             return {}
@@ -450,8 +428,6 @@ class Trainer:
         return checkpoint.save(self, directory, self.iteration, self.cfg.train.checkpoint_integrity)
 
     def close(self) -> None:
-        from megatron.core import parallel_state as ps
-
         ps.destroy_model_parallel()
 
 

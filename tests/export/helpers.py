@@ -31,3 +31,19 @@ def tiny_megatron_model(groups: int = 4, seed: int = 0, **memory):
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
     return cfg, model.eval()
+
+
+def export(model, cfg, folder, groups: int = 4, **write_kw):
+    """Stream a one-rank Megatron model into an exported folder (as the converter does)."""
+    from megatron_memory import hf_format
+
+    config = hf_format.hf_config(cfg, VOCAB, num_query_groups=groups, eos_token_id=0)
+    tensors = hf_format.megatron_to_hf(hf_format.megatron_model_tensors(model), config)
+    return hf_format.write_hf_folder(folder, tensors, config, **write_kw)
+
+
+def megatron_logits(model, tokens: torch.Tensor) -> torch.Tensor:
+    """[b, s] -> [b, s, V] through Megatron's GPTModel (causal mask, positions 0..s-1)."""
+    positions = torch.arange(tokens.shape[1]).expand_as(tokens)
+    with torch.no_grad():
+        return model(tokens, positions, None)

@@ -56,6 +56,12 @@ def _check(args) -> tuple[Path, dict]:
     except (json.JSONDecodeError, ValueError, FileNotFoundError) as err:
         raise ValueError(f"{folder}: {err}") from err
     check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    from tokenizers import Tokenizer
+
+    vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
+    if vocab > config["vocab_size"]:
+        raise ValueError(f"{folder}: tokenizer.json has {vocab} tokens, the model only "
+                         f"{config['vocab_size']} (tokenizer and weights do not belong together)")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise ValueError("--device cuda: no CUDA device available")
     if any(not p for p in args.prompt):

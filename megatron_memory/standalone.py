@@ -403,6 +403,9 @@ def generate(model: MemoryGPT, prompts: list[list[int]], max_new_tokens: int = 3
     check_sampling(max_new_tokens, temperature, top_k, top_p)
     if not prompts or any(len(p) == 0 for p in prompts):
         raise ValueError("every prompt needs at least one token")
+    vocab = model.args.vocab_size
+    if any(not 0 <= t < vocab for p in prompts for t in p):
+        raise ValueError(f"prompt token ids must lie in 0..{vocab - 1} (the model's vocabulary)")
     device = next(model.parameters()).device
     width = max(len(p) for p in prompts)
     ids = torch.full((len(prompts), width), pad_token_id, dtype=torch.long, device=device)

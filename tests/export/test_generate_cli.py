@@ -2,6 +2,7 @@
 """``python -m megatron_memory.generate`` on an exported folder; one-line errors, exit 2."""
 from __future__ import annotations
 
+import json
 import shutil
 import subprocess
 import sys
@@ -53,6 +54,12 @@ def test_cli_not_an_exported_folder(trained_export, tmp_path, capsys):
     (broken / "model.safetensors").unlink()
     assert cli.main(["--checkpoint", str(broken), "--prompt", "x"]) == 2
     assert "no model.safetensors" in capsys.readouterr().err
+    small = tmp_path / "small"
+    shutil.copytree(trained_export[0], small)
+    config = json.loads((small / "config.json").read_text())
+    (small / "config.json").write_text(json.dumps({**config, "vocab_size": 512}))
+    assert cli.main(["--checkpoint", str(small), "--prompt", "x"]) == 2
+    assert "do not belong together" in capsys.readouterr().err
     with pytest.raises(SystemExit) as exc:  # argparse: bad number
         cli.main(["--checkpoint", str(broken), "--prompt", "x", "--max-new-tokens", "ten"])
     assert exc.value.code == 2

@@ -66,6 +66,8 @@ def test_stops_at_eos_and_samples(folder):
     limited = generate(model, [[5, 9]], 8, temperature=5.0, vocab_limit=10,
                        generator=torch.Generator().manual_seed(0))[0]
     assert max(limited) < 10
+    with pytest.raises(ValueError, match="prompt token ids"):
+        generate(model, [[5, VOCAB]], 2)
     for bad in (dict(temperature=-1.0), dict(top_k=0), dict(top_p=1.5), dict(max_new_tokens=-1)):
         with pytest.raises(ValueError):
             generate(model, [[5]], **{"max_new_tokens": 2, **bad})

@@ -48,7 +48,7 @@ def test_transformers_generate_equals_standalone(trained_export, hf_model):
         assert (out[row, len(seq):] == pad).all()
 
 
-def test_auto_tokenizer_reads_the_folder(trained_export):
+def test_auto_tokenizer_reads_the_folder(trained_export, hf_model):
     from tokenizers import Tokenizer
 
     folder = trained_export[0]
@@ -56,3 +56,5 @@ def test_auto_tokenizer_reads_the_folder(trained_export):
     text = "Karito Zelanvi was born in Dorel in 1812."
     assert tok(text).input_ids == Tokenizer.from_file(str(folder / "tokenizer.json")).encode(text).ids
     assert tok.eos_token == "<|endoftext|>" and tok.pad_token == "<pad>"
+    out = hf_model.generate(**tok([text], return_tensors="pt"), max_new_tokens=3, do_sample=False)
+    assert out.shape[1] > len(tok(text).input_ids)  # the README's usage, end to end

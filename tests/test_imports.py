@@ -26,6 +26,7 @@ ORDER = [
     "megatron_memory.kernels.triton_embedding_bag",
     "megatron_memory.kernels.triton_product_key",
     "megatron_memory.kernels",
+    "megatron_memory.standalone",            # plain torch; kernels optional (copied into exports)
     "megatron_memory.cpu",
     "megatron_memory.data",
     "megatron_memory.metrics",
@@ -34,10 +35,12 @@ ORDER = [
     "megatron_memory.parallel",
     "megatron_memory.spec",
     "megatron_memory.model",
+    "megatron_memory.hf_format",             # exported folder: config, names, safetensors I/O
     "megatron_memory.checkpoint",           # save / resume / reshard (config + megatron only)
     "megatron_memory.training",
     "megatron_memory.cli",
     "megatron_memory.train",
+    "megatron_memory.generate",
     "megatron_memory.tools",
     "megatron_memory.tools.preprocess_data",
     "megatron_memory.tools.memory_calculator",

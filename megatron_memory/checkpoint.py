@@ -38,6 +38,7 @@ import torch.distributed as dist
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
@@ -225,13 +226,13 @@ def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = Tru
         if final.exists():  # the same iteration saved before (a rerun): replace it
             shutil.rmtree(final)
         os.replace(partial, final)
-        _write_tracker(root, iteration)
+        write_tracker(root, iteration)
         _prune(root, cfg.train.keep_last, keep=iteration)
     dist.barrier()
     return final
 
 
-def _write_tracker(root: Path, iteration: int) -> None:
+def write_tracker(root: Path, iteration: int) -> None:
     tmp = root / f".{TRACKER}.tmp"
     with open(tmp, "w") as f:
         f.write(f"{iteration}\n")
@@ -257,11 +258,22 @@ def load(trainer, target: Path, common: dict) -> int:
     same_layout = common.get("layout") == _layout()
     sd = _state_dict(trainer, is_loading=True, with_optimizer=full, with_rng=full and same_layout)
     integrity = (target / "integrity.json").is_file()
-    try:
-        state = dist_checkpointing.load(sd, str(target), verify_integrity=integrity)
+    try:  # RETURN_UNEXPECTED: what this model asks for and the checkpoint lacks comes back listed
+        state, _, lacking = dist_checkpointing.load(sd, str(target), verify_integrity=integrity,
+                                                    strict=StrictHandling.RETURN_UNEXPECTED)
     except Exception as err:  # noqa: BLE001 - a damaged checkpoint must not end in a traceback
         raise CheckpointError(f"cannot load checkpoint {target}: {_first_line(err)}") from err
-    trainer.raw_model.load_state_dict(state["model"])
+    # Linear layers' ``_extra_state`` (FP8 metadata, None here) is not a weight: a converted
+    # checkpoint does not carry it. Anything else missing is an error, never a silent init.
+    lacking = sorted(k for k in lacking if "_extra_state" not in k)
+    if lacking:
+        raise CheckpointError(f"checkpoint {target} lacks {len(lacking)} tensors this run needs "
+                              f"(e.g. {', '.join(lacking[:3])})")
+    result = trainer.raw_model.load_state_dict(state["model"], strict=False)
+    unset = [k for k in result.missing_keys if not k.endswith("_extra_state")]
+    if unset or result.unexpected_keys:
+        raise CheckpointError(f"checkpoint {target} does not fit this model: missing {unset[:3]}, "
+                              f"unexpected {result.unexpected_keys[:3]}")
     if not full:
         return 0
     trainer.optimizer.load_state_dict(state["optimizer"])

@@ -235,6 +235,20 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     data: DataConfig = field(default_factory=DataConfig)
 
+    @classmethod
+    def from_dict(cls, d: dict) -> "RunConfig":
+        """Inverse of ``dataclasses.asdict`` (e.g. the run config stored in a checkpoint); fields
+        this version does not know are an error, missing ones take their defaults."""
+        sections = {}
+        for f in dataclasses.fields(cls):
+            sec_cls, values = f.default_factory, dict(d.get(f.name, {}))
+            known = {g.name for g in dataclasses.fields(sec_cls)}
+            unknown = sorted(set(values) - known)
+            if unknown:
+                raise ConfigError(f"unknown {f.name} fields {unknown}")
+            sections[f.name] = sec_cls(**values)
+        return cls(**sections)
+
     def validate(self, world_size: Optional[int] = None) -> "RunConfig":
         self.model.validate()
         self.parallel.validate(self.model, world_size)

@@ -245,6 +245,26 @@ def hf_to_megatron(tensors: Iterable[tuple[str, torch.Tensor]], config: dict
         raise ValueError(f"incomplete weights: parts missing for {sorted(pending)}")
 
 
+def megatron_sources(hf_names: Iterable[str]) -> dict[str, list[str]]:
+    """Megatron checkpoint name -> the HF names it is built from, in ``hf_to_megatron``'s order
+    (q, k, v; gate, up), so a converter can fetch each Megatron tensor's parts on demand."""
+    out: dict[str, list] = {}
+    for name in hf_names:
+        hit = next(((p.match(name), h) for p, h in _HF_RENAME if p.match(name)), None)
+        if hit is not None:
+            out[_fill(hit[1], hit[0])] = [name]
+            continue
+        part = next(((p.match(name), spec) for p, spec in _HF_PART.items() if p.match(name)), None)
+        if part is None:
+            raise KeyError(f"unknown tensor {name!r} in the exported weights")
+        (m, (tmpl, idx, count)) = part
+        out.setdefault(_fill(tmpl, m), [None] * count)[idx] = name
+    incomplete = sorted(k for k, v in out.items() if None in v)
+    if incomplete:
+        raise ValueError(f"incomplete weights: parts missing for {incomplete}")
+    return out
+
+
 def megatron_model_tensors(model) -> Iterator[tuple[str, torch.Tensor]]:
     """(checkpoint name, tensor) of a model built on one rank with TP=PP=1, from its
     ``sharded_state_dict()`` (the names dist checkpoints store), skipping non-weights."""

@@ -35,6 +35,7 @@ from typing import Optional
 import numpy as np
 import torch
 import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
@@ -108,9 +109,30 @@ def check_architecture(saved: dict, mine: dict, where: Path) -> None:
                           "load it with the same model flags, or convert it")
 
 
+def check_files(target: Path) -> None:
+    """Every shard file the checkpoint's metadata names exists and is long enough: a missing or
+    truncated file is named here, before any rank starts reading (cheap: sizes only; the SHA-256
+    manifest, when present, catches changed bytes at load)."""
+    try:
+        meta = dcp.FileSystemReader(str(target)).read_metadata()
+    except Exception as err:  # noqa: BLE001 - unreadable metadata is one line, not a traceback
+        raise CheckpointError(f"{target / '.metadata'}: unreadable ({_first_line(err)})") from err
+    need: dict[str, int] = {}
+    for info in (meta.storage_data or {}).values():
+        need[info.relative_path] = max(need.get(info.relative_path, 0), info.offset + info.length)
+    for name, size in sorted(need.items()):
+        file = target / name
+        if not file.is_file():
+            raise CheckpointError(f"{file}: missing (the checkpoint's metadata names it)")
+        if file.stat().st_size < size:
+            raise CheckpointError(f"{file}: truncated ({file.stat().st_size} bytes, the checkpoint "
+                                  f"needs {size})")
+
+
 def peek(path: str | os.PathLike) -> tuple[Path, dict]:
     """(checkpoint directory, its common state) without building anything; errors are one line."""
     target = resolve(path)
+    check_files(target)
     try:
         common = dist_checkpointing.load_common_state_dict(str(target))
     except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear line
@@ -242,7 +264,10 @@ def write_tracker(root: Path, iteration: int) -> None:
 
 
 def _prune(root: Path, keep_last: Optional[int], keep: int) -> None:
-    """Delete complete checkpoints older than the newest ``keep_last`` (never ``keep``)."""
+    """Delete what earlier crashed saves left (``*.partial``, never tracked) and complete
+    checkpoints older than the newest ``keep_last`` (never ``keep``)."""
+    for stale in root.glob("iter_*.partial"):
+        shutil.rmtree(stale, ignore_errors=True)
     if not keep_last:
         return
     done = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())

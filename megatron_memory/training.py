@@ -147,6 +147,7 @@ class Trainer:
         cfg.validate(self.world_size)
         self.cfg, self.log = cfg, log
         self.iteration = 0
+        self.checkpoint_seconds: dict[str, float] = {}  # last load / save, wall seconds
         # Before any compute: the checkpoint to start from must be readable, --save safe to use.
         self.resume = checkpoint.peek(cfg.train.load) if cfg.train.load else None
         if cfg.train.save:
@@ -245,7 +246,9 @@ class Trainer:
             raise ConfigError(f"checkpoint {target} is at step {common['iteration']}, which already "
                               f"reaches train.steps={t.steps}: raise --steps to train further, or "
                               f"pass --finetune to start a new schedule from its weights")
+        start = time.time()
         self.iteration = checkpoint.load(self, target, common)
+        self.checkpoint_seconds["load"] = time.time() - start
         if self.iteration == 0:  # weights only: the optimizer's fp32 copies must follow them
             self.optimizer.reload_model_params()
             what = "weights"
@@ -258,7 +261,7 @@ class Trainer:
             self.train_iter.cursor = consumed // per_rank
             what = f"step {self.iteration} (model, optimizer, schedule, data position)"
         if self.rank == 0:
-            self.log(f"loaded {what} from {target}")
+            self.log(f"loaded {what} from {target} in {self.checkpoint_seconds['load']:.1f} s")
 
     def _build_optimizer(self):
         t = self.cfg.train
@@ -425,7 +428,12 @@ class Trainer:
 
     def save(self, directory: str) -> Path:
         """Checkpoint the current step into ``directory`` (collective; see checkpoint.py)."""
-        return checkpoint.save(self, directory, self.iteration, self.cfg.train.checkpoint_integrity)
+        start = time.time()
+        path = checkpoint.save(self, directory, self.iteration, self.cfg.train.checkpoint_integrity)
+        self.checkpoint_seconds["save"] = time.time() - start
+        if self.rank == 0:
+            self.log(f"saved {path} in {self.checkpoint_seconds['save']:.1f} s")
+        return path
 
     def close(self) -> None:
         ps.destroy_model_parallel()

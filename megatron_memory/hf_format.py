@@ -21,7 +21,6 @@ from pathlib import Path
 from typing import Callable, Iterable, Iterator, Optional
 
 import torch
-from safetensors.torch import save_file
 from tokenizers import Tokenizer
 
 from megatron_memory.config import ConfigError, MemoryConfig, ModelConfig, RunConfig
@@ -292,6 +291,34 @@ def _owned_cpu(t: torch.Tensor) -> torch.Tensor:
     return t
 
 
+_ST_DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16",
+              torch.bfloat16: "BF16", torch.int64: "I64", torch.int32: "I32", torch.int16: "I16",
+              torch.int8: "I8", torch.uint8: "U8", torch.bool: "BOOL"}
+
+
+def _save_safetensors(tensors: dict[str, torch.Tensor], path: Path, metadata: dict) -> None:
+    """Write a safetensors file straight from the tensors' memory.
+
+    ``safetensors.torch.save_file`` first copies every tensor into one bytes object, which would
+    double the peak memory of an 8 GiB value-table shard; the format is simple (little-endian u64
+    header size, JSON header padded to 8 bytes, then the raw tensors in order), so it is written
+    here without that copy, and read back by safetensors itself."""
+    header: dict = {"__metadata__": metadata}
+    offset = 0
+    for name, t in tensors.items():
+        nbytes = t.numel() * t.element_size()
+        header[name] = {"dtype": _ST_DTYPES[t.dtype], "shape": list(t.shape),
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    raw = json.dumps(header, separators=(",", ":")).encode()
+    raw += b" " * (-(8 + len(raw)) % 8)
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little"))
+        f.write(raw)
+        for t in tensors.values():
+            f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+
+
 class _ShardWriter:
     """Buffers tensors up to ``max_bytes`` and writes each full buffer as one shard file."""
 
@@ -320,7 +347,7 @@ class _ShardWriter:
         if not self.buf:
             return
         path = self.folder / f"shard-{len(self.files):05d}.part"
-        save_file(self.buf, str(path), metadata={"format": "pt"})
+        _save_safetensors(self.buf, path, metadata={"format": "pt"})
         self.files.append((path, list(self.buf)))
         self.buf, self.size = {}, 0
 

@@ -147,6 +147,8 @@ class ParallelConfig:
         if model.num_layers % self.pp:
             raise ConfigError(f"model.num_layers={model.num_layers} is not divisible by "
                               f"parallel.pp={self.pp}")
+        if world_size is not None and world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
         if world_size is not None and world_size % (self.tp * self.pp):
             raise ConfigError(f"world size {world_size} is not divisible by tp*pp = "
                               f"{self.tp * self.pp}")
@@ -178,8 +180,13 @@ class TrainConfig:
     key_usage: bool = opt(True, "log the share of values each memory layer selects per log window")
     peak_tflops: Optional[float] = opt(None, "per-GPU bf16 peak for MFU; default: by GPU name "
                                        "(H100/H200 989), none on CPU")
-    eval_iters: int = opt(4, "validation micro-batches at the end (0: none)")
-    tensorboard_dir: Optional[str] = opt("runs/latest", "TensorBoard event directory ('' to disable)")
+    eval_iters: int = opt(4, "validation micro-batches per evaluation (0: none)")
+    eval_interval: int = opt(0, "steps between validations during training (0: only at the end)")
+    tensorboard_dir: Optional[str] = opt(None, "TensorBoard event directory; default a new "
+                                         "runs/<date-time> per run ('' to disable)")
+    wandb_project: Optional[str] = opt(None, "Weights & Biases project to log to (needs the wandb "
+                                       "package); default: no W&B logging")
+    wandb_exp_name: Optional[str] = opt(None, "W&B run name; default: the TensorBoard run name")
     save: Optional[str] = opt(None, "directory to save a distributed checkpoint at the end")
     load: Optional[str] = opt(None, "directory of a checkpoint to load before training")
 
@@ -196,6 +203,11 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be in 0..steps")
         if self.log_interval < 1:
             raise ConfigError("train.log_interval must be >= 1")
+        if self.eval_iters < 0 or self.eval_interval < 0:
+            raise ConfigError(f"train.eval_iters and train.eval_interval must be >= 0, got "
+                              f"{self.eval_iters}, {self.eval_interval}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
 
 
 @dataclass

@@ -20,6 +20,7 @@ import torch.nn.functional as F
 
 from megatron_memory.config import ConfigError, RunConfig
 from megatron_memory.metrics import KeyUsage, flops_per_token, peak_flops
+from megatron_memory.tracking import Tracker
 
 
 def init_distributed() -> torch.device:
@@ -144,11 +145,7 @@ class Trainer:
         self._build_data()
         self._build_model()
         self._build_optimizer()
-        self.writer = None
-        if cfg.train.tensorboard_dir and self.rank == self.world_size - 1:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self.writer = SummaryWriter(cfg.train.tensorboard_dir)
+        self.tracker = Tracker(cfg, self.rank, self.world_size)  # TensorBoard / W&B, last rank writes
 
     def _build_data(self):
         from megatron.core import parallel_state as ps
@@ -165,7 +162,8 @@ class Trainer:
             prefix, tok_path = data.ensure_default_data()
             prefixes = [prefix]
         self.tokenizer = data.Tokenizer(tok_path)
-        samples = (t.steps * self.global_batch, max(1, t.eval_iters) * t.micro_batch_size * self.dp)
+        evals = 1 + (t.steps // t.eval_interval if t.eval_interval else 0)
+        samples = (t.steps * self.global_batch, max(1, t.eval_iters * evals) * t.micro_batch_size * self.dp)
         train, valid = data.build_gpt_datasets(prefixes, self.tokenizer, self.cfg.model.seq_length,
                                                t.seed, d.split, samples, d.cache_dir)
         dp_rank = ps.get_data_parallel_rank()
@@ -280,15 +278,15 @@ class Trainer:
             hist.tokens += self.tokens_per_step
             if step % t.log_interval == 0 or step == t.steps:
                 self._log_progress(step, start, hist)
+            if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
+                self._log_validation(step, self.evaluate())
         hist.seconds = time.time() - start
         hist.peak_gib = self.peak_memory()
         hist.valid_loss = self.evaluate()
         if t.save:
             self.save(t.save)
-        if self.writer:
-            if hist.valid_loss is not None:
-                self.writer.add_scalar("valid/loss", hist.valid_loss, t.steps)
-            self.writer.close()
+        self._log_validation(t.steps, hist.valid_loss, quiet=True)
+        self.tracker.close()
         return hist
 
     def peak_memory(self) -> dict[int, float]:
@@ -346,17 +344,20 @@ class Trainer:
                      f"{tok_s:8.0f} tok/s" + (f" | MFU {mfu:5.1%}" if mfu is not None else "")
                      + (f" | keys used {min(u[0] for u in usage.values()):.0%}" if usage else "")
                      + f" | elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
-        if self.writer:
-            for name, val in (("train/loss", loss), ("train/lr", lr),
-                              ("train/grad_norm", hist.grad_norms[-1]),
-                              ("train/value_grad_norm", hist.value_grad_norms[-1]),
-                              ("train/tokens_per_s", tok_s)):
-                self.writer.add_scalar(name, val, step)
-            if mfu is not None:
-                self.writer.add_scalar("train/mfu", mfu, step)
-            for lid, (frac, eff) in usage.items():
-                self.writer.add_scalar(f"memory/keys_used_layer{lid}", frac, step)
-                self.writer.add_scalar(f"memory/effective_usage_layer{lid}", eff, step)
+        scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": hist.grad_norms[-1],
+                   "train/value_grad_norm": hist.value_grad_norms[-1], "train/tokens_per_s": tok_s}
+        scalars.update({"train/mfu": mfu} if mfu is not None else {})
+        for lid, (frac, eff) in usage.items():
+            scalars.update({f"memory/keys_used_layer{lid}": frac, f"memory/effective_usage_layer{lid}": eff})
+        self.tracker.scalars(scalars, step)
+        self.tracker.key_usage(self.raw_model, list(usage), step)  # collective
+
+    def _log_validation(self, step: int, loss: Optional[float], quiet: bool = False) -> None:
+        if loss is None:
+            return
+        if self.rank == 0 and not quiet:
+            self.log(f"step {step:>5}/{self.cfg.train.steps} | validation loss {loss:7.4f}")
+        self.tracker.scalars({"valid/loss": loss}, step)
 
     def save(self, directory: str) -> None:
         from megatron.core import dist_checkpointing

@@ -142,6 +142,10 @@ def main(argv=None) -> int:
     a = ap.parse_args(own)
     from megatron_memory.cli import config_from_args
 
+    for flag, value in (("--world-size", a.world_size), ("--vocab-size", a.vocab_size), ("--gpu-gib", a.gpu_gib)):
+        if value <= 0:
+            print(f"error: {flag} must be > 0, got {value}", file=sys.stderr)
+            return 2
     try:
         cfg, _ = config_from_args(train_args)
         rows = estimate(cfg, a.world_size, a.vocab_size, bf16=not a.fp32)

@@ -2,7 +2,7 @@
 """Launch ``megatron_memory.train`` on one or many nodes through torchrun, deepspeed or SLURM.
 
     python -m megatron_memory.launch.run torchrun  --nproc-per-node 8 [--nnodes 2 --node-rank 0 --master-addr H] -- TRAIN FLAGS
-    python -m megatron_memory.launch.run deepspeed --hostfile hosts.txt [--nproc-per-node 8]                     -- TRAIN FLAGS
+    python -m megatron_memory.launch.run deepspeed --hostfile hosts.txt [--nproc-per-node 8] [--node-rank R]     -- TRAIN FLAGS
     python -m megatron_memory.launch.run slurm     --nnodes 2 --nproc-per-node 8 [--partition P --time T]        -- TRAIN FLAGS
 
 The training flags are validated against the world size (nodes x processes), and the data,
@@ -64,7 +64,12 @@ def deepspeed_command(a) -> list[str]:
     cmd = [a.python, "-m", "deepspeed.launcher.runner", f"--master_port={a.master_port}"]
     if a.hostfile:
         cmd += [f"--hostfile={a.hostfile}", f"--num_nodes={a.nnodes}"]
-        cmd += [f"--master_addr={a.master_addr}"] if a.master_addr else []
+        if a.node_rank is not None:  # this node only, started on each node by hand: no ssh
+            cmd += ["--no_ssh", f"--node_rank={a.node_rank}"]
+        elif a.nnodes == 1:  # one host: DeepSpeed launches locally but would first try ssh to it
+            cmd += ["--no_ssh_check"]
+        master = a.master_addr or ("127.0.0.1" if a.nnodes == 1 else None)
+        cmd += [f"--master_addr={master}"] if master else []
     cmd += [f"--num_gpus={a.nproc_per_node}", "--no_local_rank", "--module", "megatron_memory.train"]
     return cmd + list(a.train_args)
 
@@ -99,7 +104,9 @@ def parse(argv: list[str]):
     ap.add_argument("--nnodes", type=int, default=None, help="nodes (default 1; deepspeed: from the hostfile)")
     ap.add_argument("--nproc-per-node", type=int, default=None,
                     help="processes (GPUs) per node (default: visible GPUs, else 1; deepspeed: hostfile slots)")
-    ap.add_argument("--node-rank", type=int, default=None, help="torchrun: this node's rank (default: all, with --dry-run)")
+    ap.add_argument("--node-rank", type=int, default=None,
+                    help="this node's rank: torchrun (default: all, with --dry-run), or deepspeed "
+                         "started on each node without ssh (--no_ssh)")
     ap.add_argument("--master-addr", default=None,
                     help="rendezvous host, the first node (required for torchrun on several nodes; "
                          "127.0.0.1 runs several 'nodes' on this machine)")

@@ -62,7 +62,8 @@ def summary(cfg, trainer, hist) -> str:
         lines.append(f"MFU        {mfu:.1%} (memory lookup counted as 2*bag*v FLOPs per token)")
     tb = trainer.tracker.directory
     if tb:
-        lines.append(f"tensorboard {tb}  (tensorboard --logdir {Path(tb).parent})")
+        logdir = Path(tb).parent if cfg.train.tensorboard_dir is None else tb  # runs/: all runs side by side
+        lines.append(f"tensorboard {tb}  (tensorboard --logdir {logdir})")
     if cfg.train.save:
         lines.append(f"checkpoint {cfg.train.save}")
     return "\n".join(lines + ["=" * 72])

@@ -4,6 +4,7 @@ exit code 2, before any model is built; Megatron-LM flag names; --help and --pri
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 import time
@@ -34,6 +35,15 @@ def corpus(tmp_path_factory):
         assert preprocess(["--input", str(d / "in.jsonl"), "--tokenizer", str(d / f"tok{v}.json"),
                            "--output-prefix", str(d / f"data{v}")]) == 0
     return d
+
+
+@pytest.fixture(autouse=True)
+def nothing_written(tmp_path_factory, monkeypatch):
+    """Each test runs in an empty directory that must stay empty (no runs/, no cache, no data)."""
+    cwd = tmp_path_factory.mktemp("cwd")
+    monkeypatch.chdir(cwd)
+    yield
+    assert list(cwd.iterdir()) == []
 
 
 def run(capsys, *argv) -> str:
@@ -181,10 +191,12 @@ def test_print_config_is_resolved_with_parameter_counts(capsys, monkeypatch):
         assert f"{s.dense_params + s.table_params:,} per GPU (value table shard {s.table_params:,})" in out
 
 
-def test_cli_data_error_without_traceback(corpus):
+def test_cli_data_error_without_traceback(corpus, tmp_path):
     t0 = time.time()
     r = subprocess.run([sys.executable, "-m", "megatron_memory.train", *data_args(corpus, "data600", "tok300.json")],
-                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+                       cwd=tmp_path, env={**os.environ, "PYTHONPATH": str(ROOT)}, capture_output=True,
+                       text=True, timeout=120)
+    assert list(tmp_path.iterdir()) == []  # no runs/ directory, nothing else
     assert r.returncode == 2 and "Traceback" not in r.stderr
     assert r.stderr.strip().splitlines()[-1].startswith("error: ") and "tokenized with a vocabulary of 600" in r.stderr
     assert time.time() - t0 < 60  # no model, no process group: imports and a header read

@@ -8,8 +8,9 @@
 The training flags are validated against the world size (nodes x processes), and the data,
 tokenizer and vocabulary checked, before anything starts. Paths among the training flags
 (--data-path, --tokenizer, --tensorboard-dir, ...) and --hostfile are made absolute against the
-current directory, so they mean the same on every node; the processes run in this directory. ``--dry-run`` prints the fully resolved command(s) (for SLURM: the batch script) and
-exits. NCCL_NVLS_ENABLE=0 is exported: NVLink multicast is off (it can take down shared hosts).
+current directory, so they mean the same on every node; the processes run in this directory.
+``--dry-run`` prints the fully resolved command(s) (for SLURM: the batch script) and exits.
+NCCL_NVLS_ENABLE=0 is exported: NVLink multicast is off (it can take down shared hosts).
 """
 from __future__ import annotations
 
@@ -193,7 +194,9 @@ def _source_checkout() -> bool:
 
 def _pythonpath_export() -> list[str]:
     """SLURM script line that lets the nodes import this checkout from the submit directory."""
-    return [f'export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}'] if _source_checkout() else []
+    if not _source_checkout():
+        return []
+    return [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
 
 
 def child_env() -> dict[str, str]:

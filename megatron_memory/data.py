@@ -83,7 +83,8 @@ class Tokenizer:
             tid = self.hf.token_to_id(tok)
             if tid is not None:
                 return tid
-        raise ValueError(f"tokenizer {self.unique_identifiers['path']} has no end-of-document token ({name} or one of {alternatives})")
+        raise ValueError(f"tokenizer {self.unique_identifiers['path']} has no end-of-document token "
+                         f"({name} or one of {alternatives})")
 
     @property
     def vocab_size(self) -> int:

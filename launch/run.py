@@ -8,7 +8,9 @@
 The training flags are validated against the world size (nodes x processes), and the data,
 tokenizer and vocabulary checked, before anything starts. Paths among the training flags
 (--data-path, --tokenizer, --tensorboard-dir, ...) and --hostfile are made absolute against the
-current directory, so they mean the same on every node; the processes run in this directory.
+current directory, so they mean the same on every node. The processes run in the launcher's
+working directory and need no source checkout: ``-m megatron_memory.train`` is found the way
+the launcher found this package (install, working directory or PYTHONPATH, all inherited).
 ``--dry-run`` prints the fully resolved command(s) (for SLURM: the batch script) and exits.
 NCCL_NVLS_ENABLE=0 is exported: NVLink multicast is off (it can take down shared hosts).
 """
@@ -25,7 +27,6 @@ from megatron_memory.cli import absolute_paths, config_from_args
 from megatron_memory.config import ConfigError
 from megatron_memory.preflight import check_inputs
 
-ROOT = Path(__file__).resolve().parents[1]
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONUNBUFFERED": "1"}
 
 
@@ -87,7 +88,7 @@ def slurm_script(a) -> str:
     opts += [f"--partition={a.partition}"] if a.partition else []
     opts += [f"--time={a.time}"] if a.time else []
     return "\n".join(["#!/usr/bin/env bash", *(f"#SBATCH {o}" for o in opts), "set -euo pipefail",
-                      f"cd {shlex.quote(a.cwd)}", *_pythonpath_export(),
+                      f"cd {shlex.quote(a.cwd)}",
                       'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                       f"export {env}",
                       "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(" ".join(torchrun)), ""])
@@ -140,7 +141,7 @@ def resolve(a) -> None:
             a.master_addr = hosts[0][0]
     a.nnodes = a.nnodes or 1
     if a.nproc_per_node is None:
-        import torch
+        import torch  # lazy: only to count GPUs; --help and explicit layouts skip loading torch
 
         a.nproc_per_node = max(1, torch.cuda.device_count())
     if a.nnodes < 1 or a.nproc_per_node < 1:
@@ -184,28 +185,7 @@ def main(argv=None) -> int:
     if len(cmds) > 1:
         print("error: torchrun on several nodes: run this on each node with --node-rank", file=sys.stderr)
         return 2
-    return subprocess.call(cmds[0], env=child_env(), cwd=a.cwd)
-
-
-def _source_checkout() -> bool:
-    """Run from a repository checkout (not an installed wheel)."""
-    return (ROOT / "pyproject.toml").is_file()
-
-
-def _pythonpath_export() -> list[str]:
-    """SLURM script line that lets the nodes import this checkout from the submit directory."""
-    if not _source_checkout():
-        return []
-    return [f"export PYTHONPATH={shlex.quote(str(ROOT))}${{PYTHONPATH:+:$PYTHONPATH}}"]
-
-
-def child_env() -> dict[str, str]:
-    """The environment of the launched processes: ours, NCCL settings, and this checkout on
-    PYTHONPATH (they run in the user's directory, not the repository's)."""
-    env = {**os.environ, **ENV}
-    if _source_checkout():
-        env["PYTHONPATH"] = os.pathsep.join(p for p in (str(ROOT), env.get("PYTHONPATH")) if p)
-    return env
+    return subprocess.call(cmds[0], env={**os.environ, **ENV})
 
 
 if __name__ == "__main__":

@@ -24,6 +24,12 @@ def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
 
+def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
+    """The model's vocabulary for a tokenizer of ``vocab`` tokens: padded to multiple * TP."""
+    step = multiple * tp
+    return (vocab + step - 1) // step * step
+
+
 def default_memory_layers(num_layers: int, count: int = 3) -> list[int]:
     """``count`` layer indices (0-based), evenly spaced and centred: 24 layers -> [4, 12, 20]."""
     if count > num_layers:
@@ -187,8 +193,18 @@ class TrainConfig:
     wandb_project: Optional[str] = opt(None, "Weights & Biases project to log to (needs the wandb "
                                        "package); default: no W&B logging")
     wandb_exp_name: Optional[str] = opt(None, "W&B run name; default: the TensorBoard run name")
-    save: Optional[str] = opt(None, "directory to save a distributed checkpoint at the end")
-    load: Optional[str] = opt(None, "directory of a checkpoint to load before training")
+    save: Optional[str] = opt(None, "checkpoint directory: iter_NNNNNNN/ per save and a tracker "
+                              "file naming the latest; saved every save_interval steps and at the end")
+    save_interval: Optional[int] = opt(None, "steps between checkpoints (default: only at the end)")
+    keep_last: Optional[int] = opt(None, "keep only the newest K checkpoints in --save (default: all)")
+    load: Optional[str] = opt(None, "checkpoint to start from: a --save directory (its latest "
+                              "iteration) or one iter_* directory; resumes model, optimizer, LR "
+                              "schedule, data position and RNG; TP/PP/DP may differ")
+    finetune: bool = opt(False, "with --load: take only the weights, start at step 0 with a fresh "
+                         "optimizer and schedule")
+    exit_interval: Optional[int] = opt(None, "stop (after saving) once the step is a multiple of this")
+    checkpoint_integrity: bool = opt(True, "write SHA-256 hashes of every checkpoint file and check "
+                                     "them on load (one extra read pass over the files)")
 
     def warmup(self) -> int:
         return self.steps // 10 if self.warmup_steps is None else self.warmup_steps
@@ -208,6 +224,11 @@ class TrainConfig:
                               f"{self.eval_iters}, {self.eval_interval}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
+        for name in ("save_interval", "keep_last", "exit_interval"):
+            if getattr(self, name) is not None and getattr(self, name) < 1:
+                raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.finetune and not self.load:
+            raise ConfigError("train.finetune needs train.load (the checkpoint to take weights from)")
 
 
 @dataclass

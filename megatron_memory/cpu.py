@@ -7,6 +7,10 @@ megatron-core is pinned, and they are installed only when CUDA is unavailable.
 """
 from __future__ import annotations
 
+import megatron.core.fusions.fused_softmax as msoftmax
+import megatron.core.optimizer.optimizer as mopt
+import megatron.core.tensor_parallel.random as mrandom
+import megatron.core.transformer.utils as mutils
 import torch
 
 _INSTALLED = False
@@ -74,11 +78,6 @@ def install_cpu_shims() -> bool:
     torch.cuda.synchronize = lambda *a, **k: None
     torch.cuda.current_stream = lambda *a, **k: _NoStream()
     _CudaToCpu().__enter__()
-
-    import megatron.core.fusions.fused_softmax as msoftmax
-    import megatron.core.optimizer.optimizer as mopt
-    import megatron.core.tensor_parallel.random as mrandom
-    import megatron.core.transformer.utils as mutils
 
     # Activation recompute replays the forward inside autograd, outside the thread-local
     # _CudaToCpu mode, so this literal device="cuda" needs its own shim.

@@ -16,9 +16,31 @@ from typing import Iterable, Iterator, Optional
 
 import numpy as np
 import torch
+from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
+from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
+from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
+from megatron.core.datasets.utils import get_blend_from_list
+from tokenizers import Tokenizer as HFTokenizer
+from tokenizers import decoders, models, pre_tokenizers, trainers
+
+from megatron_memory import SOURCE_ROOT
 
 EOD, PAD = "<|endoftext|>", "<pad>"
-DEFAULT_DATA_DIR = Path(__file__).resolve().parents[1] / "data" / "default"
+
+
+def default_data_dir() -> Path:
+    """Where the embedded dataset is written: $MEGATRON_MEMORY_DATA if set; else data/default in
+    a source checkout (as always); else, installed from a wheel, the user's cache directory
+    (never inside site-packages)."""
+    if os.environ.get("MEGATRON_MEMORY_DATA"):
+        return Path(os.environ["MEGATRON_MEMORY_DATA"])
+    if SOURCE_ROOT is not None:
+        return SOURCE_ROOT / "data" / "default"
+    cache = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(cache) / "megatron_memory" / "default"
+
+
+DEFAULT_DATA_DIR = default_data_dir()
 _SYLLABLES = ("ka ri to mo zel an vi dor el sa qu im bra nu fen ol tys gar lo mi es hal ur "
               "pen dra vos ith ce mar").split()
 _TEMPLATES = (
@@ -61,8 +83,6 @@ class Tokenizer:
     """A Hugging Face ``tokenizers`` tokenizer with the fields Megatron's datasets read."""
 
     def __init__(self, path: str | os.PathLike):
-        from tokenizers import Tokenizer as HFTokenizer
-
         path = Path(path)
         file = path / "tokenizer.json" if path.is_dir() else path
         if not file.is_file():
@@ -103,8 +123,6 @@ class Tokenizer:
 
 def train_bpe_tokenizer(texts: list[str], out_file: Path, vocab_size: int = 1024) -> None:
     """A byte-level BPE tokenizer trained on ``texts`` (deterministic for the same texts)."""
-    from tokenizers import Tokenizer as HFTokenizer, decoders, models, pre_tokenizers, trainers
-
     tok = HFTokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
@@ -129,8 +147,6 @@ def write_indexed_dataset(texts: Iterable[str], tokenizer: Tokenizer, prefix: st
     jsonl line, an empty input) leaves no half-written dataset behind. Raises ValueError when no
     document has a token.
     """
-    from megatron.core.datasets.indexed_dataset import IndexedDatasetBuilder
-
     prefix = Path(prefix)
     tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
     finals = [Path(f"{prefix}{ext}") for ext in (".bin", ".idx", ".json")]
@@ -197,10 +213,6 @@ def ensure_default_data(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, str]:
 def build_gpt_datasets(prefixes: list[str], tokenizer: Tokenizer, seq_length: int, seed: int,
                        split: str, num_samples: tuple[int, int], cache_dir: Optional[str]):
     """Megatron GPTDataset train/valid splits of the blend; every rank builds its own view."""
-    from megatron.core.datasets.blended_megatron_dataset_builder import BlendedMegatronDatasetBuilder
-    from megatron.core.datasets.gpt_dataset import GPTDataset, GPTDatasetConfig
-    from megatron.core.datasets.utils import get_blend_from_list
-
     for p in prefixes:
         if _is_number(p):
             continue

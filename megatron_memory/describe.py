@@ -13,7 +13,8 @@ import copy
 import os
 
 from megatron_memory.cli import format_config
-from megatron_memory.config import RunConfig
+from megatron_memory.config import RunConfig, replace
+from megatron_memory.memory_estimate import estimate  # the per-layer parameter counting
 from megatron_memory.preflight import load_tokenizer, model_vocab
 
 
@@ -21,6 +22,7 @@ def _tokenizer_vocab(cfg: RunConfig) -> tuple[int, str]:
     """(tokenizer vocabulary, tokenizer path) of the run's data."""
     if cfg.data.data_path:
         return load_tokenizer(cfg.data.tokenizer).vocab_size, cfg.data.tokenizer
+    # Lazy: data imports Megatron's dataset code, needed only for the embedded corpus's tokenizer.
     from megatron_memory.data import Tokenizer, ensure_default_data
 
     _, tok = ensure_default_data()
@@ -46,9 +48,6 @@ def resolve(cfg: RunConfig, world_size: int, tokenizer_vocab: int, cuda: bool) -
 
 def parameter_lines(r: RunConfig, world_size: int) -> list[str]:
     """Total, value table and per-stage (per GPU) parameter counts of a resolved config."""
-    from megatron_memory.config import replace
-    from megatron_memory.tools.memory_calculator import estimate  # the per-layer parameter counting
-
     vocab = r.model.vocab_size
     single = replace(r, **{"parallel.tp": 1, "parallel.pp": 1, "parallel.sequence_parallel": False,
                            "train.global_batch_size": r.train.micro_batch_size})
@@ -67,7 +66,7 @@ def parameter_lines(r: RunConfig, world_size: int) -> list[str]:
 
 def describe(cfg: RunConfig, world_size: int = 1) -> str:
     """The text printed by ``--print-config``."""
-    import torch
+    import torch  # lazy: only to tell whether CUDA (hence the bf16 default) is there
 
     cuda = torch.cuda.is_available()
     cfg.validate(world_size)

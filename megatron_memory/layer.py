@@ -13,14 +13,18 @@ half, N = n**2 values, k = top-k per head, v = value width.
 
 One value table V serves every memory layer: the model owns it (``MemoryValues``) and hands it to
 each layer explicitly; a layer keeps an unregistered reference so that the table appears once in
-``parameters()``, state dicts and optimizer groups. The tensor-parallel plan (``parallel.py``)
-wraps the token split and the lookup; the math here is unchanged by it.
+``parameters()``, state dicts and optimizer groups. The table also carries the layer's
+distribution strategy: which tokens this device handles (``split_tokens`` / ``gather_tokens``)
+and how a lookup reaches the values (``lookup``). Here all three are single-device; the
+tensor-parallel table (``parallel.ShardedMemoryValues``) overrides them, and the math in this
+file is unchanged by it. This module imports nothing of the parallel plan.
 """
 from __future__ import annotations
 
 import math
 from typing import Optional
 
+import megatron.core.optimizer.optimizer as mopt
 import torch
 import torch.nn.functional as F
 from megatron.core.transformer.module import MegatronModule
@@ -43,8 +47,6 @@ def register_value_grad_norm_group() -> None:
     """Let Megatron's optimizer clip the value table by its own gradient norm (the reference
     clips values and the rest separately): Megatron 0.19 clips each name registered in its
     SEPARATE_GRAD_NORM_GROUPS on its own, and the table's param carries that name."""
-    import megatron.core.optimizer.optimizer as mopt
-
     if VALUE_GRAD_NORM_GROUP not in mopt.SEPARATE_GRAD_NORM_GROUPS:
         mopt.SEPARATE_GRAD_NORM_GROUPS = mopt.SEPARATE_GRAD_NORM_GROUPS + (VALUE_GRAD_NORM_GROUP,)
 
@@ -62,7 +64,8 @@ def seeded_generator(device, seed: int) -> torch.Generator:
 
 
 class MemoryValues(MegatronModule):
-    """The value table V [N, v] shared by all memory layers of a model.
+    """The value table V [N, v] shared by all memory layers of a model, and the single-device
+    strategy of the layers that use it (every token handled here, the lookup local).
 
     ``columns`` selects the slice of the full width held here (all of it on one device; the
     tensor-parallel subclass holds v/TP columns). The init draws the full-width table row chunk
@@ -99,6 +102,14 @@ class MemoryValues(MegatronModule):
             full.normal_(0.0, std, generator=gen)
             self.weight[r0:r1].copy_(full[:, c0:c1])
 
+    def split_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[s, b, d] -> the [s', b, d] tokens a layer handles on this device: all of them here."""
+        return hidden_states
+
+    def gather_tokens(self, out: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``split_tokens``: [s', b, d] -> [s, b, d] (identity here)."""
+        return out
+
     def lookup(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """indices, weights [T, bag] -> [T, v]: the weighted sum of the selected rows."""
         return kernels.embedding_bag(self.weight, indices, weights)
@@ -124,8 +135,9 @@ class MemoryValues(MegatronModule):
 class MemoryPlus(MegatronModule):
     """Memory+ (or plain memory) block in the ``mlp`` slot of a Megatron TransformerLayer.
 
-    Built from a ModuleSpec with params ``memory_config``, ``values`` (the shared MemoryValues)
-    and ``layer_id`` (0-based global layer index, which also seeds this layer's init). Megatron
+    Built from a ModuleSpec with params ``memory_config``, ``values`` (the shared MemoryValues,
+    which also decides the token split and the lookup: see the module docstring) and
+    ``layer_id`` (0-based global layer index, which also seeds this layer's init). Megatron
     passes ``pg_collection``, ``is_mtp_layer`` and ``name``; they are accepted and unused.
     forward(hidden_states [s, b, d]) -> (out [s, b, d], None).
     """
@@ -154,9 +166,6 @@ class MemoryPlus(MegatronModule):
             self.w2 = torch.nn.Linear(v, d, bias=True, **kw)
         if config.perform_initialization:
             self.reset_parameters()
-        from megatron_memory.parallel import mark_tp_partial
-
-        mark_tp_partial(self)
 
     @torch.no_grad()
     def reset_parameters(self) -> None:
@@ -201,13 +210,11 @@ class MemoryPlus(MegatronModule):
         return self.w2(y * F.silu(self.w1(x)))
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None):
-        from megatron_memory import parallel
-
-        x = parallel.split_tokens(hidden_states, self.config)      # [s', b, d], s' = s / TP
+        x = self.values.split_tokens(hidden_states)                # [s', b, d], s' = s / TP
         flat = x.reshape(-1, x.shape[-1])
         indices, weights = self.select(flat)
         if self.key_usage is not None:
             self.key_usage.update(indices)
         y = self.values.lookup(indices, weights)
         out = self.mix(flat, y.to(flat.dtype)).view(x.shape)
-        return parallel.gather_tokens(out, self.config), None
+        return self.values.gather_tokens(out), None

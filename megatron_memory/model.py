@@ -4,22 +4,29 @@ from __future__ import annotations
 
 from typing import Optional
 
+from megatron.core import parallel_state as ps
 from megatron.core.models.gpt import GPTModel
-from megatron.core.optimizer import OptimizerConfig
+from megatron.core.optimizer import OptimizerConfig, get_standard_config_overrides
 from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_memory.config import MemoryConfig
 from megatron_memory.layer import MemoryPlus, MemoryValues
-from megatron_memory.spec import local_layer_ids, memory_gpt_block_spec
+from megatron_memory.parallel import (
+    ShardedMemoryValues,
+    build_stage_group,
+    local_layer_ids,
+    memory_stages,
+    tp_world_size,
+)
+from megatron_memory.spec import memory_gpt_block_spec
 
 
 def build_values(config: TransformerConfig, memory_config: MemoryConfig) -> MemoryValues:
-    """The value table of this rank: whole on one device, a column slice under tensor parallelism."""
-    from megatron_memory import parallel
-
-    if parallel.tp_world_size() > 1:
-        return parallel.ShardedMemoryValues(config, memory_config)
+    """The value table of this rank: whole on one device, a column slice under tensor parallelism
+    (the table also splits the memory layers' tokens and runs their lookup)."""
+    if tp_world_size() > 1:
+        return ShardedMemoryValues(config, memory_config)
     return MemoryValues(config, memory_config)
 
 
@@ -52,14 +59,10 @@ class MemoryGPTModel(GPTModel):
         """Memory layers on several pipeline stages: each of those stages holds an identical
         copy (same seeded init); gradients are summed across them (``finalize_memory_grads``)
         so the copies stay equal, like Megatron's tied embeddings."""
-        from megatron.core import parallel_state as ps
-
-        from megatron_memory import parallel
-
         if config.pipeline_model_parallel_size == 1:
             return
-        stages = parallel.memory_stages(config, memory_config)
-        group = parallel.build_stage_group(stages)  # collective: every rank takes part
+        stages = memory_stages(config, memory_config)
+        group = build_stage_group(stages)  # collective: every rank takes part
         if group is not None:  # this stage holds one of several copies
             self.memory_values.mark_pipeline_copy(group, main=ps.get_pipeline_model_parallel_rank() == stages[0])
 
@@ -79,8 +82,6 @@ class MemoryGPTModel(GPTModel):
 def optimizer_overrides(opt_config: OptimizerConfig, memory_config: MemoryConfig) -> dict:
     """Megatron param-group overrides: the standard weight-decay skips plus the value table's
     own group at ``value_lr_mult`` x the learning rate (same schedule shape)."""
-    from megatron.core.optimizer import get_standard_config_overrides
-
     overrides = get_standard_config_overrides(opt_config)
     mult = memory_config.value_lr_mult
     overrides[ParamKey(attr="is_memory_value")] = {

@@ -1,5 +1,7 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
-"""Tensor-parallel plan of the memory layer (the single-device math is in ``layer.py``).
+"""Parallel plan of the memory layer (the single-device math is in ``layer.py``): the
+tensor-parallel table with its token split and lookup, the layers of each pipeline stage, the
+TP and PP gradient reductions.
 
 The value table [N, v] is split along its width: TP rank r holds all N rows and columns
 [r*v/TP, (r+1)*v/TP). Load is balanced whatever the index distribution, split sizes never depend
@@ -7,8 +9,9 @@ on data, and nothing waits on the host.
 
 Forward of one memory layer on TP rank r (T_r tokens here, T = sum over the TP group):
   1. tokens: with sequence parallelism (SP) the rank already holds its T_r = T/TP tokens; without
-     SP the activations are replicated and the layer keeps only its 1/TP share
-     (``split_tokens``), so the query and product-key search run once per token, not TP times.
+     SP the activations are replicated and the layer keeps only its 1/TP share (the layer asks
+     its table: ``ShardedMemoryValues.split_tokens``), so the query and product-key search run
+     once per token, not TP times.
   2. query + search on the T_r tokens -> indices [T_r, bag] int64, weights [T_r, bag] fp32.
   3. all-gather indices and weights over TP -> [T, bag].
   4. local lookup of the column slice for all T tokens -> [T, v/TP].
@@ -19,7 +22,8 @@ Backward mirrors it: (5) all-to-all back, (4) the local table gradient needs no 
 (each rank owns its columns), the weights' gradient is a partial sum over columns, so (3) is a
 reduce-scatter; (6)/(1) swap gather and split. Memory-layer parameters (query, keys, QK gain,
 W1, W2) are replicated over TP and see only T_r tokens on each rank: ``finalize_memory_grads``
-sums their gradients over the TP group (values are not TP-reduced; DDP averages over DP).
+sums their gradients (``tp_partial_params``) over the TP group (values are not TP-reduced; DDP
+averages over DP).
 
 Bytes each rank sends (and, symmetrically, receives) per token of the TP group, with
 bag = heads*k, p = TP, e = activation bytes (2 for bf16), idx 8 B, weight 4 B:
@@ -31,39 +35,31 @@ At bag=128, v=d=4096, p=2, bf16: forward 768 B + 2048 B (+4096 B without SP) per
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
+import torch.distributed as dist
 from megatron.core import parallel_state
+from megatron.core.distributed import finalize_model_grads
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import (
     all_to_all_hp2sp,
     gather_from_sequence_parallel_region,
     scatter_to_sequence_parallel_region,
 )
+from megatron.core.transformer.transformer_block import get_num_layers_to_build
 from megatron.core.transformer.transformer_config import TransformerConfig
+from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_memory import kernels
 from megatron_memory.config import MemoryConfig
-from megatron_memory.layer import MemoryValues
+from megatron_memory.layer import MemoryPlus, MemoryValues
 
 
 def tp_world_size() -> int:
     if not parallel_state.model_parallel_is_initialized():
         return 1
     return parallel_state.get_tensor_model_parallel_world_size()
-
-
-def split_tokens(hidden_states: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
-    """[s, b, d] replicated over TP -> this rank's [s/TP, b, d] (identity with SP or TP=1)."""
-    if tp_world_size() == 1 or config.sequence_parallel:
-        return hidden_states
-    return scatter_to_sequence_parallel_region(hidden_states)
-
-
-def gather_tokens(out: torch.Tensor, config: TransformerConfig) -> torch.Tensor:
-    """Inverse of ``split_tokens``: [s/TP, b, d] -> [s, b, d] on every TP rank."""
-    if tp_world_size() == 1 or config.sequence_parallel:
-        return out
-    return gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
 
 
 class ShardedMemoryValues(MemoryValues):
@@ -77,6 +73,18 @@ class ShardedMemoryValues(MemoryValues):
         # Counted once per TP rank in grad norms; checkpointed as a slice along dim 1.
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=1, stride=1)
 
+    def split_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
+        """[s, b, d] replicated over TP -> this rank's [s/TP, b, d] (identity with SP or TP=1)."""
+        if tp_world_size() == 1 or self.config.sequence_parallel:
+            return hidden_states
+        return scatter_to_sequence_parallel_region(hidden_states)
+
+    def gather_tokens(self, out: torch.Tensor) -> torch.Tensor:
+        """Inverse of ``split_tokens``: [s/TP, b, d] -> [s, b, d] on every TP rank."""
+        if tp_world_size() == 1 or self.config.sequence_parallel:
+            return out
+        return gather_from_sequence_parallel_region(out, tensor_parallel_output_grad=False)
+
     def lookup(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This rank's tokens: indices, weights [T_r, bag] -> full-width results [T_r, v]."""
         all_indices = gather_from_sequence_parallel_region(indices, tensor_parallel_output_grad=False)
@@ -85,11 +93,13 @@ class ShardedMemoryValues(MemoryValues):
         return all_to_all_hp2sp(columns)                                        # [T_r, v]
 
 
-def mark_tp_partial(module: torch.nn.Module) -> None:
-    """Flag a memory layer's own parameters: each TP rank sees a share of the tokens, so their
-    gradients are partial sums that ``finalize_memory_grads`` adds up over the TP group."""
-    for p in module.parameters():
-        p.memory_tp_partial = True
+def tp_partial_params(model_chunks) -> list[torch.nn.Parameter]:
+    """The own parameters of memory layers whose table is TP-sharded: such a layer handles 1/TP
+    of the tokens on each rank (``ShardedMemoryValues.split_tokens``), so their gradients are
+    partial sums that ``finalize_memory_grads`` adds up over the TP group."""
+    return [p for chunk in model_chunks for m in chunk.modules()
+            if isinstance(m, MemoryPlus) and isinstance(m.values, ShardedMemoryValues)
+            for p in m.parameters() if p.requires_grad]
 
 
 def _grad_buffer(p: torch.nn.Parameter):
@@ -101,21 +111,25 @@ def _grad_buffer(p: torch.nn.Parameter):
 def reduce_tp_partial_grads(model_chunks) -> None:
     if tp_world_size() == 1:
         return
-    grads = [_grad_buffer(p) for chunk in model_chunks for p in chunk.parameters()
-             if getattr(p, "memory_tp_partial", False) and p.requires_grad]
-    grads = [g for g in grads if g is not None]
+    grads = [g for g in map(_grad_buffer, tp_partial_params(model_chunks)) if g is not None]
     if not grads:
         return
     flat = torch._utils._flatten_dense_tensors(grads)
-    torch.distributed.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
+    dist.all_reduce(flat, group=parallel_state.get_tensor_model_parallel_group())
     for g, synced in zip(grads, torch._utils._unflatten_dense_tensors(flat, grads)):
         g.copy_(synced)
 
 
+def local_layer_ids(config: TransformerConfig, vp_stage: Optional[int] = None,
+                    pp_rank: Optional[int] = None) -> list[int]:
+    """Global 0-based ids of the layers built on this pipeline stage."""
+    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
+    return list(range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage,
+                                                                pp_rank=pp_rank)))
+
+
 def memory_stages(config: TransformerConfig, memory_config: MemoryConfig) -> list[int]:
     """Pipeline stages that build at least one memory layer (each holds a copy of the table)."""
-    from megatron_memory.spec import local_layer_ids
-
     layers = set(memory_config.resolved_layers(config.num_layers))
     return [s for s in range(config.pipeline_model_parallel_size)
             if layers.intersection(local_layer_ids(config, pp_rank=s))]
@@ -126,8 +140,6 @@ def build_stage_group(stages: list[int]):
 
     Collective over the whole world: every rank creates every such group in the same order.
     """
-    import torch.distributed as dist
-
     if len(stages) < 2:
         return None
     mine = dist.get_process_group_ranks(parallel_state.get_pipeline_model_parallel_group())
@@ -148,14 +160,12 @@ def _sync_table_copies(model_chunks) -> None:
         for m in chunk.modules():
             group = getattr(m, "stage_group", None)
             if isinstance(m, MemoryValues) and group is not None:
-                torch.distributed.all_reduce(_grad_buffer(m.weight), group=group)
+                dist.all_reduce(_grad_buffer(m.weight), group=group)
 
 
 def finalize_memory_grads(model_chunks, num_tokens=None, pg_collection=None, force_all_reduce=False):
     """Megatron's ``finalize_model_grads`` plus the memory layers' reductions (TP partial sums,
     table copies across pipeline stages); install as ``TransformerConfig.finalize_model_grads_func``."""
-    from megatron.core.distributed import finalize_model_grads
-
     finalize_model_grads(model_chunks, num_tokens, pg_collection=pg_collection,
                          force_all_reduce=force_all_reduce)
     reduce_tp_partial_grads(model_chunks)

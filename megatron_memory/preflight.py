@@ -9,6 +9,7 @@ and the launcher turn it into one line on stderr and exit code 2.
 """
 from __future__ import annotations
 
+import importlib.util
 import json
 import os
 import struct
@@ -18,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_memory.config import ConfigError, RunConfig
+from megatron_memory.config import ConfigError, RunConfig, padded_vocab
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 # Megatron's IndexedDataset dtype codes (megatron/core/datasets/indexed_dataset.py, DType).
@@ -120,6 +121,7 @@ def parse_split(split: str) -> list[float]:
 
 
 def load_tokenizer(path: str):
+    # Lazy: data imports Megatron's dataset code; the other checks (and --help) need none of it.
     from megatron_memory.data import Tokenizer
 
     try:
@@ -130,8 +132,6 @@ def load_tokenizer(path: str):
 
 def model_vocab(cfg: RunConfig, tokenizer_vocab: int) -> int:
     """The model's vocabulary: model.vocab_size, else the tokenizer's padded as the Trainer pads."""
-    from megatron_memory.training import padded_vocab
-
     vocab = cfg.model.vocab_size or padded_vocab(tokenizer_vocab, cfg.parallel.tp)
     if vocab < tokenizer_vocab:
         raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's {tokenizer_vocab}")
@@ -165,8 +165,6 @@ def check_outputs(cfg: RunConfig) -> None:
         if not os.access(parent, os.W_OK):
             raise ConfigError(f"{field}: {parent} is not writable")
     if getattr(t, "wandb_project", None):
-        import importlib.util
-
         if importlib.util.find_spec("wandb") is None:
             raise ConfigError("train.wandb_project is set but the wandb package is not installed "
                               "(pip install wandb, or drop --wandb-project)")

@@ -9,15 +9,12 @@ from typing import Optional
 import torch
 from megatron.core.models.gpt.gpt_layer_specs import get_gpt_layer_local_spec
 from megatron.core.transformer.spec_utils import ModuleSpec
-from megatron.core.transformer.transformer_block import (
-    TransformerBlockSubmodules,
-    get_num_layers_to_build,
-)
+from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
-from megatron.core.transformer.transformer_layer import get_transformer_layer_offset
 
 from megatron_memory.config import MemoryConfig
 from megatron_memory.layer import MemoryPlus, MemoryValues
+from megatron_memory.parallel import local_layer_ids
 
 try:  # Apex is not on PyPI; Megatron's fused norms need it.
     import apex  # noqa: F401
@@ -77,14 +74,6 @@ def memory_gpt_layer_specs(config: TransformerConfig, memory_config: MemoryConfi
             spec.submodules.mlp = memory_mlp_spec(memory_config, values, i)
         specs.append(spec)
     return specs
-
-
-def local_layer_ids(config: TransformerConfig, vp_stage: Optional[int] = None,
-                    pp_rank: Optional[int] = None) -> list[int]:
-    """Global 0-based ids of the layers built on this pipeline stage."""
-    offset = get_transformer_layer_offset(config, vp_stage=vp_stage, pp_rank=pp_rank)
-    return list(range(offset, offset + get_num_layers_to_build(config, vp_stage=vp_stage,
-                                                                pp_rank=pp_rank)))
 
 
 def memory_gpt_block_spec(config: TransformerConfig, memory_config: MemoryConfig,

@@ -16,6 +16,7 @@ from typing import Optional
 
 import torch
 import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from megatron_memory.config import RunConfig
 from megatron_memory.metrics import USAGE_BUCKETS, USAGE_STATS
@@ -62,7 +63,7 @@ class Tracker:
         if not self.writes:
             return
         if self.directory:
-            from torch.utils.tensorboard import SummaryWriter
+            from torch.utils.tensorboard import SummaryWriter  # lazy: the writing rank only
 
             self.writer = SummaryWriter(self.directory)
             self.writer.add_text("config", config_markdown(cfg) + ("\n\n" + extra_text if extra_text else ""))
@@ -84,8 +85,6 @@ class Tracker:
 
         Reads each layer's ``KeyUsage.last_histogram`` (of the window just summarised, counts
         summed over TP and DP); the first TP/DP rank of the stage holding a layer contributes it."""
-        from megatron.core import parallel_state as ps
-
         if not layer_ids:
             return
         hists = torch.zeros(len(layer_ids), USAGE_BUCKETS + USAGE_STATS, dtype=torch.float64)

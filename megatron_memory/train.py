@@ -2,6 +2,7 @@
 """Entry point: ``python -m megatron_memory.train [--preset NAME] [flags]`` (see --help)."""
 from __future__ import annotations
 
+import logging
 import os
 import sys
 import time
@@ -9,17 +10,17 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
+from megatron_memory.checkpoint import CheckpointError
 from megatron_memory.cli import config_from_args
 from megatron_memory.config import ConfigError
 from megatron_memory.describe import describe
+from megatron_memory.memory_estimate import estimate
 from megatron_memory.preflight import check_inputs
 
 
 def _quiet_libraries() -> None:
     """Megatron and torch warn about optional extras (Apex, TE, CUDA) on every rank; the run
     prints what matters itself."""
-    import logging
-
     warnings.filterwarnings("ignore")
     warnings.filterwarnings("default", module="megatron_memory")
     for name in ("megatron", "torch.distributed", "torch.utils.cpp_extension"):
@@ -47,8 +48,6 @@ def summary(cfg, trainer, hist) -> str:
         f" ({steady:,.0f} tok/s after step 3)",
     ]
     if hist.peak_gib:
-        from megatron_memory.tools.memory_calculator import estimate
-
         predicted = estimate(cfg, trainer.world_size, trainer.vocab_size, bf16=trainer.bf16)
         lines.append("peak mem   " + ", ".join(
             f"stage {s}: {g:.1f} GiB (calculator {predicted[s].total / 2**30:.1f})"
@@ -64,8 +63,8 @@ def summary(cfg, trainer, hist) -> str:
     if tb:
         logdir = Path(tb).parent if cfg.train.tensorboard_dir is None else tb  # runs/: all runs side by side
         lines.append(f"tensorboard {tb}  (tensorboard --logdir {logdir})")
-    if cfg.train.save:
-        lines.append(f"checkpoint {cfg.train.save}")
+    if hist.saved:
+        lines.append(f"checkpoint {hist.saved[-1]}  (resume: --load {cfg.train.save})")
     return "\n".join(lines + ["=" * 72])
 
 
@@ -87,6 +86,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     except ConfigError as err:
         return _fail(err)
     _quiet_libraries()
+    # Lazy: torch and Megatron load only to train, so --help and --print-config answer at once.
     import torch.distributed as dist
 
     from megatron_memory.training import Trainer
@@ -94,7 +94,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.time()
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError, FileExistsError) as err:
+    except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError) as err:
         return _fail(err)
     if dist.get_rank() == 0:
         print(f"built in {time.time() - t0:.1f} s; training {cfg.train.steps} steps "

@@ -9,6 +9,8 @@ from __future__ import annotations
 
 import functools
 import os
+import signal
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -17,9 +19,21 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 import torch.nn.functional as F
+from megatron.core import parallel_state as ps
+from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
+from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
+from megatron.core.pipeline_parallel import get_forward_backward_func
+from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
+from megatron.core.transformer import TransformerConfig
+from megatron.core.transformer.module import Float16Module
 
-from megatron_memory.config import ConfigError, RunConfig
+from megatron_memory import checkpoint, data, parallel
+from megatron_memory.config import ConfigError, RunConfig, padded_vocab
+from megatron_memory.cpu import install_cpu_shims
+from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
 from megatron_memory.metrics import KeyUsage, flops_per_token, peak_flops
+from megatron_memory.model import MemoryGPTModel, optimizer_overrides
 from megatron_memory.tracking import Tracker
 
 
@@ -29,8 +43,6 @@ def init_distributed() -> torch.device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
     else:
-        from megatron_memory.cpu import install_cpu_shims
-
         install_cpu_shims()
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
@@ -43,8 +55,6 @@ def init_distributed() -> torch.device:
 
 def transformer_config(cfg: RunConfig, bf16: bool):
     """Megatron TransformerConfig of the GPT body (local spec: RMSNorm, SwiGLU, RoPE, no biases)."""
-    from megatron.core.transformer import TransformerConfig
-
     m, p = cfg.model, cfg.parallel
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
@@ -67,11 +77,6 @@ def transformer_config(cfg: RunConfig, bf16: bool):
     )
 
 
-def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
-    step = multiple * tp
-    return (vocab + step - 1) // step * step
-
-
 @dataclass
 class History:
     """What the run measured, step by step (for the summary, tests and TensorBoard)."""
@@ -85,6 +90,9 @@ class History:
     key_usage: dict = field(default_factory=dict)  # last window: {layer: (fraction, effective)}
     step_seconds: list[float] = field(default_factory=list)
     peak_gib: dict = field(default_factory=dict)   # {pipeline stage: max over its ranks}, CUDA only
+    first_step: int = 1                            # > 1 when resumed from a checkpoint
+    stopped_by: Optional[str] = None               # the signal that ended the run early, if any
+    saved: list[str] = field(default_factory=list)  # checkpoint directories written
 
     def steady_tokens_per_s(self, tokens_per_step: int, skip: int = 3) -> float:
         """Throughput without the first ``skip`` steps (Triton compilation, allocator warm-up)."""
@@ -92,9 +100,20 @@ class History:
         return tokens_per_step * len(times) / max(sum(times), 1e-9)
 
 
-def _check_empty(path: Path) -> None:
-    if path.exists() and (not path.is_dir() or any(path.iterdir())):
-        raise FileExistsError(f"checkpoint directory {path} is not empty; refusing to overwrite")
+def _check_save_dir(save: str, resume_root: Optional[Path]) -> None:
+    """--save must be empty or new, or the directory this run resumes from (never lose a run)."""
+    path = Path(save)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"checkpoint directory {path} is a file; refusing to overwrite")
+    if resume_root is not None and path.resolve() == resume_root.resolve():
+        return
+    if any(path.iterdir()):
+        latest = checkpoint.read_tracker(path)
+        hint = (f" (it holds checkpoints up to step {latest}: resume with --load {path}, or choose "
+                f"another --save)" if latest is not None else "")
+        raise FileExistsError(f"checkpoint directory {path} is not empty; refusing to overwrite{hint}")
 
 
 def _fmt_time(sec: float) -> str:
@@ -118,15 +137,17 @@ class Trainer:
     """Builds everything from a validated RunConfig; ``fit()`` trains and returns a History."""
 
     def __init__(self, cfg: RunConfig, log=print):
-        from megatron.core import parallel_state as ps
-        from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
-
         self.device = init_distributed()
         self.world_size = dist.get_world_size()
         cfg.validate(self.world_size)
         self.cfg, self.log = cfg, log
+        self.iteration = 0
+        # Before any compute: the checkpoint to start from must be readable, --save safe to use.
+        self.resume = checkpoint.peek(cfg.train.load) if cfg.train.load else None
         if cfg.train.save:
-            _check_empty(Path(cfg.train.save))  # before any compute: never lose a saved run
+            root = self.resume[0].parent if self.resume and checkpoint.read_tracker(
+                self.resume[0].parent) is not None else None
+            _check_save_dir(cfg.train.save, root)
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
         self.rank = dist.get_rank()
@@ -145,13 +166,11 @@ class Trainer:
         self._build_data()
         self._build_model()
         self._build_optimizer()
+        if self.resume:
+            self._load(*self.resume)
         self.tracker = Tracker(cfg, self.rank, self.world_size)  # TensorBoard / W&B, last rank writes
 
     def _build_data(self):
-        from megatron.core import parallel_state as ps
-
-        from megatron_memory import data
-
         d, t = self.cfg.data, self.cfg.train
         if d.data_path:
             prefixes, tok_path = list(d.data_path), d.tokenizer
@@ -171,19 +190,16 @@ class Trainer:
         self.valid_iter = data.MicroBatches(valid, t.micro_batch_size, self.dp, dp_rank) if valid else None
 
     def _build_model(self):
-        from megatron.core import parallel_state as ps
-        from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
-        from megatron.core.transformer.module import Float16Module
-
-        from megatron_memory import parallel
-        from megatron_memory.model import MemoryGPTModel
-
         cfg = self.cfg
         self.tconfig = transformer_config(cfg, self.bf16)
-        vocab = cfg.model.vocab_size or padded_vocab(self.tokenizer.vocab_size, cfg.parallel.tp)
+        vocab = cfg.model.vocab_size or self._checkpoint_vocab() or padded_vocab(
+            self.tokenizer.vocab_size, cfg.parallel.tp)
         if vocab < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
                               f"{self.tokenizer.vocab_size}")
+        if self.resume:  # before building: a different model is one clear error, not a traceback
+            checkpoint.check_architecture(self.resume[1]["architecture"],
+                                          checkpoint.architecture(cfg, vocab), self.resume[0])
         model = MemoryGPTModel(self.tconfig, cfg.memory, vocab_size=vocab,
                                max_sequence_length=cfg.model.seq_length,
                                pre_process=ps.is_pipeline_first_stage(),
@@ -203,15 +219,42 @@ class Trainer:
                                                    use_distributed_optimizer=self.dist_opt)
         self.model = DistributedDataParallel(self.tconfig, ddp_config, model)
         self.tconfig.finalize_model_grads_func = parallel.finalize_memory_grads
-        if cfg.train.load:
-            self.load(cfg.train.load)
+
+    def _checkpoint_vocab(self) -> Optional[int]:
+        """The padded vocabulary a resumed checkpoint was trained with (the TP padding rule
+        would otherwise change it when the TP size changes)."""
+        if not self.resume:
+            return None
+        vocab = self.resume[1]["architecture"]["model.vocab_size"]
+        if vocab % self.cfg.parallel.tp:
+            raise ConfigError(f"checkpoint {self.resume[0]} has a vocabulary of {vocab}, not "
+                              f"divisible by parallel.tp={self.cfg.parallel.tp}")
+        return vocab
+
+    def _load(self, target: Path, common: dict) -> None:
+        t = self.cfg.train
+        if t.finetune:
+            common = {**common, "iteration": 0, "scheduler": None}
+        elif common.get("iteration", 0) >= t.steps:
+            raise ConfigError(f"checkpoint {target} is at step {common['iteration']}, which already "
+                              f"reaches train.steps={t.steps}: raise --steps to train further, or "
+                              f"pass --finetune to start a new schedule from its weights")
+        self.iteration = checkpoint.load(self, target, common)
+        if self.iteration == 0:  # weights only: the optimizer's fp32 copies must follow them
+            self.optimizer.reload_model_params()
+            what = "weights"
+        else:
+            per_rank = self.cfg.train.micro_batch_size * self.dp
+            consumed = common["consumed_samples"]
+            if consumed % per_rank:
+                raise ConfigError(f"checkpoint {target} consumed {consumed} samples, not a multiple "
+                                  f"of micro_batch_size x DP = {per_rank}")
+            self.train_iter.cursor = consumed // per_rank
+            what = f"step {self.iteration} (model, optimizer, schedule, data position)"
+        if self.rank == 0:
+            self.log(f"loaded {what} from {target}")
 
     def _build_optimizer(self):
-        from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
-        from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
-
-        from megatron_memory.model import optimizer_overrides
-
         t = self.cfg.train
         oc = OptimizerConfig(optimizer="adam", lr=t.lr, min_lr=t.min_lr, weight_decay=t.weight_decay,
                              adam_beta1=t.adam_beta1, adam_beta2=t.adam_beta2, adam_eps=1e-8,
@@ -219,16 +262,15 @@ class Trainer:
                              use_distributed_optimizer=self.dist_opt)
         self.optimizer = get_megatron_optimizer(oc, [self.model],
                                                 config_overrides=optimizer_overrides(oc, self.cfg.memory))
+        # override: on resume this run's flags define the schedule, the checkpoint its position.
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup(),
             lr_decay_steps=t.steps, lr_decay_style="cosine", start_wd=t.weight_decay,
-            end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant")
+            end_wd=t.weight_decay, wd_incr_steps=t.steps, wd_incr_style="constant",
+            override_opt_param_scheduler=True, use_checkpoint_opt_param_scheduler=False)
 
     def _run_schedule(self, data_iter, num_micro: int, forward_only: bool) -> float:
         """One pass of Megatron's (pipeline) schedule; returns the mean loss on every rank."""
-        from megatron.core import parallel_state as ps
-        from megatron.core.pipeline_parallel import get_forward_backward_func
-
         out = get_forward_backward_func()(
             forward_step_func=functools.partial(forward_step, self.device), data_iterator=data_iter,
             model=[self.model], num_microbatches=num_micro, seq_length=self.cfg.model.seq_length,
@@ -241,8 +283,6 @@ class Trainer:
 
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step; returns (loss, grad norm of the rest, grad norm of the values)."""
-        from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
-
         self.model.zero_grad_buffer()
         self.optimizer.zero_grad()
         loss = self._run_schedule(self.train_iter, self.num_micro, forward_only=False)
@@ -264,35 +304,42 @@ class Trainer:
         return loss
 
     def fit(self) -> History:
-        t, hist = self.cfg.train, History()
+        """Train from ``self.iteration`` (0, or where a checkpoint left off) to ``train.steps``;
+        SIGTERM / Ctrl-C finish the current step, save and return early (``hist.stopped_by``)."""
+        t, hist = self.cfg.train, History(first_step=self.iteration + 1)
         start = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        for step in range(1, t.steps + 1):
-            t0 = time.time()
-            loss, gnorm, vnorm = self.train_step()  # ends in a host sync (loss, grad norm)
-            hist.step_seconds.append(time.time() - t0)
-            hist.losses.append(loss)
-            hist.grad_norms.append(gnorm)
-            hist.value_grad_norms.append(vnorm)
-            hist.tokens += self.tokens_per_step
-            if step % t.log_interval == 0 or step == t.steps:
-                self._log_progress(step, start, hist)
-            if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
-                self._log_validation(step, self.evaluate())
+        with _StopSignals() as stop:
+            for step in range(self.iteration + 1, t.steps + 1):
+                t0 = time.time()
+                loss, gnorm, vnorm = self.train_step()  # ends in a host sync (loss, grad norm)
+                self.iteration = step
+                hist.step_seconds.append(time.time() - t0)
+                hist.losses.append(loss)
+                hist.grad_norms.append(gnorm)
+                hist.value_grad_norms.append(vnorm)
+                hist.tokens += self.tokens_per_step
+                if step % t.log_interval == 0 or step == t.steps:
+                    self._log_progress(step, start, hist)
+                if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
+                    self._log_validation(step, self.evaluate())
+                hist.stopped_by = self._agreed_signal(stop.received)
+                exiting = hist.stopped_by or (t.exit_interval and step % t.exit_interval == 0)
+                if t.save and (exiting or step == t.steps or (t.save_interval and step % t.save_interval == 0)):
+                    hist.saved.append(str(self.save(t.save)))
+                if exiting:
+                    self._log_stop(hist)
+                    break
         hist.seconds = time.time() - start
         hist.peak_gib = self.peak_memory()
         hist.valid_loss = self.evaluate()
-        if t.save:
-            self.save(t.save)
-        self._log_validation(t.steps, hist.valid_loss, quiet=True)
+        self._log_validation(self.iteration, hist.valid_loss, quiet=True)
         self.tracker.close()
         return hist
 
     def peak_memory(self) -> dict[int, float]:
         """{pipeline stage: peak GiB allocated by torch, max over the stage's ranks} (CUDA)."""
-        from megatron.core import parallel_state as ps
-
         if self.device.type != "cuda":
             return {}
         mine = (ps.get_pipeline_model_parallel_rank(), torch.cuda.max_memory_allocated() / 2**30)
@@ -306,8 +353,6 @@ class Trainer:
     def key_usage(self) -> dict[int, tuple[float, float]]:
         """{memory layer id: (fraction used, effective usage)} over the last window, on every
         rank (collective: each stage contributes its own layers)."""
-        from megatron.core import parallel_state as ps
-
         layers = self.cfg.memory.resolved_layers(self.cfg.model.num_layers)
         if not (self.cfg.train.key_usage and layers):
             return {}
@@ -334,7 +379,7 @@ class Trainer:
         usage = self.key_usage()
         mfu = self.mfu(tok_s)
         hist.key_usage = usage
-        eta = elapsed / step * (self.cfg.train.steps - step)
+        eta = elapsed / (step - hist.first_step + 1) * (self.cfg.train.steps - step)
         window = hist.losses[-self.cfg.train.log_interval:]
         loss = sum(window) / len(window)
         lr = self.last_lr  # the dense parameters' lr of this step (values: x value_lr_mult)
@@ -359,23 +404,52 @@ class Trainer:
             self.log(f"step {step:>5}/{self.cfg.train.steps} | validation loss {loss:7.4f}")
         self.tracker.scalars({"valid/loss": loss}, step)
 
-    def save(self, directory: str) -> None:
-        from megatron.core import dist_checkpointing
+    def _agreed_signal(self, received: Optional[int]) -> Optional[str]:
+        """The stop signal if any rank received one (collective: all ranks stop at one step)."""
+        flag = torch.tensor([received or 0], dtype=torch.int64, device=self.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return signal.Signals(int(flag)).name if int(flag) else None
 
-        path = Path(directory)
-        _check_empty(path)
-        path.mkdir(parents=True, exist_ok=True)
-        dist_checkpointing.save(self.raw_model.sharded_state_dict(), str(path))
+    def _log_stop(self, hist: History) -> None:
+        if self.rank != 0:
+            return
+        why = f"received {hist.stopped_by}" if hist.stopped_by else f"exit interval {self.cfg.train.exit_interval}"
+        if hist.saved:
+            self.log(f"stopping after step {self.iteration} ({why}): saved {hist.saved[-1]}; "
+                     f"resume with --load {self.cfg.train.save}")
+        else:
+            self.log(f"stopping after step {self.iteration} ({why}); nothing saved (no --save given)")
 
-    def load(self, directory: str) -> None:
-        from megatron.core import dist_checkpointing
-
-        if not dist_checkpointing.check_is_distributed_checkpoint(directory):
-            raise FileNotFoundError(f"{directory} is not a Megatron distributed checkpoint")
-        state = dist_checkpointing.load(self.raw_model.sharded_state_dict(), directory)
-        self.raw_model.load_state_dict(state)
+    def save(self, directory: str) -> Path:
+        """Checkpoint the current step into ``directory`` (collective; see checkpoint.py)."""
+        return checkpoint.save(self, directory, self.iteration, self.cfg.train.checkpoint_integrity)
 
     def close(self) -> None:
-        from megatron.core import parallel_state as ps
-
         ps.destroy_model_parallel()
+
+
+class _StopSignals:
+    """Record SIGTERM (preemption: SLURM, Kubernetes) and SIGINT (Ctrl-C) instead of dying, so
+    the loop can finish its step and save; a second Ctrl-C interrupts at once. Main thread only
+    (Python's rule for signal handlers); elsewhere it records nothing."""
+
+    SIGNALS = (signal.SIGTERM, signal.SIGINT)
+
+    def __init__(self):
+        self.received: Optional[int] = None
+        self._previous = {}
+
+    def _handle(self, signum, frame):
+        if self.received == signal.SIGINT and signum == signal.SIGINT:
+            raise KeyboardInterrupt
+        self.received = signum
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
+        return self
+
+    def __exit__(self, *exc):
+        for s, handler in self._previous.items():
+            signal.signal(s, handler)
+        return False

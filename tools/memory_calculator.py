@@ -5,114 +5,17 @@ shard, activations, for every pipeline stage of a TP x PP x DP layout.
     python -m megatron_memory.tools.memory_calculator --world-size 4 [--vocab-size 32000] [--gpu-gib 80] -- TRAIN FLAGS
 
 TRAIN FLAGS are those of ``python -m megatron_memory.train`` (e.g. --preset 8b-memory --tp 2
---pp 2). The numbers model how this project trains (Megatron DDP with fp32 grad buffers, Megatron
-mixed-precision optimizer over torch's foreach AdamW, local GPT spec, fused Triton lookup):
-
-  bf16: weights 2 B/param, grad buffer 4 B, fp32 master + Adam m, v 12 B (/DP with the
-  distributed optimizer); fp32 (CPU): 4 + 4 + 8. No optimizer-step temporary is counted: on the
-  H200 runs of benchmarks/RESULTS.md (2026-11-26) peaks showed none the size of a param group.
-  Activations per micro-batch and layer (e = 2 bytes, T = s*b tokens, t = TP, t_sp = t with
-  sequence parallelism else 1), counted from the tensors autograd saves (checked on CPU in
-  tests/tools): attention e*T*h*(3/t_sp + 4/t) + 6*b*(a/t)*s^2 (fp32 softmax kept for its
-  backward plus the bf16 probabilities); dense SwiGLU e*T*(3h/t_sp + 5f/t); memory layer
-  e*T*3h/t_sp + T/t*(e*h + 12*H*k_dim + 12*bag + 4*e*v) + 12*T*bag when t > 1 (gathered
-  indices/weights). With --recompute-activations the softmax term goes and the dense FFN keeps
-  e*T*3h/t_sp (memory layers are never recomputed). 1F1B keeps min(M, pp - stage) micro-batches of activations on a stage; the
-  last stage adds the logits (e + 4 fp32 bytes per vocab entry and token).
+--pp 2). The estimate itself is ``megatron_memory.memory_estimate.estimate``; what it counts:
 """
 from __future__ import annotations
 
 import argparse
 import sys
-from dataclasses import dataclass
 
-from megatron_memory.config import ConfigError, RunConfig
-
-GIB = 1024 ** 3
-
-
-@dataclass
-class StageMemory:
-    stage: int
-    layers: list[int]
-    memory_layers: list[int]
-    dense_params: int          # per GPU, excluding the value table
-    table_params: int          # per GPU (its TP shard), 0 if this stage has no copy
-    weights: float
-    grads: float
-    optimizer: float
-    activations: float
-
-    @property
-    def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations
-
-
-def _layer_params(cfg: RunConfig, memory: bool, tp: int) -> tuple[int, int]:
-    """(TP-sharded params, TP-replicated params) of one transformer layer on one GPU."""
-    m, mc = cfg.model, cfg.memory
-    h = m.hidden_size
-    attention = 4 * h * h // tp
-    norms = 2 * h
-    if not memory:
-        return attention + 3 * h * m.ffn_size() // tp, norms
-    v = mc.value_dim(h)
-    own = (h * mc.heads * mc.k_dim + mc.heads * mc.k_dim + mc.heads * mc.k_dim * mc.n_keys
-           + (mc.heads * mc.k_dim if mc.qk_norm else 0) + (2 * h * v + v + h if mc.plus else 0))
-    return attention, norms + own
-
-
-def _activations(cfg: RunConfig, layers: list[int], mem_layers: set[int], mbs: int, tp: int,
-                 e: int) -> float:
-    m, mc = cfg.model, cfg.memory
-    s, h, a, f = m.seq_length, m.hidden_size, m.num_attention_heads, m.ffn_size()
-    T = s * mbs
-    t_sp = tp if cfg.parallel.sequence_parallel else 1
-    softmax = 4 + (e if e < 4 else 0)  # fp32 probabilities, plus their low-precision copy
-    attention = e * T * h * (3 / t_sp + 4 / tp)          # norm in/normed/out, q k v, proj input
-    if cfg.train.recompute_activations:  # core attention and FFN replayed: only inputs kept
-        dense = e * T * 3 * h / t_sp
-    else:
-        attention += softmax * mbs * (a / tp) * s * s
-        dense = e * T * (3 * h / t_sp + 5 * f / tp)      # norm, fc1 out (2f), silu, product, ...
-    v = mc.value_dim(h)
-    memory = (3 * e * T * h / t_sp + T / tp * (e * h + 12 * mc.heads * mc.k_dim + 12 * mc.bag_size
-                                          + 4 * e * v) + (12 * T * mc.bag_size if tp > 1 else 0))
-    return sum(attention + (memory if i in mem_layers else dense) for i in layers)
-
-
-def estimate(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) -> list[StageMemory]:
-    """Per-GPU memory of each pipeline stage (the max over its TP/DP ranks)."""
-    cfg.validate(world_size)
-    tp, pp = cfg.parallel.tp, cfg.parallel.pp
-    dp = world_size // (tp * pp)
-    t = cfg.train
-    dist_opt = t.distributed_optimizer if t.distributed_optimizer is not None else dp > 1
-    micro = (t.global_batch_size or t.micro_batch_size * dp) // (t.micro_batch_size * dp)
-    e, b_w, b_g, b_o = (2, 2, 4, 12) if bf16 else (4, 4, 4, 8)
-    mem = set(cfg.memory.resolved_layers(cfg.model.num_layers))
-    h, v = cfg.model.hidden_size, cfg.memory.value_dim(cfg.model.hidden_size)
-    out = []
-    for stage in range(pp):
-        per_stage = cfg.model.num_layers // pp  # Megatron's even split (validated divisible)
-        layers = list(range(stage * per_stage, (stage + 1) * per_stage))
-        sharded = replicated = 0
-        for i in layers:
-            a_, b_ = _layer_params(cfg, i in mem, tp)
-            sharded, replicated = sharded + a_, replicated + b_
-        if stage == 0:
-            sharded += vocab_size * h // tp
-        if stage == pp - 1:
-            sharded += vocab_size * h // tp + h
-        table = cfg.memory.num_values * v // tp if mem.intersection(layers) else 0
-        params = sharded + replicated + table
-        opt_div = dp if dist_opt else 1
-        acts = _activations(cfg, layers, mem, t.micro_batch_size, tp, e) * min(micro, pp - stage)
-        if stage == pp - 1:
-            acts += t.micro_batch_size * cfg.model.seq_length * vocab_size / tp * (e + 4)
-        out.append(StageMemory(stage, layers, sorted(mem.intersection(layers)), sharded + replicated,
-                               table, params * b_w, params * b_g, params * b_o / opt_div, acts))
-    return out
+from megatron_memory import memory_estimate
+from megatron_memory.cli import config_from_args
+from megatron_memory.config import ConfigError
+from megatron_memory.memory_estimate import GIB, StageMemory, estimate
 
 
 def format_table(rows: list[StageMemory], gpu_gib: float) -> str:
@@ -133,15 +36,16 @@ def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
     own = argv[:argv.index("--")] if "--" in argv else argv
-    ap = argparse.ArgumentParser(prog="python -m megatron_memory.tools.memory_calculator", description=__doc__,
+    # --help shows what is counted: the estimate's own docstring, less its title paragraph.
+    model = memory_estimate.__doc__.split("\n\n", 1)[1]
+    ap = argparse.ArgumentParser(prog="python -m megatron_memory.tools.memory_calculator",
+                                 description=f"{__doc__}\n{model}",
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--world-size", type=int, required=True, help="GPUs in the job")
     ap.add_argument("--vocab-size", type=int, default=32000, help="padded vocabulary")
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU, to flag overflow")
     ap.add_argument("--fp32", action="store_true", help="fp32 training (as on CPU) instead of bf16")
     a = ap.parse_args(own)
-    from megatron_memory.cli import config_from_args
-
     for flag, value in (("--world-size", a.world_size), ("--vocab-size", a.vocab_size), ("--gpu-gib", a.gpu_gib)):
         if value <= 0:
             print(f"error: {flag} must be > 0, got {value}", file=sys.stderr)

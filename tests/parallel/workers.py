@@ -82,3 +82,13 @@ def logits(cfg, out_file: str) -> None:
         torch.save(captured[0], out_file)
     dist.barrier()
     trainer.close()
+
+
+def train_then_kill(cfg, out_file: str) -> None:
+    """Train until ``train.exit_interval`` (which saves), then die by SIGKILL like a preempted
+    job: no clean shutdown of the process group, nothing flushed beyond what the save wrote."""
+    import os
+    import signal
+
+    train(cfg, out_file)
+    os.kill(os.getpid(), signal.SIGKILL)

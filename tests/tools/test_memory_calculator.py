@@ -8,11 +8,12 @@ import json
 import pytest
 import torch
 
-from megatron_memory.configs.presets import get_preset
 from megatron_memory.config import replace
+from megatron_memory.configs.presets import get_preset
+from megatron_memory.memory_estimate import _activations, estimate
+from megatron_memory.tools.memory_calculator import main
 from tests.parallel import workers
 from tests.parallel.dist_utils import run_ranks
-from megatron_memory.tools.memory_calculator import _activations, estimate, main
 
 
 def _count_params(cfg, out_file: str) -> None:

@@ -50,7 +50,8 @@ def test_checkpoint_loads_and_refuses_overwrite(short_run):
     out, tmp = short_run
     _, last, _ = losses(out)
     # Loading the trained weights: a few more steps start near the trained loss, not at ~7.
-    resumed = train("--steps", "5", "--log-interval", "5", "--tensorboard-dir", "", "--load", str(tmp / "ckpt"))
+    resumed = train("--steps", "5", "--log-interval", "5", "--tensorboard-dir", "", "--load", str(tmp / "ckpt"),
+                    "--finetune")
     first_resumed, _, _ = losses(resumed)
     assert first_resumed < last + 1.0
     r = subprocess.run([sys.executable, "-m", "megatron_memory.train", "--steps", "2",

@@ -1,0 +1,272 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Training checkpoints on megatron-core ``dist_checkpointing``: periodic save, exact resume,
+resharding to another TP/PP/DP layout.
+
+A save directory, Megatron-style::
+
+    DIR/latest_checkpointed_iteration.txt   the last complete iteration; replaced only after
+                                            a save has completed (write, fsync, rename)
+    DIR/iter_0000200/                       one checkpoint (megatron-core torch_dist format):
+        *.distcp, metadata.json, ...        model and optimizer state, sharded; common state:
+                                            iteration, consumed samples, LR schedule,
+                                            architecture, resolved run config, layout
+        integrity.json                      SHA-256 of every file (megatron-core), checked on load
+        run_config.json                     the resolved run configuration, for people and tools
+
+A save is written to ``iter_N.partial`` and renamed when every rank has finished, so a crash or
+``kill -9`` mid-save leaves the previous checkpoint (and the tracker naming it) intact.
+
+Optimizer state uses the distributed optimizer's ``fully_reshardable`` format (one canonical tensor
+per parameter and state, so any TP/PP/DP layout loads it; saving gathers each DP group's state on
+its DP rank 0). RNG states (python, numpy, torch, CUDA, Megatron's model-parallel tracker) are
+saved per rank and restored only when the layout is unchanged; another layout gets fresh RNG
+streams (the model itself has no dropout, so the trajectory does not depend on them).
+"""
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import random
+import shutil
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from megatron.core import dist_checkpointing
+from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
+from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
+
+from megatron_memory.config import ConfigError, RunConfig
+
+TRACKER = "latest_checkpointed_iteration.txt"
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A checkpoint cannot be used; the message names the directory or file and the fix."""
+
+def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
+    return Path(root) / f"iter_{iteration:07d}"
+
+
+def read_tracker(root: str | os.PathLike) -> Optional[int]:
+    """The last complete iteration recorded in ``root``, or None when there is no tracker."""
+    path = Path(root) / TRACKER
+    if not path.is_file():
+        return None
+    text = path.read_text().strip()
+    if not text.isdigit():
+        raise CheckpointError(f"{path}: expected an iteration number, found {text[:40]!r}")
+    return int(text)
+
+
+def resolve(path: str | os.PathLike) -> Path:
+    """A save root (its tracker picks the latest iteration) or one ``iter_*`` directory."""
+    path = Path(path)
+    if not path.exists():
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    latest = read_tracker(path)
+    if latest is not None:
+        target = iteration_dir(path, latest)
+        if not target.is_dir():
+            raise CheckpointError(f"{path / TRACKER} names iteration {latest}, but {target} is missing")
+        return target
+    if (path / "metadata.json").is_file():
+        return path
+    partial = sorted(p.name for p in path.glob("iter_*.partial")) if path.is_dir() else []
+    hint = f" (only unfinished saves: {', '.join(partial)})" if partial else ""
+    raise CheckpointError(f"{path} holds no checkpoint: no {TRACKER} and no metadata.json{hint}")
+
+
+def architecture(cfg: RunConfig, vocab_size: int) -> dict:
+    """The fields that fix the model's parameters: a checkpoint loads only into the same ones."""
+    m, mem = cfg.model, cfg.memory
+    layers = mem.resolved_layers(m.num_layers)
+    arch = {"model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
+            "model.num_attention_heads": m.num_attention_heads,
+            "model.ffn_hidden_size": m.ffn_size(), "model.vocab_size": vocab_size,
+            "memory.layers": layers}
+    if layers:
+        arch.update({"memory.n_keys": mem.n_keys, "memory.heads": mem.heads, "memory.k": mem.k,
+                     "memory.k_dim": mem.k_dim, "memory.v_dim": mem.value_dim(m.hidden_size),
+                     "memory.qk_norm": mem.qk_norm, "memory.plus": mem.plus})
+    return arch
+
+
+def check_architecture(saved: dict, mine: dict, where: Path) -> None:
+    """One error naming every field in which the checkpoint's model differs from this run's."""
+    diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {mine.get(k)!r}"
+             for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
+    if diffs:
+        raise ConfigError(f"checkpoint {where} holds a different model ({'; '.join(diffs)}); "
+                          "load it with the same model flags, or convert it")
+
+
+def peek(path: str | os.PathLike) -> tuple[Path, dict]:
+    """(checkpoint directory, its common state) without building anything; errors are one line."""
+    target = resolve(path)
+    try:
+        common = dist_checkpointing.load_common_state_dict(str(target))
+    except Exception as err:  # noqa: BLE001 - any reader failure becomes one clear line
+        raise CheckpointError(f"cannot read checkpoint {target}: {_first_line(err)}") from err
+    if not isinstance(common, dict) or "format_version" not in common:
+        raise CheckpointError(f"{target} is a Megatron checkpoint but not one written by "
+                              "megatron-memory (no format_version in its common state)")
+    return target, common
+
+
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return " ".join(text.split("\n")[:4])
+
+
+def _layout() -> dict:
+    return {"tp": ps.get_tensor_model_parallel_world_size(),
+            "pp": ps.get_pipeline_model_parallel_world_size(),
+            "dp": ps.get_data_parallel_world_size()}
+
+
+def _rng_object(state):
+    """This rank's RNG state as a ShardedObject on the (pp, tp, dp) grid of ranks."""
+    lay = _layout()
+    offset = (ps.get_pipeline_model_parallel_rank(), ps.get_tensor_model_parallel_rank(),
+              ps.get_data_parallel_rank())
+    return ShardedObject("rng_state", state, (lay["pp"], lay["tp"], lay["dp"]), offset, replica_id=0)
+
+
+def rng_state() -> dict:
+    """Every random stream a step may draw from, on this rank."""
+    return {"python": random.getstate(), "numpy": np.random.get_state(),
+            "torch": torch.get_rng_state(),
+            "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else None,
+            "tracker": get_cuda_rng_tracker().get_states()}
+
+
+def set_rng_state(state: dict) -> None:
+    random.setstate(state["python"])
+    np.random.set_state(state["numpy"])
+    torch.set_rng_state(state["torch"])
+    if state["cuda"] is not None and torch.cuda.is_available():
+        torch.cuda.set_rng_state(state["cuda"])
+    get_cuda_rng_tracker().set_states(state["tracker"])
+
+
+def _state_dict(trainer, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
+    model_sd = trainer.raw_model.sharded_state_dict()
+    sd = {"model": model_sd}
+    if with_optimizer:
+        if is_loading:
+            _prepare_distributed_optimizer_load(trainer.optimizer)
+        sd["optimizer"] = trainer.optimizer.sharded_state_dict(
+            model_sd, is_loading=is_loading,
+            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+    if with_rng:
+        sd["rng_state"] = _rng_object(None if is_loading else rng_state())
+    return sd
+
+
+def _prepare_distributed_optimizer_load(optimizer) -> None:
+    """Two gaps of megatron-core 0.19.2's distributed optimizer with torch's Adam (no Apex/TE):
+    a fresh optimizer has no Adam state, and building the sharded state dict to load into asserts
+    on it, so the state is created first (megatron-core's own dummy-step helper; the load
+    overwrites it in place); and its fully-reshardable load skips the per-param "step" tensor on
+    the source side but still looks it up (KeyError), although the step is restored from the
+    param groups: give the lookup an explicit "nothing to copy" (None) for it."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if not isinstance(opt, DistributedOptimizer):
+            continue
+        if not opt.optimizer.state:
+            opt._init_optimizer_states_with_dummy_values()
+        if "_set_main_param_and_optimizer_states" not in vars(opt):
+            original = opt._set_main_param_and_optimizer_states
+
+            def set_states(model_param, tensors, _original=original):
+                return _original(model_param, {"step": None, **tensors})
+
+            opt._set_main_param_and_optimizer_states = set_states
+
+
+def _unshare_adam_steps(optimizer) -> None:
+    """megatron-core 0.19.2's distributed optimizer (without Apex/TE) restores torch Adam's
+    per-parameter "step" as ONE tensor shared by every parameter; Adam then increments it once
+    per parameter per step, which corrupts the bias correction after a resume. Give each
+    parameter its own copy."""
+    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
+        if isinstance(opt, DistributedOptimizer):
+            for state in opt.optimizer.state.values():
+                if isinstance(state.get("step"), torch.Tensor):
+                    state["step"] = state["step"].clone()
+
+
+def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = True) -> Path:
+    """Write ``root/iter_<iteration>`` (collective), then point the tracker at it and prune old
+    checkpoints beyond ``train.keep_last``. Iteration 0 saves the weights only."""
+    root, final = Path(root), iteration_dir(root, iteration)
+    partial = final.with_name(final.name + ".partial")
+    if dist.get_rank() == 0:
+        shutil.rmtree(partial, ignore_errors=True)  # left by a save that crashed: never tracked
+        partial.mkdir(parents=True)
+    dist.barrier()
+    sd = _state_dict(trainer, is_loading=False, with_optimizer=iteration > 0, with_rng=True)
+    cfg = trainer.cfg
+    sd.update({"format_version": FORMAT_VERSION, "iteration": iteration,
+               "consumed_samples": iteration * trainer.global_batch,
+               "scheduler": trainer.scheduler.state_dict() if iteration > 0 else None,
+               "architecture": architecture(cfg, trainer.vocab_size), "layout": _layout(),
+               "run_config": dataclasses.asdict(cfg)})
+    dist_checkpointing.save(sd, str(partial), verify_integrity=integrity)
+    if dist.get_rank() == 0:
+        (partial / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+        if final.exists():  # the same iteration saved before (a rerun): replace it
+            shutil.rmtree(final)
+        os.replace(partial, final)
+        _write_tracker(root, iteration)
+        _prune(root, cfg.train.keep_last, keep=iteration)
+    dist.barrier()
+    return final
+
+
+def _write_tracker(root: Path, iteration: int) -> None:
+    tmp = root / f".{TRACKER}.tmp"
+    with open(tmp, "w") as f:
+        f.write(f"{iteration}\n")
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, root / TRACKER)
+
+
+def _prune(root: Path, keep_last: Optional[int], keep: int) -> None:
+    """Delete complete checkpoints older than the newest ``keep_last`` (never ``keep``)."""
+    if not keep_last:
+        return
+    done = sorted(int(p.name[5:]) for p in root.glob("iter_*") if p.name[5:].isdigit())
+    for it in done[:-keep_last]:
+        if it != keep:
+            shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
+
+
+def load(trainer, target: Path, common: dict) -> int:
+    """Restore the model and, for a training checkpoint, the optimizer, LR schedule, data
+    position and (same layout only) RNG states. Returns the iteration to continue from."""
+    full = common.get("iteration", 0) > 0 and common.get("scheduler") is not None
+    same_layout = common.get("layout") == _layout()
+    sd = _state_dict(trainer, is_loading=True, with_optimizer=full, with_rng=full and same_layout)
+    integrity = (target / "integrity.json").is_file()
+    try:
+        state = dist_checkpointing.load(sd, str(target), verify_integrity=integrity)
+    except Exception as err:  # noqa: BLE001 - a damaged checkpoint must not end in a traceback
+        raise CheckpointError(f"cannot load checkpoint {target}: {_first_line(err)}") from err
+    trainer.raw_model.load_state_dict(state["model"])
+    if not full:
+        return 0
+    trainer.optimizer.load_state_dict(state["optimizer"])
+    _unshare_adam_steps(trainer.optimizer)
+    trainer.scheduler.load_state_dict(common["scheduler"])
+    if same_layout:
+        set_rng_state(state["rng_state"])
+    return common["iteration"]

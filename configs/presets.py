@@ -28,7 +28,7 @@ _PAPER = RunConfig(
     model=ModelConfig(seq_length=2048),
     memory=MemoryConfig(n_keys=1024, heads=4, k=32, k_dim=512),
     train=TrainConfig(lr=3e-4, min_lr=3e-5, warmup_steps=2000, steps=100000, micro_batch_size=1,
-                      log_interval=10, tensorboard_dir="runs/latest"),
+                      log_interval=10),
 )
 
 _SIZES = {  # name: (hidden, layers, heads, lr)

@@ -2,12 +2,14 @@
 """Launch ``megatron_memory.train`` on one or many nodes through torchrun, deepspeed or SLURM.
 
     python -m megatron_memory.launch.run torchrun  --nproc-per-node 8 [--nnodes 2 --node-rank 0 --master-addr H] -- TRAIN FLAGS
-    python -m megatron_memory.launch.run deepspeed --hostfile hosts.txt [--nproc-per-node 8]                     -- TRAIN FLAGS
+    python -m megatron_memory.launch.run deepspeed --hostfile hosts.txt [--nproc-per-node 8] [--node-rank R]     -- TRAIN FLAGS
     python -m megatron_memory.launch.run slurm     --nnodes 2 --nproc-per-node 8 [--partition P --time T]        -- TRAIN FLAGS
 
-The training flags are validated against the world size (nodes x processes) before anything
-starts. The processes run in the launcher's working directory (relative paths in the flags mean
-what they mean here) and need no source checkout: ``-m megatron_memory.train`` is found the way
+The training flags are validated against the world size (nodes x processes), and the data,
+tokenizer and vocabulary checked, before anything starts. Paths among the training flags
+(--data-path, --tokenizer, --tensorboard-dir, ...) and --hostfile are made absolute against the
+current directory, so they mean the same on every node. The processes run in the launcher's
+working directory and need no source checkout: ``-m megatron_memory.train`` is found the way
 the launcher found this package (install, working directory or PYTHONPATH, all inherited).
 ``--dry-run`` prints the fully resolved command(s) (for SLURM: the batch script) and exits.
 NCCL_NVLS_ENABLE=0 is exported: NVLink multicast is off (it can take down shared hosts).
@@ -21,14 +23,17 @@ import subprocess
 import sys
 from pathlib import Path
 
-from megatron_memory.cli import config_from_args
+from megatron_memory.cli import absolute_paths, config_from_args
 from megatron_memory.config import ConfigError
+from megatron_memory.preflight import check_inputs
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONUNBUFFERED": "1"}
 
 
 def read_hostfile(path: str) -> list[tuple[str, int]]:
     """DeepSpeed hostfile lines 'host slots=N' -> [(host, N)]; '#' starts a comment."""
+    if not Path(path).is_file():
+        raise ValueError(f"--hostfile {path} not found")
     hosts = []
     for n, line in enumerate(Path(path).read_text().splitlines(), 1):
         line = line.split("#", 1)[0].strip()
@@ -53,7 +58,7 @@ def torchrun_command(a, node_rank: int) -> list[str]:
         cmd += ["--standalone"]
     else:
         cmd += [f"--nnodes={a.nnodes}", f"--node-rank={node_rank}", "--rdzv-backend=c10d",
-                f"--rdzv-endpoint={a.master_addr}:{a.master_port}", f"--rdzv-id={a.run_id}"]
+                f"--rdzv-endpoint={a.master_addr or '127.0.0.1'}:{a.master_port}", f"--rdzv-id={a.run_id}"]
     return cmd + ["-m", "megatron_memory.train", *a.train_args]
 
 
@@ -61,7 +66,12 @@ def deepspeed_command(a) -> list[str]:
     cmd = [a.python, "-m", "deepspeed.launcher.runner", f"--master_port={a.master_port}"]
     if a.hostfile:
         cmd += [f"--hostfile={a.hostfile}", f"--num_nodes={a.nnodes}"]
-        cmd += [f"--master_addr={a.master_addr}"] if a.master_addr != "127.0.0.1" else []
+        if a.node_rank is not None:  # this node only, started on each node by hand: no ssh
+            cmd += ["--no_ssh", f"--node_rank={a.node_rank}"]
+        elif a.nnodes == 1:  # one host: DeepSpeed launches locally but would first try ssh to it
+            cmd += ["--no_ssh_check"]
+        master = a.master_addr or ("127.0.0.1" if a.nnodes == 1 else None)
+        cmd += [f"--master_addr={master}"] if master else []
     cmd += [f"--num_gpus={a.nproc_per_node}", "--no_local_rank", "--module", "megatron_memory.train"]
     return cmd + list(a.train_args)
 
@@ -78,7 +88,7 @@ def slurm_script(a) -> str:
     opts += [f"--partition={a.partition}"] if a.partition else []
     opts += [f"--time={a.time}"] if a.time else []
     return "\n".join(["#!/usr/bin/env bash", *(f"#SBATCH {o}" for o in opts), "set -euo pipefail",
-                      f"cd {shlex.quote(os.getcwd())}",
+                      f"cd {shlex.quote(a.cwd)}",
                       'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
                       f"export {env}",
                       "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(" ".join(torchrun)), ""])
@@ -96,8 +106,12 @@ def parse(argv: list[str]):
     ap.add_argument("--nnodes", type=int, default=None, help="nodes (default 1; deepspeed: from the hostfile)")
     ap.add_argument("--nproc-per-node", type=int, default=None,
                     help="processes (GPUs) per node (default: visible GPUs, else 1; deepspeed: hostfile slots)")
-    ap.add_argument("--node-rank", type=int, default=None, help="torchrun: this node's rank (default: all, with --dry-run)")
-    ap.add_argument("--master-addr", default="127.0.0.1", help="rendezvous host (the first node)")
+    ap.add_argument("--node-rank", type=int, default=None,
+                    help="this node's rank: torchrun (default: all, with --dry-run), or deepspeed "
+                         "started on each node without ssh (--no_ssh)")
+    ap.add_argument("--master-addr", default=None,
+                    help="rendezvous host, the first node (required for torchrun on several nodes; "
+                         "127.0.0.1 runs several 'nodes' on this machine)")
     ap.add_argument("--master-port", type=int, default=29500, help="rendezvous port")
     ap.add_argument("--run-id", default="megatron-memory", help="torchrun rendezvous id")
     ap.add_argument("--hostfile", default=None, help="deepspeed hostfile ('host slots=N' lines)")
@@ -107,7 +121,9 @@ def parse(argv: list[str]):
     ap.add_argument("--python", default=sys.executable, help="python that has megatron-memory installed")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved command(s) and exit")
     a = ap.parse_args(argv)
-    a.train_args = train_args
+    a.cwd = os.getcwd()
+    a.train_args = absolute_paths(train_args, a.cwd)
+    a.hostfile = os.path.abspath(a.hostfile) if a.hostfile else None
     return a
 
 
@@ -121,7 +137,7 @@ def resolve(a) -> None:
         a.nproc_per_node = a.nproc_per_node or hosts[0][1]
         if a.nnodes > len(hosts):
             raise ValueError(f"--nnodes {a.nnodes} but {a.hostfile} lists {len(hosts)} hosts")
-        if a.master_addr == "127.0.0.1" and a.nnodes > 1:
+        if a.master_addr is None and a.nnodes > 1:
             a.master_addr = hosts[0][0]
     a.nnodes = a.nnodes or 1
     if a.nproc_per_node is None:
@@ -132,10 +148,12 @@ def resolve(a) -> None:
         raise ValueError("--nnodes and --nproc-per-node must be >= 1")
     if a.launcher == "deepspeed" and a.nnodes > 1 and not a.hostfile:
         raise ValueError("deepspeed on several nodes needs --hostfile")
-    if a.launcher == "torchrun" and a.nnodes > 1 and a.master_addr == "127.0.0.1" and not a.dry_run:
+    if a.launcher == "torchrun" and a.nnodes > 1 and a.master_addr is None and not a.dry_run:
         raise ValueError("torchrun on several nodes needs --master-addr (the first node's address)")
+    if a.master_port < 1 or a.master_port > 65535:
+        raise ValueError(f"--master-port {a.master_port} is not a port (1..65535)")
     cfg, _ = config_from_args(a.train_args)
-    cfg.validate(world_size=a.nnodes * a.nproc_per_node)
+    check_inputs(cfg, world_size=a.nnodes * a.nproc_per_node)  # data, tokenizer, vocab: one line
 
 
 def main(argv=None) -> int:
@@ -151,7 +169,7 @@ def main(argv=None) -> int:
         if a.dry_run:
             print(script)
             return 0
-        path = Path(f"{a.job_name}.sbatch")
+        path = Path(a.cwd) / f"{a.job_name}.sbatch"
         path.write_text(script)
         return subprocess.call(["sbatch", str(path)])
     if a.launcher == "deepspeed":

@@ -24,6 +24,12 @@ def opt(default, help: str, **kw):
     return field(default=default, metadata={"help": help}, **kw)
 
 
+def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
+    """The model's vocabulary for a tokenizer of ``vocab`` tokens: padded to multiple * TP."""
+    step = multiple * tp
+    return (vocab + step - 1) // step * step
+
+
 def default_memory_layers(num_layers: int, count: int = 3) -> list[int]:
     """``count`` layer indices (0-based), evenly spaced and centred: 24 layers -> [4, 12, 20]."""
     if count > num_layers:
@@ -147,6 +153,8 @@ class ParallelConfig:
         if model.num_layers % self.pp:
             raise ConfigError(f"model.num_layers={model.num_layers} is not divisible by "
                               f"parallel.pp={self.pp}")
+        if world_size is not None and world_size < 1:
+            raise ConfigError(f"world size must be >= 1, got {world_size}")
         if world_size is not None and world_size % (self.tp * self.pp):
             raise ConfigError(f"world size {world_size} is not divisible by tp*pp = "
                               f"{self.tp * self.pp}")
@@ -178,8 +186,13 @@ class TrainConfig:
     key_usage: bool = opt(True, "log the share of values each memory layer selects per log window")
     peak_tflops: Optional[float] = opt(None, "per-GPU bf16 peak for MFU; default: by GPU name "
                                        "(H100/H200 989), none on CPU")
-    eval_iters: int = opt(4, "validation micro-batches at the end (0: none)")
-    tensorboard_dir: Optional[str] = opt("runs/latest", "TensorBoard event directory ('' to disable)")
+    eval_iters: int = opt(4, "validation micro-batches per evaluation (0: none)")
+    eval_interval: int = opt(0, "steps between validations during training (0: only at the end)")
+    tensorboard_dir: Optional[str] = opt(None, "TensorBoard event directory; default a new "
+                                         "runs/<date-time> per run ('' to disable)")
+    wandb_project: Optional[str] = opt(None, "Weights & Biases project to log to (needs the wandb "
+                                       "package); default: no W&B logging")
+    wandb_exp_name: Optional[str] = opt(None, "W&B run name; default: the TensorBoard run name")
     save: Optional[str] = opt(None, "checkpoint directory: iter_NNNNNNN/ per save and a tracker "
                               "file naming the latest; saved every save_interval steps and at the end")
     save_interval: Optional[int] = opt(None, "steps between checkpoints (default: only at the end)")
@@ -206,6 +219,11 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be in 0..steps")
         if self.log_interval < 1:
             raise ConfigError("train.log_interval must be >= 1")
+        if self.eval_iters < 0 or self.eval_interval < 0:
+            raise ConfigError(f"train.eval_iters and train.eval_interval must be >= 0, got "
+                              f"{self.eval_iters}, {self.eval_interval}")
+        if self.global_batch_size is not None and self.global_batch_size < 1:
+            raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
         for name in ("save_interval", "keep_last", "exit_interval"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

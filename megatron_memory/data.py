@@ -88,7 +88,10 @@ class Tokenizer:
         if not file.is_file():
             raise FileNotFoundError(f"no tokenizer at {path} (expected a tokenizer.json file or a "
                                     f"directory holding one)")
-        self.hf = HFTokenizer.from_file(str(file))
+        try:
+            self.hf = HFTokenizer.from_file(str(file))
+        except Exception as err:  # the library raises a bare Exception for a corrupt file
+            raise ValueError(f"tokenizer {file} cannot be read: {str(err).splitlines()[0]}") from None
         # Megatron hashes this into its dataset cache names.
         self.unique_identifiers = {"class": "HFTokenizer", "path": str(file.resolve())}
         self.eod = self._special(EOD, ("</s>", "<|end_of_text|>", "<eos>"))
@@ -100,7 +103,8 @@ class Tokenizer:
             tid = self.hf.token_to_id(tok)
             if tid is not None:
                 return tid
-        raise ValueError(f"tokenizer has no end-of-document token ({name} or one of {alternatives})")
+        raise ValueError(f"tokenizer {self.unique_identifiers['path']} has no end-of-document token "
+                         f"({name} or one of {alternatives})")
 
     @property
     def vocab_size(self) -> int:
@@ -128,31 +132,70 @@ def train_bpe_tokenizer(texts: list[str], out_file: Path, vocab_size: int = 1024
     tok.save(str(out_file))
 
 
+def sidecar_path(prefix: str | os.PathLike) -> Path:
+    """``PREFIX.json``: what preprocessing recorded about ``PREFIX.bin/.idx`` (tokenizer vocabulary,
+    largest token id, sizes), so training can check the vocabulary without scanning the data."""
+    return Path(f"{prefix}.json")
+
+
 def write_indexed_dataset(texts: Iterable[str], tokenizer: Tokenizer, prefix: str | os.PathLike,
                           append_eod: bool = True) -> int:
-    """Tokenise each text as one document into ``prefix``.bin/.idx; returns the token count."""
+    """Tokenise each text as one document into ``prefix``.bin/.idx (+ the ``.json`` sidecar);
+    returns the token count.
+
+    Everything is written under temporary names and renamed only when complete, so an error (a bad
+    jsonl line, an empty input) leaves no half-written dataset behind. Raises ValueError when no
+    document has a token.
+    """
+    prefix = Path(prefix)
+    tmp = prefix.with_name(f".{prefix.name}.tmp{os.getpid()}")
+    finals = [Path(f"{prefix}{ext}") for ext in (".bin", ".idx", ".json")]
+    temps = [Path(f"{tmp}{ext}") for ext in (".bin", ".idx", ".json")]
     dtype = np.uint16 if tokenizer.vocab_size < 65500 else np.int32
-    builder = IndexedDatasetBuilder(f"{prefix}.bin", dtype=dtype)
-    total = 0
-    for text in texts:
-        ids = tokenizer.tokenize(text) + ([tokenizer.eod] if append_eod else [])
-        if not ids:
-            continue
-        builder.add_document(ids, [len(ids)])
-        total += len(ids)
-    builder.finalize(f"{prefix}.idx")
+    builder = IndexedDatasetBuilder(str(temps[0]), dtype=dtype)
+    total = docs = max_id = 0
+    try:
+        for text in texts:
+            ids = tokenizer.tokenize(text) + ([tokenizer.eod] if append_eod else [])
+            if not ids:
+                continue
+            builder.add_document(ids, [len(ids)])
+            total, docs, max_id = total + len(ids), docs + 1, max(max_id, max(ids))
+        builder.finalize(str(temps[1]))
+        if docs == 0:
+            raise ValueError("no documents: the input has no non-empty text")
+        temps[2].write_text(json.dumps({
+            "tokenizer": tokenizer.unique_identifiers["path"], "vocab_size": tokenizer.vocab_size,
+            "eod": tokenizer.eod, "max_token_id": max_id, "documents": docs, "tokens": total,
+            "dtype": np.dtype(dtype).name, "bin_bytes": temps[0].stat().st_size}, indent=1) + "\n")
+        for t, f in zip(temps, finals):
+            os.replace(t, f)
+    finally:  # on success nothing is left; on error the temporaries go
+        for t in temps:
+            t.unlink(missing_ok=True)
     return total
 
 
 def read_jsonl(path: str | os.PathLike, key: str = "text") -> Iterator[str]:
-    with open(path) as f:
-        for n, line in enumerate(f, 1):
+    """The ``key`` string of each line's JSON object; blank lines are skipped. Raises ValueError
+    naming ``path:line`` for a line that is not a JSON object with a string under ``key``."""
+    with open(path, "rb") as f:
+        for n, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError:
+                raise ValueError(f"{path}:{n}: not valid UTF-8") from None
             if not line.strip():
                 continue
             try:
-                yield json.loads(line)[key]
-            except (json.JSONDecodeError, KeyError) as err:
-                raise ValueError(f"{path}:{n}: expected a JSON object with a '{key}' string") from err
+                obj = json.loads(line)
+            except json.JSONDecodeError as err:
+                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg}, column {err.colno})") from None
+            if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
+                got = type(obj).__name__ if not isinstance(obj, dict) else (
+                    f"no '{key}' field" if key not in obj else f"'{key}' is {type(obj[key]).__name__}")
+                raise ValueError(f"{path}:{n}: expected a JSON object with a '{key}' string, got {got}")
+            yield obj[key]
 
 
 def ensure_default_data(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, str]:

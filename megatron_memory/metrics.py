@@ -46,6 +46,21 @@ def peak_flops(device: torch.device) -> Optional[float]:
     return None
 
 
+# Key-usage histogram: bucket b counts the values selected in [2**(b-1), 2**b) times in a window
+# (b=0: never), followed by min, max, sum and sum of squares of the counts. Fixed power-of-two
+# edges give every stage the same shape, so one all-reduce collects all layers' histograms.
+USAGE_BUCKETS, USAGE_STATS = 40, 4
+
+
+def usage_histogram(counts: torch.Tensor) -> torch.Tensor:
+    """Per-value selection counts [N] (int) -> float64 [USAGE_BUCKETS + USAGE_STATS]."""
+    bucket = torch.floor(torch.log2(counts.clamp(min=1).double())).long() + 1
+    bucket = torch.where(counts > 0, bucket, 0).clamp(max=USAGE_BUCKETS - 1)
+    c = counts.double()
+    stats = torch.stack([c.min(), c.max(), c.sum(), (c * c).sum()])
+    return torch.cat([torch.bincount(bucket, minlength=USAGE_BUCKETS).double(), stats])
+
+
 class KeyUsage:
     """Counts how often each value row is selected by one memory layer over a window of steps.
 
@@ -55,6 +70,7 @@ class KeyUsage:
 
     def __init__(self, num_values: int, device):
         self.counts = torch.zeros(num_values, dtype=torch.int64, device=device)
+        self.last_histogram: Optional[torch.Tensor] = None
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor) -> None:
@@ -68,6 +84,7 @@ class KeyUsage:
         for group in groups:
             if torch.distributed.get_world_size(group) > 1:
                 torch.distributed.all_reduce(counts, group=group)
+        self.last_histogram = usage_histogram(counts)  # read by tracking.Tracker.key_usage
         total = counts.sum()
         if total == 0:
             return 0.0, 0.0

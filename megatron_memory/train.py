@@ -3,15 +3,19 @@
 from __future__ import annotations
 
 import logging
+import os
 import sys
 import time
 import warnings
+from pathlib import Path
 from typing import Optional
 
 from megatron_memory.checkpoint import CheckpointError
-from megatron_memory.cli import config_from_args, format_config
+from megatron_memory.cli import config_from_args
 from megatron_memory.config import ConfigError
+from megatron_memory.describe import describe
 from megatron_memory.memory_estimate import estimate
+from megatron_memory.preflight import check_inputs
 
 
 def _quiet_libraries() -> None:
@@ -55,22 +59,32 @@ def summary(cfg, trainer, hist) -> str:
     mfu = trainer.mfu(steady)
     if mfu is not None:
         lines.append(f"MFU        {mfu:.1%} (memory lookup counted as 2*bag*v FLOPs per token)")
-    if cfg.train.tensorboard_dir:
-        lines.append(f"tensorboard {cfg.train.tensorboard_dir}  (tensorboard --logdir {cfg.train.tensorboard_dir})")
+    tb = trainer.tracker.directory
+    if tb:
+        logdir = Path(tb).parent if cfg.train.tensorboard_dir is None else tb  # runs/: all runs side by side
+        lines.append(f"tensorboard {tb}  (tensorboard --logdir {logdir})")
     if hist.saved:
         lines.append(f"checkpoint {hist.saved[-1]}  (resume: --load {cfg.train.save})")
     return "\n".join(lines + ["=" * 72])
 
 
+def _fail(err: Exception) -> int:
+    """One line on stderr (once per node under a launcher), exit code 2."""
+    if os.environ.get("LOCAL_RANK", "0") == "0":
+        print(f"error: {err}", file=sys.stderr)
+    return 2
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg, args = config_from_args(argv)
-    except (ConfigError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
-    if args.print_config:
-        print(format_config(cfg))
-        return 0
+        world_size = int(os.environ.get("WORLD_SIZE", "1"))
+        if args.print_config:
+            print(describe(cfg, world_size))
+            return 0
+        check_inputs(cfg, world_size)  # data, tokenizer, vocabulary, outputs: seconds, no model
+    except ConfigError as err:
+        return _fail(err)
     _quiet_libraries()
     # Lazy: torch and Megatron load only to train, so --help and --print-config answer at once.
     import torch.distributed as dist
@@ -81,8 +95,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         trainer = Trainer(cfg)
     except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        return _fail(err)
     if dist.get_rank() == 0:
         print(f"built in {time.time() - t0:.1f} s; training {cfg.train.steps} steps "
               f"of {trainer.global_batch} x {cfg.model.seq_length} tokens", flush=True)

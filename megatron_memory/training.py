@@ -27,14 +27,14 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
-from torch.utils.tensorboard import SummaryWriter
 
 from megatron_memory import checkpoint, data, parallel
-from megatron_memory.config import ConfigError, RunConfig
+from megatron_memory.config import ConfigError, RunConfig, padded_vocab
 from megatron_memory.cpu import install_cpu_shims
 from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
 from megatron_memory.metrics import KeyUsage, flops_per_token, peak_flops
 from megatron_memory.model import MemoryGPTModel, optimizer_overrides
+from megatron_memory.tracking import Tracker
 
 
 def init_distributed() -> torch.device:
@@ -75,11 +75,6 @@ def transformer_config(cfg: RunConfig, bf16: bool):
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         batch_p2p_comm=not on_cpu, batch_p2p_sync=not on_cpu,
     )
-
-
-def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
-    step = multiple * tp
-    return (vocab + step - 1) // step * step
 
 
 @dataclass
@@ -174,9 +169,7 @@ class Trainer:
         self._build_optimizer()
         if self.resume:
             self._load(*self.resume)
-        self.writer = None
-        if cfg.train.tensorboard_dir and self.rank == self.world_size - 1:
-            self.writer = SummaryWriter(cfg.train.tensorboard_dir)
+        self.tracker = Tracker(cfg, self.rank, self.world_size)  # TensorBoard / W&B, last rank writes
 
     def _build_data(self):
         d, t = self.cfg.data, self.cfg.train
@@ -189,7 +182,8 @@ class Trainer:
             prefix, tok_path = data.ensure_default_data()
             prefixes = [prefix]
         self.tokenizer = data.Tokenizer(tok_path)
-        samples = (t.steps * self.global_batch, max(1, t.eval_iters) * t.micro_batch_size * self.dp)
+        evals = 1 + (t.steps // t.eval_interval if t.eval_interval else 0)
+        samples = (t.steps * self.global_batch, max(1, t.eval_iters * evals) * t.micro_batch_size * self.dp)
         train, valid = data.build_gpt_datasets(prefixes, self.tokenizer, self.cfg.model.seq_length,
                                                t.seed, d.split, samples, d.cache_dir)
         dp_rank = ps.get_data_parallel_rank()
@@ -331,6 +325,8 @@ class Trainer:
                 hist.tokens += self.tokens_per_step
                 if step % t.log_interval == 0 or step == t.steps:
                     self._log_progress(step, start, hist)
+                if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
+                    self._log_validation(step, self.evaluate())
                 hist.stopped_by = self._agreed_signal(stop.received)
                 exiting = hist.stopped_by or (t.exit_interval and step % t.exit_interval == 0)
                 if t.save and (exiting or step == t.steps or (t.save_interval and step % t.save_interval == 0)):
@@ -341,10 +337,8 @@ class Trainer:
         hist.seconds = time.time() - start
         hist.peak_gib = self.peak_memory()
         hist.valid_loss = self.evaluate()
-        if self.writer:
-            if hist.valid_loss is not None:
-                self.writer.add_scalar("valid/loss", hist.valid_loss, t.steps)
-            self.writer.close()
+        self._log_validation(self.iteration, hist.valid_loss, quiet=True)
+        self.tracker.close()
         return hist
 
     def peak_memory(self) -> dict[int, float]:
@@ -398,17 +392,20 @@ class Trainer:
                      f"{tok_s:8.0f} tok/s" + (f" | MFU {mfu:5.1%}" if mfu is not None else "")
                      + (f" | keys used {min(u[0] for u in usage.values()):.0%}" if usage else "")
                      + f" | elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
-        if self.writer:
-            for name, val in (("train/loss", loss), ("train/lr", lr),
-                              ("train/grad_norm", hist.grad_norms[-1]),
-                              ("train/value_grad_norm", hist.value_grad_norms[-1]),
-                              ("train/tokens_per_s", tok_s)):
-                self.writer.add_scalar(name, val, step)
-            if mfu is not None:
-                self.writer.add_scalar("train/mfu", mfu, step)
-            for lid, (frac, eff) in usage.items():
-                self.writer.add_scalar(f"memory/keys_used_layer{lid}", frac, step)
-                self.writer.add_scalar(f"memory/effective_usage_layer{lid}", eff, step)
+        scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": hist.grad_norms[-1],
+                   "train/value_grad_norm": hist.value_grad_norms[-1], "train/tokens_per_s": tok_s}
+        scalars.update({"train/mfu": mfu} if mfu is not None else {})
+        for lid, (frac, eff) in usage.items():
+            scalars.update({f"memory/keys_used_layer{lid}": frac, f"memory/effective_usage_layer{lid}": eff})
+        self.tracker.scalars(scalars, step)
+        self.tracker.key_usage(self.raw_model, list(usage), step)  # collective
+
+    def _log_validation(self, step: int, loss: Optional[float], quiet: bool = False) -> None:
+        if loss is None:
+            return
+        if self.rank == 0 and not quiet:
+            self.log(f"step {step:>5}/{self.cfg.train.steps} | validation loss {loss:7.4f}")
+        self.tracker.scalars({"valid/loss": loss}, step)
 
     def _agreed_signal(self, received: Optional[int]) -> Optional[str]:
         """The stop signal if any rank received one (collective: all ranks stop at one step)."""

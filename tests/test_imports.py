@@ -31,6 +31,8 @@ ORDER = [
     "megatron_memory.data",
     "megatron_memory.metrics",
     "megatron_memory.memory_estimate",
+    "megatron_memory.tracking",             # TensorBoard / W&B (config + metrics)
+    "megatron_memory.preflight",            # input checks before the model (config, data)
     "megatron_memory.layer",                # single-device math: no parallel plan
     "megatron_memory.parallel",
     "megatron_memory.spec",
@@ -39,6 +41,7 @@ ORDER = [
     "megatron_memory.checkpoint",           # save / resume / reshard (config + megatron only)
     "megatron_memory.training",
     "megatron_memory.cli",
+    "megatron_memory.describe",             # --print-config (cli, preflight, memory_estimate)
     "megatron_memory.train",
     "megatron_memory.generate",
     "megatron_memory.tools",

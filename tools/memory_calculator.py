@@ -46,6 +46,10 @@ def main(argv=None) -> int:
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU, to flag overflow")
     ap.add_argument("--fp32", action="store_true", help="fp32 training (as on CPU) instead of bf16")
     a = ap.parse_args(own)
+    for flag, value in (("--world-size", a.world_size), ("--vocab-size", a.vocab_size), ("--gpu-gib", a.gpu_gib)):
+        if value <= 0:
+            print(f"error: {flag} must be > 0, got {value}", file=sys.stderr)
+            return 2
     try:
         cfg, _ = config_from_args(train_args)
         rows = estimate(cfg, a.world_size, a.vocab_size, bf16=not a.fp32)

@@ -56,3 +56,61 @@ def test_refuses_to_overwrite(tmp_path, tokenizer_file, capsys):
     assert main(args) == 2 and "exists; pass --force" in capsys.readouterr().err
     assert (tmp_path / "o.bin").read_bytes() == before
     assert main(args + ["--force"]) == 0
+
+
+def _run(tmp_path, tokenizer_file, text: str, *extra) -> int:
+    (tmp_path / "in.jsonl").write_text(text)
+    return main(["--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(tokenizer_file),
+                 "--output-prefix", str(tmp_path / "out" / "data"), *extra])
+
+
+BAD_JSONL = [
+    ("", "in.jsonl: empty file, no documents to write"),
+    ("\n  \n", "in.jsonl: no documents: the input has no non-empty text"),
+    ('{"text": "ok"}\n["a", "list"]\n', "in.jsonl:2: expected a JSON object with a 'text' string, got list"),
+    ('{"text": 5}\n', "in.jsonl:1: expected a JSON object with a 'text' string, got 'text' is int"),
+    ('{"text": "ok"}\n{"text": "unterminated\n', "in.jsonl:2: not valid JSON"),
+]
+
+
+@pytest.mark.parametrize("text,message", BAD_JSONL, ids=["empty", "blank", "list", "int", "json"])
+def test_bad_jsonl_one_line_and_nothing_written(tmp_path, tokenizer_file, capsys, text, message):
+    assert _run(tmp_path, tokenizer_file, text) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out").exists() or not list((tmp_path / "out").iterdir())  # no temporaries either
+
+
+def test_empty_texts_without_eod_and_bad_utf8(tmp_path, tokenizer_file, capsys):
+    assert _run(tmp_path, tokenizer_file, '{"text": ""}\n', "--no-eod") == 2
+    assert "no documents" in capsys.readouterr().err
+    (tmp_path / "in.jsonl").write_bytes(b'{"text": "ok"}\n{"text": "\xff"}\n')
+    assert main(["--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(tokenizer_file),
+                 "--output-prefix", str(tmp_path / "o")]) == 2
+    assert "in.jsonl:2: not valid UTF-8" in capsys.readouterr().err
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["in.jsonl", "out"]
+    assert not list((tmp_path / "out").iterdir())
+
+
+def test_corrupt_tokenizer_and_unwritable_output(tmp_path, tokenizer_file, capsys):
+    (tmp_path / "tok.json").write_text("{not json")
+    (tmp_path / "in.jsonl").write_text('{"text": "ok"}\n')
+    assert main(["--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(tmp_path / "tok.json"),
+                 "--output-prefix", str(tmp_path / "o")]) == 2
+    assert f"tokenizer {tmp_path / 'tok.json'} cannot be read" in capsys.readouterr().err
+    (tmp_path / "file").write_text("")
+    assert main(["--input", str(tmp_path / "in.jsonl"), "--tokenizer", str(tokenizer_file),
+                 "--output-prefix", str(tmp_path / "file" / "o")]) == 2
+    assert "is not writable" in capsys.readouterr().err
+
+
+def test_sidecar_records_vocabulary_and_largest_id(tmp_path, tokenizer_file):
+    docs = ["Elgar works as a baker in Ithgar.", "The favourite colour of Olnu is red."]
+    assert _run(tmp_path, tokenizer_file, "".join(json.dumps({"text": d}) + "\n" for d in docs)) == 0
+    rec = json.loads((tmp_path / "out" / "data.json").read_text())
+    tok = Tokenizer(tokenizer_file)
+    ids = [i for d in docs for i in tok.tokenize(d) + [tok.eod]]
+    assert rec["vocab_size"] == 300 and rec["max_token_id"] == max(ids) and rec["tokens"] == len(ids)
+    assert rec["documents"] == 2 and rec["dtype"] == "uint16"
+    assert rec["bin_bytes"] == (tmp_path / "out" / "data.bin").stat().st_size
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == ["data.bin", "data.idx", "data.json"]

@@ -22,9 +22,10 @@ import shlex
 import subprocess
 import sys
 from pathlib import Path
+from typing import Optional
 
 from megatron_memory.cli import absolute_paths, config_from_args
-from megatron_memory.config import ConfigError
+from megatron_memory.config import STOP_FILE_ENV, ConfigError
 from megatron_memory.preflight import check_inputs
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONUNBUFFERED": "1"}
@@ -76,22 +77,60 @@ def deepspeed_command(a) -> list[str]:
     return cmd + list(a.train_args)
 
 
+def _flag_value(args: list[str], flag: str) -> Optional[str]:
+    """The value of ``--flag V`` or ``--flag=V`` in a training command line (last one wins)."""
+    value = None
+    for i, arg in enumerate(args):
+        if arg == flag and i + 1 < len(args):
+            value = args[i + 1]
+        elif arg.startswith(flag + "="):
+            value = arg.split("=", 1)[1]
+    return value
+
+
 def slurm_script(a) -> str:
-    """An sbatch script: one torchrun per node (srun), rendezvous on the first node."""
+    """An sbatch script: one torchrun per node (srun), rendezvous on the first node.
+
+    Preemption-safe: ``--requeue``, and ``--signal`` asks for SIGUSR1 ``--requeue-lead`` seconds
+    before the time limit. The batch shell then creates the stop file the training polls each
+    step (it finishes the step, saves, exits 0) and requeues the job; a requeued job resumes
+    from the latest checkpoint in --save (``--load`` is added once one exists)."""
     env = " ".join(f"{k}={v}" for k, v in ENV.items())
+    save = _flag_value(a.train_args, "--save")
+    resume = "${RESUME}" if save and _flag_value(a.train_args, "--load") is None else ""
     torchrun = [a.python, "-m", "torch.distributed.run", f"--nproc-per-node={a.nproc_per_node}",
                 "--nnodes=$SLURM_NNODES", "--node-rank=$SLURM_NODEID", "--rdzv-backend=c10d",
                 f"--rdzv-endpoint=$MASTER_ADDR:{a.master_port}", "--rdzv-id=$SLURM_JOB_ID",
-                "-m", "megatron_memory.train", *map(shlex.quote, a.train_args)]
+                "-m", "megatron_memory.train", *map(shlex.quote, a.train_args)] + ([resume] if resume else [])
     opts = [f"--nodes={a.nnodes}", "--ntasks-per-node=1", f"--gpus-per-node={a.nproc_per_node}",
-            f"--job-name={a.job_name}", f"--output={a.job_name}-%j.out"]
+            f"--job-name={a.job_name}", f"--output={a.job_name}-%j.out", "--requeue",
+            f"--signal=B:USR1@{a.requeue_lead}"]
     opts += [f"--partition={a.partition}"] if a.partition else []
     opts += [f"--time={a.time}"] if a.time else []
-    return "\n".join(["#!/usr/bin/env bash", *(f"#SBATCH {o}" for o in opts), "set -euo pipefail",
-                      f"cd {shlex.quote(a.cwd)}",
-                      'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
-                      f"export {env}",
-                      "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(" ".join(torchrun)), ""])
+    lines = ["#!/usr/bin/env bash", *(f"#SBATCH {o}" for o in opts), "set -euo pipefail",
+             f"cd {shlex.quote(a.cwd)}",
+             'export MASTER_ADDR=$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)',
+             f"export {env}",
+             f'export {STOP_FILE_ENV}="$PWD/.stop-$SLURM_JOB_ID"',
+             f'rm -f "${STOP_FILE_ENV}"']
+    if resume:
+        tracker = shlex.quote(str(Path(save) / "latest_checkpointed_iteration.txt"))
+        lines += ["export RESUME=", f"[ -f {tracker} ] && RESUME={shlex.quote('--load ' + save)}"]
+    lines += [
+        "REQUEUE=0",
+        "# SIGUSR1 before the time limit, SIGTERM on preemption: ask the training to save and stop",
+        f'stop() {{ echo "signal: saving and stopping, then requeueing job $SLURM_JOB_ID"; '
+        f'touch "${STOP_FILE_ENV}"; REQUEUE=1; }}',
+        "trap stop USR1 TERM",
+        "srun --kill-on-bad-exit=1 bash -c " + shlex.quote(" ".join(torchrun)) + " &",
+        "pid=$!",
+        "rc=0",
+        "# wait returns early when a trapped signal arrives: wait until srun has really ended",
+        'while :; do wait "$pid" && rc=0 || rc=$?; kill -0 "$pid" 2>/dev/null || break; done',
+        f'rm -f "${STOP_FILE_ENV}"',
+        'if [ "$REQUEUE" = 1 ] && [ "$rc" = 0 ]; then scontrol requeue "$SLURM_JOB_ID"; fi',
+        'exit "$rc"', ""]
+    return "\n".join(lines)
 
 
 def parse(argv: list[str]):
@@ -117,6 +156,8 @@ def parse(argv: list[str]):
     ap.add_argument("--hostfile", default=None, help="deepspeed hostfile ('host slots=N' lines)")
     ap.add_argument("--partition", default=None, help="slurm partition")
     ap.add_argument("--time", default=None, help="slurm time limit, e.g. 24:00:00")
+    ap.add_argument("--requeue-lead", type=int, default=300,
+                    help="slurm: seconds before the time limit to save, stop and requeue (default 300)")
     ap.add_argument("--job-name", default="megatron-memory", help="slurm job name")
     ap.add_argument("--python", default=sys.executable, help="python that has megatron-memory installed")
     ap.add_argument("--dry-run", action="store_true", help="print the resolved command(s) and exit")

@@ -29,7 +29,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 
 from megatron_memory import checkpoint, data, parallel
-from megatron_memory.config import ConfigError, RunConfig, padded_vocab
+from megatron_memory.config import STOP_FILE_ENV, ConfigError, RunConfig, padded_vocab
 from megatron_memory.cpu import install_cpu_shims
 from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
 from megatron_memory.metrics import KeyUsage, flops_per_token, peak_flops
@@ -408,15 +408,22 @@ class Trainer:
         self.tracker.scalars({"valid/loss": loss}, step)
 
     def _agreed_signal(self, received: Optional[int]) -> Optional[str]:
-        """The stop signal if any rank received one (collective: all ranks stop at one step)."""
-        flag = torch.tensor([received or 0], dtype=torch.int64, device=self.device)
+        """Why to stop, if any rank received a stop signal or sees the stop file (collective:
+        all ranks stop after the same step)."""
+        code = received or 0
+        stop_file = os.environ.get(STOP_FILE_ENV)
+        if not code and stop_file and os.path.exists(stop_file):
+            code = _STOP_FILE_CODE
+        flag = torch.tensor([code], dtype=torch.int64, device=self.device)
         dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return signal.Signals(int(flag)).name if int(flag) else None
+        if int(flag) == _STOP_FILE_CODE:
+            return f"stop file {stop_file}"
+        return f"received {signal.Signals(int(flag)).name}" if int(flag) else None
 
     def _log_stop(self, hist: History) -> None:
         if self.rank != 0:
             return
-        why = f"received {hist.stopped_by}" if hist.stopped_by else f"exit interval {self.cfg.train.exit_interval}"
+        why = hist.stopped_by or f"exit interval {self.cfg.train.exit_interval}"
         if hist.saved:
             self.log(f"stopping after step {self.iteration} ({why}): saved {hist.saved[-1]}; "
                      f"resume with --load {self.cfg.train.save}")
@@ -434,6 +441,9 @@ class Trainer:
 
     def close(self) -> None:
         ps.destroy_model_parallel()
+
+
+_STOP_FILE_CODE = 1000  # above every signal number (see config.STOP_FILE_ENV)
 
 
 class _StopSignals:

@@ -47,6 +47,7 @@ ORDER = [
     "megatron_memory.tools",
     "megatron_memory.tools.preprocess_data",
     "megatron_memory.tools.memory_calculator",
+    "megatron_memory.tools.convert_checkpoint",
     "megatron_memory.launch",
     "megatron_memory.launch.run",
 ]

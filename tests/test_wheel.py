@@ -81,7 +81,9 @@ def test_installed_package_runs_from_the_wheel(installed):
     (["-m", "megatron_memory.launch.run", "torchrun", "--dry-run", "--", "--steps", "1"],
      "-m megatron_memory.train --steps 1"),
     (["-m", "megatron_memory.tools.preprocess_data", "--help"], "--output-prefix"),
-], ids=["train", "calculator", "launch", "preprocess"])
+    (["-m", "megatron_memory.tools.convert_checkpoint", "--help"], "to-megatron"),
+    (["-m", "megatron_memory.generate", "--help"], "--max-new-tokens"),
+], ids=["train", "calculator", "launch", "preprocess", "convert", "generate"])
 def test_module_entry_points(installed, argv, expect):
     _, _, env, elsewhere = installed
     assert expect in _run([sys.executable, *argv], cwd=elsewhere, env=env).stdout
@@ -92,6 +94,8 @@ def test_module_entry_points(installed, argv, expect):
     ("megatron-memory-calculator", ["--world-size", "2", "--", "--tp", "2"], "total GiB"),
     ("megatron-memory-launch", ["slurm", "--nproc-per-node", "1", "--dry-run"], "#SBATCH --nodes=1"),
     ("megatron-memory-preprocess", ["--help"], "--json-key"),
+    ("megatron-memory-convert", ["to-hf", "--help"], "--max-shard-size"),
+    ("megatron-memory-generate", ["--help"], "--prompt"),
 ])
 def test_console_scripts(installed, script, argv, expect):
     _, site, env, elsewhere = installed

@@ -226,9 +226,14 @@ def _unshare_adam_steps(optimizer) -> None:
                     state["step"] = state["step"].clone()
 
 
-def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = True) -> Path:
+def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = True,
+         async_queue=None) -> Path:
     """Write ``root/iter_<iteration>`` (collective), then point the tracker at it and prune old
-    checkpoints beyond ``train.keep_last``. Iteration 0 saves the weights only."""
+    checkpoints beyond ``train.keep_last``. Iteration 0 saves the weights only.
+
+    With ``async_queue`` (megatron-core's AsyncCallsQueue) the state is staged now and written in
+    the background; the rename and tracker update run when every rank has finished writing
+    (``async_queue.maybe_finalize_async_calls``), so the tracker never names an incomplete save."""
     root, final = Path(root), iteration_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")
     if dist.get_rank() == 0:
@@ -242,15 +247,25 @@ def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = Tru
                "scheduler": trainer.scheduler.state_dict() if iteration > 0 else None,
                "architecture": architecture(cfg, trainer.vocab_size), "layout": _layout(),
                "run_config": dataclasses.asdict(cfg)})
-    dist_checkpointing.save(sd, str(partial), verify_integrity=integrity)
-    if dist.get_rank() == 0:
-        (partial / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
-        if final.exists():  # the same iteration saved before (a rerun): replace it
-            shutil.rmtree(final)
-        os.replace(partial, final)
-        write_tracker(root, iteration)
-        _prune(root, cfg.train.keep_last, keep=iteration)
-    dist.barrier()
+
+    def publish() -> None:
+        if dist.get_rank() == 0:
+            (partial / "run_config.json").write_text(json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
+            if final.exists():  # the same iteration saved before (a rerun): replace it
+                shutil.rmtree(final)
+            os.replace(partial, final)
+            write_tracker(root, iteration)
+            _prune(root, cfg.train.keep_last, keep=iteration)
+        dist.barrier()
+
+    if async_queue is None:
+        dist_checkpointing.save(sd, str(partial), verify_integrity=integrity)
+        publish()
+    else:
+        request = dist_checkpointing.save(sd, str(partial), verify_integrity=integrity,
+                                          async_sharded_save=True, async_strategy="mcore")
+        request.add_finalize_fn(publish)
+        async_queue.schedule_async_request(request)
     return final
 
 

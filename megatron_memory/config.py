@@ -211,6 +211,9 @@ class TrainConfig:
     exit_interval: Optional[int] = opt(None, "stop (after saving) once the step is a multiple of this")
     checkpoint_integrity: bool = opt(True, "write SHA-256 hashes of every checkpoint file and check "
                                      "them on load (one extra read pass over the files)")
+    async_save: bool = opt(False, "write checkpoints in the background (megatron-core async "
+                           "strategy): training goes on while the files are written; the tracker "
+                           "moves once every rank has finished")
 
     def warmup(self) -> int:
         return self.steps // 10 if self.warmup_steps is None else self.warmup_steps

@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
+from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
 from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
@@ -143,6 +144,7 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.iteration = 0
         self.checkpoint_seconds: dict[str, float] = {}  # last load / save, wall seconds
+        self.async_queue = AsyncCallsQueue() if cfg.train.async_save else None
         # Before any compute: the checkpoint to start from must be readable, --save safe to use.
         self.resume = checkpoint.peek(cfg.train.load) if cfg.train.load else None
         if cfg.train.save:
@@ -331,9 +333,12 @@ class Trainer:
                 exiting = hist.stopped_by or (t.exit_interval and step % t.exit_interval == 0)
                 if t.save and (exiting or step == t.steps or (t.save_interval and step % t.save_interval == 0)):
                     hist.saved.append(str(self.save(t.save)))
+                if self.async_queue is not None:  # publish background saves that are done
+                    self.async_queue.maybe_finalize_async_calls(blocking=False)
                 if exiting:
                     self._log_stop(hist)
                     break
+        self.finish_saves()
         hist.seconds = time.time() - start
         hist.peak_gib = self.peak_memory()
         hist.valid_loss = self.evaluate()
@@ -431,13 +436,25 @@ class Trainer:
             self.log(f"stopping after step {self.iteration} ({why}); nothing saved (no --save given)")
 
     def save(self, directory: str) -> Path:
-        """Checkpoint the current step into ``directory`` (collective; see checkpoint.py)."""
+        """Checkpoint the current step into ``directory`` (collective; see checkpoint.py). With
+        ``train.async_save`` the files are written in the background; one save at a time."""
         start = time.time()
-        path = checkpoint.save(self, directory, self.iteration, self.cfg.train.checkpoint_integrity)
+        if self.async_queue is not None:
+            self.async_queue.maybe_finalize_async_calls(blocking=True)  # the previous one first
+        path = checkpoint.save(self, directory, self.iteration, self.cfg.train.checkpoint_integrity,
+                               async_queue=self.async_queue)
         self.checkpoint_seconds["save"] = time.time() - start
         if self.rank == 0:
-            self.log(f"saved {path} in {self.checkpoint_seconds['save']:.1f} s")
+            how = "staged (writing in the background)" if self.async_queue is not None else "saved"
+            self.log(f"{how} {path} in {self.checkpoint_seconds['save']:.1f} s")
         return path
+
+    def finish_saves(self) -> None:
+        """Wait for background saves to be written and their tracker updates (collective)."""
+        if self.async_queue is not None:
+            start = time.time()
+            self.async_queue.maybe_finalize_async_calls(blocking=True)
+            self.checkpoint_seconds["async_wait"] = time.time() - start
 
     def close(self) -> None:
         ps.destroy_model_parallel()

@@ -135,3 +135,21 @@ def test_unfinished_save_beside_a_good_one_is_ignored(saved, tmp_path):
     r = train("--steps", "6", "--load", str(root), "--save", str(root))
     assert "loaded step 4" in r.stdout
     assert checkpoint.read_tracker(root) == 6 and not (root / "iter_0000005.partial").exists()
+
+
+def _step_line(out: str, step: int, steps: int) -> str:
+    """'loss ... | grad-norm ... (values ...)' of one progress line."""
+    line = next(x for x in out.splitlines() if x.startswith(f"step {step:>5}/{steps}"))
+    return line.split(" | ")[1] + " | " + line.split(" | ")[3]
+
+
+def test_async_save_is_a_consistent_snapshot(tmp_path):
+    """Background writes must capture the state of their step, not a later one: resuming from
+    the async checkpoint of step 2 repeats the original run's steps 3 and 4."""
+    root = tmp_path / "async"
+    first = train("--steps", "4", "--save", str(root), "--save-interval", "2", "--async-save")
+    assert f"staged (writing in the background) {root}/iter_0000002" in first.stdout
+    assert checkpoint.read_tracker(root) == 4 and not list(root.glob("*.partial"))
+    resumed = train("--steps", "4", "--load", str(root / "iter_0000002"))
+    for step in (3, 4):
+        assert _step_line(resumed.stdout, step, 4) == _step_line(first.stdout, step, 4)

@@ -47,15 +47,29 @@ def check_run(out: str, tmp: Path) -> None:
     assert list((tmp / "tb").glob("events.out.tfevents.*"))  # relative path: the user's directory
 
 
-def test_torchrun_two_nodes_localhost_rendezvous(tmp_path):
-    procs = [subprocess.Popen(launcher("torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--node-rank", str(r),
-                                       "--master-addr", "127.0.0.1", "--master-port", "29741", "--run-id", "t2x2",
-                                       "--", *TRAIN),
+def stand_ins(folder: Path, scontrol: str = SCONTROL) -> Path:
+    """folder/bin holding the srun and scontrol stand-ins (put it first on PATH)."""
+    bin_ = folder / "bin"
+    bin_.mkdir()
+    for name, body in (("srun", SRUN), ("scontrol", scontrol)):
+        (bin_ / name).write_text(body)
+        (bin_ / name).chmod((bin_ / name).stat().st_mode | stat.S_IEXEC)
+    return bin_
+
+
+def run_two_nodes(tmp_path: Path, *launch_args: str) -> None:
+    """Both nodes' launchers at once (node ranks 0 and 1), as two machines would start them."""
+    procs = [subprocess.Popen(launcher(*launch_args[:1], "--node-rank", str(r), *launch_args[1:], "--", *TRAIN),
                               cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for r in (0, 1)]
     outs = [p.communicate(timeout=600)[0] for p in procs]
     assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
     check_run("".join(outs), tmp_path)
+
+
+def test_torchrun_two_nodes_localhost_rendezvous(tmp_path):
+    run_two_nodes(tmp_path, "torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
+                  "--master-port", "29741", "--run-id", "t2x2")
 
 
 def test_deepspeed_localhost_hostfile(tmp_path):
@@ -70,21 +84,11 @@ def test_deepspeed_localhost_hostfile(tmp_path):
 def test_deepspeed_two_nodes_without_ssh(tmp_path):
     """Two hosts of a hostfile (both this machine), each node's launcher started with its rank."""
     (tmp_path / "hosts").write_text("127.0.0.1 slots=2\nlocalhost slots=2\n")
-    procs = [subprocess.Popen(launcher("deepspeed", "--hostfile", "hosts", "--node-rank", str(r),
-                                       "--master-port", "29747", "--", *TRAIN),
-                              cwd=tmp_path, env=env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-             for r in (0, 1)]
-    outs = [p.communicate(timeout=600)[0] for p in procs]
-    assert [p.returncode for p in procs] == [0, 0], outs[0][-3000:] + outs[1][-3000:]
-    check_run("".join(outs), tmp_path)
+    run_two_nodes(tmp_path, "deepspeed", "--hostfile", "hosts", "--master-port", "29747")
 
 
 def test_slurm_script_runs_with_srun_stand_in(tmp_path):
-    bin_ = tmp_path / "bin"
-    bin_.mkdir()
-    for name, body in (("srun", SRUN), ("scontrol", SCONTROL)):
-        (bin_ / name).write_text(body)
-        (bin_ / name).chmod((bin_ / name).stat().st_mode | stat.S_IEXEC)
+    bin_ = stand_ins(tmp_path)
     script = subprocess.run(launcher("slurm", "--nnodes", "2", "--nproc-per-node", "2", "--master-port", "29745",
                                      "--dry-run", "--", *TRAIN),
                             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)

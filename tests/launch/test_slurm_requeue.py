@@ -6,12 +6,11 @@ from __future__ import annotations
 
 import os
 import signal
-import stat
 import subprocess
 import sys
 
 from megatron_memory import checkpoint
-from tests.launch.test_multinode import SRUN, env
+from tests.launch.test_multinode import env, stand_ins
 
 SCONTROL = """#!/usr/bin/env bash
 [[ "$1 $2" == "show hostnames" ]] && echo localhost
@@ -25,11 +24,7 @@ TRAIN = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2
 
 
 def test_usr1_saves_stops_requeues_and_the_requeued_job_resumes(tmp_path):
-    bin_ = tmp_path / "bin"
-    bin_.mkdir()
-    for name, body in (("srun", SRUN), ("scontrol", SCONTROL)):
-        (bin_ / name).write_text(body)
-        (bin_ / name).chmod((bin_ / name).stat().st_mode | stat.S_IEXEC)
+    bin_ = stand_ins(tmp_path, SCONTROL)
     script = subprocess.run([sys.executable, "-m", "megatron_memory.launch.run", "slurm", "--nnodes", "1",
                              "--nproc-per-node", "1", "--master-port", "29761", "--dry-run", "--", *TRAIN],
                             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)

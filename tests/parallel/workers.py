@@ -60,6 +60,8 @@ def logits(cfg, out_file: str) -> None:
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
+    if cfg.train.load:  # the weights only: the first micro-batch of the data, whatever the step
+        cfg.train.finetune = True
     trainer = Trainer(cfg, log=lambda line: None)
     batch = next(trainer.train_iter)
     captured = []

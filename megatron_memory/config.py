@@ -104,6 +104,11 @@ class ModelConfig:
     num_layers: int = opt(6, "transformer layers")
     hidden_size: int = opt(128, "model width d")
     num_attention_heads: int = opt(4, "attention heads")
+    num_query_groups: Optional[int] = opt(None, "key/value heads of grouped-query attention "
+                                          "(each serves num_attention_heads / groups query heads); "
+                                          "default: one per head (multi-head attention)")
+    attention: str = opt("sdpa", "core attention: 'sdpa' (torch scaled_dot_product_attention: "
+                         "flash / cuDNN kernels on GPU) or 'local' (Megatron's unfused reference)")
     ffn_hidden_size: Optional[int] = opt(None, "SwiGLU inner width of the dense FFNs; default "
                                          "multiple of 256 near 8/3 d (the Llama rule)")
     seq_length: int = opt(128, "tokens per sample")
@@ -111,6 +116,9 @@ class ModelConfig:
     init_std: float = opt(0.02, "std of the dense weights' init")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon")
     rope_base: int = opt(10000, "RoPE base")
+
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
 
     def ffn_size(self) -> int:
         if self.ffn_hidden_size is not None:
@@ -126,6 +134,12 @@ class ModelConfig:
                               f"model.num_attention_heads={self.num_attention_heads}")
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ConfigError("model.hidden_size / num_attention_heads must be even for RoPE")
+        if self.num_query_groups is not None and (
+                self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups):
+            raise ConfigError(f"model.num_query_groups={self.num_query_groups} must be >= 1 and "
+                              f"divide model.num_attention_heads={self.num_attention_heads}")
+        if self.attention not in ("sdpa", "local"):
+            raise ConfigError(f"model.attention={self.attention!r}: choose 'sdpa' or 'local'")
 
 
 @dataclass
@@ -144,6 +158,9 @@ class ParallelConfig:
         if model.num_attention_heads % self.tp:
             raise ConfigError(f"model.num_attention_heads={model.num_attention_heads} is not "
                               f"divisible by parallel.tp={self.tp}")
+        if model.query_groups() % self.tp:
+            raise ConfigError(f"model.num_query_groups={model.query_groups()} is not divisible by "
+                              f"parallel.tp={self.tp} (key/value heads are split over TP)")
         if model.num_layers % self.pp:
             raise ConfigError(f"model.num_layers={model.num_layers} is not divisible by "
                               f"parallel.pp={self.pp}")

@@ -59,7 +59,8 @@ def transformer_config(cfg: RunConfig, bf16: bool):
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_size(),
-        num_attention_heads=m.num_attention_heads, kv_channels=m.hidden_size // m.num_attention_heads,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.query_groups(),
+        kv_channels=m.hidden_size // m.num_attention_heads,
         normalization="RMSNorm", layernorm_epsilon=m.norm_eps, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, init_method_std=m.init_std,
         hidden_dropout=0.0, attention_dropout=0.0,
@@ -210,7 +211,7 @@ class Trainer:
                                max_sequence_length=cfg.model.seq_length,
                                pre_process=ps.is_pipeline_first_stage(),
                                post_process=ps.is_pipeline_last_stage(),
-                               rotary_base=cfg.model.rope_base)
+                               rotary_base=cfg.model.rope_base, attention=cfg.model.attention)
         model.to(self.device)
         for layer in model.memory_layers():  # see TrainConfig.recompute_activations
             layer_module = next(m for m in model.decoder.layers if m.mlp is layer)

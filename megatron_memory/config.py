@@ -186,6 +186,9 @@ class TrainConfig:
                            "the other parameters (as the reference); 0 turns clipping off")
     distributed_optimizer: Optional[bool] = opt(None, "shard optimizer state over data-parallel "
                                                 "ranks (Megatron distributed optimizer); default: on when DP > 1")
+    overlap_comm: Optional[bool] = opt(None, "overlap the data-parallel gradient reduction with "
+                                       "backward (and, with the distributed optimizer, the "
+                                       "parameter all-gather with forward); default: on with CUDA")
     recompute_activations: bool = opt(False, "recompute attention and dense-FFN activations in "
                                       "backward (memory layers are not recomputed: a second "
                                       "lookup costs more than the activations it saves)")

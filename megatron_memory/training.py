@@ -20,7 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
@@ -222,10 +222,27 @@ class Trainer:
         self.raw_model = model
         if self.bf16:
             model = Float16Module(self.tconfig, model)
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=self.dist_opt)
-        self.model = DistributedDataParallel(self.tconfig, ddp_config, model)
+        self.overlap = (cfg.train.overlap_comm if cfg.train.overlap_comm is not None
+                        else self.device.type == "cuda")
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=self.overlap,
+            overlap_param_gather=self.overlap and self.dist_opt,
+            use_distributed_optimizer=self.dist_opt)
+        self.model = parallel.MemoryDDP(self.tconfig, ddp_config, model)
         self.tconfig.finalize_model_grads_func = parallel.finalize_memory_grads
+        if self.overlap:  # as Megatron-LM's training loop wires its schedules
+            # Only the last micro-batch's backward marks gradients ready; the others accumulate.
+            self.tconfig.no_sync_func = self.model.no_sync
+            self.tconfig.grad_sync_func = self.model.start_grad_sync
+            if ddp_config.overlap_param_gather:
+                self.tconfig.param_sync_func = self.model.start_param_sync
+
+    def sync_params(self) -> None:
+        """With overlapped parameter all-gather, the distributed optimizer's last update reaches
+        the model's bf16/fp32 weights only in the next forward: gather them now (before a save,
+        at the end of training). A no-op otherwise."""
+        if self.model.ddp_config.overlap_param_gather:
+            self.model.start_param_sync(force_sync=True)
 
     def _checkpoint_vocab(self) -> Optional[int]:
         """The padded vocabulary a resumed checkpoint was trained with (the TP padding rule
@@ -337,6 +354,7 @@ class Trainer:
                     self._log_stop(hist)
                     break
         hist.seconds = time.time() - start
+        self.sync_params()
         hist.peak_gib = self.peak_memory()
         hist.valid_loss = self.evaluate()
         if self.writer:
@@ -426,6 +444,7 @@ class Trainer:
 
     def save(self, directory: str) -> Path:
         """Checkpoint the current step into ``directory`` (collective; see checkpoint.py)."""
+        self.sync_params()
         return checkpoint.save(self, directory, self.iteration, self.cfg.train.checkpoint_integrity)
 
     def close(self) -> None:

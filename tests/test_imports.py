@@ -25,12 +25,14 @@ ORDER = [
     "megatron_memory.kernels.reference",
     "megatron_memory.kernels.triton_embedding_bag",
     "megatron_memory.kernels.triton_product_key",
+    "megatron_memory.kernels.bf16_search",
     "megatron_memory.kernels",
     "megatron_memory.standalone",            # plain torch; kernels optional (copied into exports)
     "megatron_memory.cpu",
     "megatron_memory.data",
     "megatron_memory.metrics",
     "megatron_memory.memory_estimate",
+    "megatron_memory.attention",            # SDPA core attention (megatron only)
     "megatron_memory.layer",                # single-device math: no parallel plan
     "megatron_memory.parallel",
     "megatron_memory.spec",

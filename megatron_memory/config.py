@@ -198,6 +198,9 @@ class TrainConfig:
     key_usage: bool = opt(True, "log the share of values each memory layer selects per log window")
     peak_tflops: Optional[float] = opt(None, "per-GPU bf16 peak for MFU; default: by GPU name "
                                        "(H100/H200 989), none on CPU")
+    profile_step: Optional[int] = opt(None, "record this step with the torch profiler; rank 0 "
+                                      "prints its kernels by time (the step is left out of the "
+                                      "throughput figures)")
     eval_iters: int = opt(4, "validation micro-batches at the end (0: none)")
     tensorboard_dir: Optional[str] = opt("runs/latest", "TensorBoard event directory ('' to disable)")
     save: Optional[str] = opt(None, "checkpoint directory: iter_NNNNNNN/ per save and a tracker "
@@ -226,7 +229,7 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be in 0..steps")
         if self.log_interval < 1:
             raise ConfigError("train.log_interval must be >= 1")
-        for name in ("save_interval", "keep_last", "exit_interval"):
+        for name in ("save_interval", "keep_last", "exit_interval", "profile_step"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.finetune and not self.load:

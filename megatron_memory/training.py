@@ -7,6 +7,7 @@ torchrun / deepspeed / SLURM launchers (which set RANK, WORLD_SIZE, MASTER_ADDR,
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -27,6 +28,7 @@ from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
+from torch.profiler import ProfilerActivity, profile
 from torch.utils.tensorboard import SummaryWriter
 
 from megatron_memory import checkpoint, data, parallel
@@ -337,9 +339,14 @@ class Trainer:
         with _StopSignals() as stop:
             for step in range(self.iteration + 1, t.steps + 1):
                 t0 = time.time()
-                loss, gnorm, vnorm = self.train_step()  # ends in a host sync (loss, grad norm)
+                profiling = step == t.profile_step
+                with (_profiler(self.device) if profiling else contextlib.nullcontext()) as prof:
+                    loss, gnorm, vnorm = self.train_step()  # ends in a host sync (loss, grad norm)
                 self.iteration = step
-                hist.step_seconds.append(time.time() - t0)
+                if profiling:
+                    self._log_profile(prof)
+                else:  # the profiler's overhead stays out of the throughput figures
+                    hist.step_seconds.append(time.time() - t0)
                 hist.losses.append(loss)
                 hist.grad_norms.append(gnorm)
                 hist.value_grad_norms.append(vnorm)
@@ -426,6 +433,14 @@ class Trainer:
                 self.writer.add_scalar(f"memory/keys_used_layer{lid}", frac, step)
                 self.writer.add_scalar(f"memory/effective_usage_layer{lid}", eff, step)
 
+    def _log_profile(self, prof) -> None:
+        """Rank 0 prints the profiled step's ops and kernels, most time first."""
+        if self.rank != 0:
+            return
+        key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        self.log(f"profile of step {self.iteration} (rank 0):\n"
+                 + prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+
     def _agreed_signal(self, received: Optional[int]) -> Optional[str]:
         """The stop signal if any rank received one (collective: all ranks stop at one step)."""
         flag = torch.tensor([received or 0], dtype=torch.int64, device=self.device)
@@ -449,6 +464,12 @@ class Trainer:
 
     def close(self) -> None:
         ps.destroy_model_parallel()
+
+
+def _profiler(device: torch.device):
+    """torch profiler over CPU ops, and CUDA kernels on a GPU."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=acts)
 
 
 class _StopSignals:

@@ -28,7 +28,11 @@ def layer_like(T, H, n, half, seed):
     return q, K
 
 
-def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN):
+def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN, exact_sets=True):
+    """exact_sets: every row selects the fp32 reference's set. Large shapes hold rows whose k-th
+    and (k+1)-th scores differ by less than fp32 rounding, where two fp32 searches (torch's
+    einsum vs the fused Triton one: 99.997% equal at T=8192) already disagree; there every row
+    must be a valid top-k within fp32 rounding and >= 99.9% of rows the reference's set."""
     q, K = layer_like(T, H, n, half, seed)
     dscores = torch.randn(T, H, k, generator=torch.Generator().manual_seed(seed + 1))
     want_s, want_i = product_key_search_reference(q, K, k)                # fp32 search
@@ -37,9 +41,16 @@ def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN
     assert scores.dtype == torch.float32 and idx.dtype == torch.int64 and scores.shape == (T, H, k)
     assert torch.all(scores[..., :-1] >= scores[..., 1:]), "scores not descending"
     got_i = idx.cpu()
-    assert torch.equal(got_i.sort(-1).values, want_i.sort(-1).values), "selected sets differ"
-    torch.testing.assert_close(scores.cpu(), want_s, rtol=0, atol=1e-5)
+    same = (got_i.sort(-1).values == want_i.sort(-1).values).all(-1)
     qr, Kr = q.double().requires_grad_(), K.double().requires_grad_()
+    if exact_sets:
+        assert same.all(), f"{int((~same).sum())} rows select another set"
+        torch.testing.assert_close(scores.cpu(), want_s, rtol=0, atol=1e-5)
+    else:
+        assert same.float().mean() >= 0.999, same.float().mean()
+        chosen = scores_at(q.double(), K.double(), got_i)
+        torch.testing.assert_close(scores.cpu().double(), chosen, rtol=0, atol=1e-5)
+        assert torch.all(chosen.min(-1).values >= want_s[..., -1].double() - 1e-5), "not a top-k set"
     scores_at(qr, Kr, got_i).backward(dscores.double())
     scores.backward(dscores.to(device))
     assert qt.grad.dtype == torch.float32 and Kt.grad.dtype == torch.float32
@@ -88,10 +99,11 @@ def test_bad_margin_raises():
 
 
 @requires_cuda
-@pytest.mark.parametrize("T,H,n,half,k", [(512, 4, 1024, 256, 32), (2048, 4, 1024, 256, 32),
-                                          (300, 2, 256, 64, 16), (64, 4, 128, 128, 37)])
-def test_gpu_matches_fp32_reference(T, H, n, half, k):
-    check_bf16_search("cuda", T, H, n, half, k, seed=T + n)
+@pytest.mark.parametrize("T,H,n,half,k,exact", [
+    (512, 4, 1024, 256, 32, True), (300, 2, 256, 64, 16, True), (64, 4, 128, 128, 37, True),
+    (8192, 4, 1024, 256, 32, False)])
+def test_gpu_matches_fp32_reference(T, H, n, half, k, exact):
+    check_bf16_search("cuda", T, H, n, half, k, seed=T + n, exact_sets=exact)
 
 
 @requires_cuda

@@ -5,7 +5,7 @@
 set -u
 source benchmarks/device_speed_setup.sh || exit 1
 CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q tests/kernels/test_bf16_search.py -k gpu 2>&1 | tail -3
-COMMON="--steps 10 --log-interval 5 --vocab-size 32000 --tensorboard-dir '' --eval-iters 0"
+COMMON="--steps 10 --warmup-steps 2 --log-interval 5 --vocab-size 32000 --tensorboard-dir '' --eval-iters 0"
 BODY="--num-layers 12 --tp 2 --sequence-parallel"
 for mb in "4 32" "1 8"; do
   set -- $mb

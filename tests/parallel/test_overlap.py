@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 
-import pytest
 import torch
 
 from tests.parallel import workers
@@ -41,31 +40,33 @@ def _main_grad_lookup(values, indices, weights):
     return _MainGradLookup.apply(values, indices, weights)
 
 
-def _train(runs: list, main_grad_lookup: bool) -> None:
-    """Train each (cfg, out_file) in turn in these ranks (one spawn for both runs)."""
+def _train(runs: list) -> None:
+    """Train each (cfg, out_file, main_grad_lookup) in turn in these ranks (one spawn for all)."""
     from megatron_memory import kernels
 
-    if main_grad_lookup:  # this spawned rank only
-        kernels.embedding_bag = _main_grad_lookup
-    for cfg, out_file in runs:
+    reference = kernels.embedding_bag
+    for cfg, out_file, main_grad_lookup in runs:
+        kernels.embedding_bag = _main_grad_lookup if main_grad_lookup else reference
         workers.train(cfg, out_file)
 
 
-@pytest.mark.parametrize("main_grad_lookup", [False, True])
-def test_overlap_equals_synchronous(tmp_path, main_grad_lookup):
+def test_overlap_equals_synchronous(tmp_path):
     runs = [(workers.tiny_config(steps=STEPS, dp_batch=2, **{"train.global_batch_size": 8,
                                                              "train.overlap_comm": overlap}),
-             str(tmp_path / f"overlap{overlap}.json")) for overlap in (False, True)]
-    run_ranks(2, _train, runs, main_grad_lookup, tp=0)
+             str(tmp_path / f"overlap{overlap}_maingrad{main_grad}.json"), main_grad)
+            for main_grad in (False, True) for overlap in (False, True)]
+    run_ranks(2, _train, runs, tp=0)
     out = {}
-    for overlap, (_, name) in zip((False, True), runs):
-        out[overlap] = json.load(open(name))
-        out[overlap]["table"] = torch.load(f"{name}.values0")["weight"]
-    on, off = out[True], out[False]
-    assert len(on["losses"]) == STEPS
-    torch.testing.assert_close(torch.tensor(on["losses"]), torch.tensor(off["losses"]), rtol=1e-6, atol=0)
-    torch.testing.assert_close(torch.tensor(on["value_grad_norms"]),
-                               torch.tensor(off["value_grad_norms"]), rtol=1e-5, atol=0)
-    assert all(v > 0 for v in on["value_grad_norms"])
-    # The last update is in the weights (the overlapped all-gather is flushed at the end).
-    torch.testing.assert_close(on["table"], off["table"], rtol=1e-5, atol=1e-7)
+    for cfg, name, main_grad in runs:
+        out[cfg.train.overlap_comm, main_grad] = json.load(open(name))
+        out[cfg.train.overlap_comm, main_grad]["table"] = torch.load(f"{name}.values0")["weight"]
+    for main_grad in (False, True):
+        on, off = out[True, main_grad], out[False, main_grad]
+        assert len(on["losses"]) == STEPS
+        torch.testing.assert_close(torch.tensor(on["losses"]), torch.tensor(off["losses"]),
+                                   rtol=1e-6, atol=0)
+        torch.testing.assert_close(torch.tensor(on["value_grad_norms"]),
+                                   torch.tensor(off["value_grad_norms"]), rtol=1e-5, atol=0)
+        assert all(v > 0 for v in on["value_grad_norms"])
+        # The last update is in the weights (the overlapped all-gather is flushed at the end).
+        torch.testing.assert_close(on["table"], off["table"], rtol=1e-5, atol=1e-7)

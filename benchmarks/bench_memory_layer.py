@@ -125,6 +125,15 @@ def search_precision(layer, x, rep_ms):
         tag = " (default)" if margin == bs.RESCORE_MARGIN else ""
         variants[f"bf16 + fp32 re-score, margin {margin}{tag}"] = (
             lambda q_, k_, kk, m=margin: bs.bf16_product_key_search(q_, k_, kk, m))
+
+    def topk_select(q_, k_, kk):
+        bs.SELECT = "topk"
+        try:
+            return bs.bf16_product_key_search(q_, k_, kk)
+        finally:
+            bs.SELECT = "threshold"
+
+    variants["bf16, margin 16, torch.topk candidates"] = topk_select
     rows = []
     for name, fn in variants.items():
         with torch.no_grad():

@@ -8,7 +8,7 @@ Forward (no [T, H, 2, n] float32 tensor, no host sync):
   1. bf16 scores of every sub-key: one batched GEMM per (head, half) on tensor cores,
      [2H, T, n] bf16 (half the bytes of the fp32 reference's scores, written once, read once).
   2. candidates: per (t, h, half) the top K1 = k + margin sub-keys of the bf16 scores
-     (``torch.topk``). bf16 rounding (inputs and output) moves a score by ~1e-2 at the layer's
+     (``_select_kernel``: a threshold found by bisection in registers, one read of the scores). bf16 rounding (inputs and output) moves a score by ~1e-2 at the layer's
      scale, a few ranks at most near the k-th, so the fp32 top-k lies inside the K1 candidates.
   3. exact fp32 re-scoring of the 2H*T*K1 candidates (``_rescore_kernel``: gathered key rows
      from L2, fp32 dot over the half width), the top-k of those per half, sorted.
@@ -32,6 +32,49 @@ from megatron_memory.kernels.triton_product_key import _candidates_kernel, _chec
 # (unit-RMS queries, keys scaled 1/sqrt(half)) bf16 moves a score by < 0.02; 16 extra ranks
 # cover that with a wide margin (benchmarks/bench_memory_layer.py counts agreeing sets).
 RESCORE_MARGIN = 16
+# How the K1 candidates are picked from the bf16 scores: "threshold" (``_select_kernel``: one pass,
+# bisection on the K1-th largest value in registers) or "topk" (torch.topk, radix select).
+SELECT = "threshold"
+
+
+@triton.jit
+def _select_kernel(scores, cand, n, K1, BLOCK_N: tl.constexpr):
+    """Program (one row of [2H*T, n] bf16 scores): the column ids of its K1 largest values, in
+    column order (ties at the K1-th value broken by column), into cand[row, :K1].
+
+    bf16 has 16 significant bits: its order-preserving integer key (the top half of the fp32
+    bit map of ``triton_product_key._pack``) is bisected 17 times for the largest t with
+    #(key >= t) >= K1; then every key > t and the first K1 - #(key > t) keys == t are kept, their
+    output slots given by a running count."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    x = tl.load(scores + row * n + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
+    b = x.to(tl.int32, bitcast=True)
+    key = (b ^ ((b >> 31) & 0x7FFFFFFF)) >> 16           # order-preserving, in [-2**15, 2**15)
+    key = tl.where(cols < n, key, -65536)                 # padding below every real key
+    lo = tl.min(key, axis=0)                              # #(key >= lo) >= K1 always holds
+    hi = tl.max(key, axis=0) + 1                          # #(key >= hi) = 0 < K1
+    for _ in range(17):
+        mid = (lo + hi) // 2
+        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= K1
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above = key > lo
+    tie = key == lo
+    room = K1 - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= room))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(cand + row * K1 + slot, cols.to(tl.int64), mask=take)
+
+
+def _candidates(approx: torch.Tensor, k1: int) -> torch.Tensor:
+    """approx [2H, T, n] bf16 -> column ids [2H, T, K1] int64 of each row's K1 largest."""
+    if SELECT == "topk":
+        return approx.topk(k1, dim=-1, sorted=False).indices
+    hc, T, n = approx.shape
+    cand = torch.empty(hc, T, k1, dtype=torch.int64, device=approx.device)
+    _select_kernel[(hc * T,)](approx, cand, n, k1, BLOCK_N=triton.next_power_of_2(n), num_warps=4)
+    return cand
 
 
 @triton.jit
@@ -68,7 +111,7 @@ def _per_half_topk(query, keys, k: int, margin: int):
     qb = query.to(torch.bfloat16).permute(1, 2, 0, 3).reshape(2 * H, T, half)
     kb = keys.to(torch.bfloat16).reshape(2 * H, n, half)
     approx = torch.bmm(qb, kb.transpose(1, 2))                          # [2H, T, n] bf16
-    cand = approx.topk(k1, dim=-1, sorted=False).indices                # [2H, T, K1] int64
+    cand = _candidates(approx, k1)                                      # [2H, T, K1] int64
     del approx
     exact = torch.empty(2 * H, T, k1, dtype=torch.float32, device=query.device)
     block_t = 16

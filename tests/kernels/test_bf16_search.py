@@ -65,7 +65,24 @@ INTERPRETER_CASES = [
 ]
 
 
+def check_select(rows, n, k1, seed):
+    """_select_kernel picks K1 distinct columns holding the K1 largest values (ties at the K1-th
+    broken arbitrarily), as torch.topk does; coarse bf16 values make ties frequent."""
+    gen = torch.Generator().manual_seed(seed)
+    s = (torch.randn(2, rows, n, generator=gen) * 4).round().to(torch.bfloat16)  # many ties
+    s[0, 0, :] = 1.0                                                               # all equal
+    cand = bs._candidates(s, k1)
+    assert cand.shape == (2, rows, k1) and cand.min() >= 0 and cand.max() < n
+    assert torch.all(cand.sort(-1).values.diff(dim=-1) > 0), "a column chosen twice"
+    kth = s.float().topk(k1, dim=-1).values[..., -1:]
+    picked = s.float().gather(-1, cand)
+    assert torch.all(picked >= kth)
+    assert torch.equal((s.float() > kth).sum(-1), (picked > kth).sum(-1)), "a larger value left out"
+
+
 def interpreter_bf16_cases():
+    for rows, n, k1, seed in ((5, 64, 12, 0), (3, 37, 37, 1), (4, 100, 1, 2)):
+        check_select(rows, n, k1, seed)
     for case in INTERPRETER_CASES:
         check_bf16_search("cpu", **case)
     return len(INTERPRETER_CASES)
@@ -77,10 +94,13 @@ def test_interpreter_bf16_search():
 
 
 def test_sm90_compile_without_spills():
-    """The re-scoring kernel (layer shapes: half=256, fp32 inputs) and the product step with its
-    ranks compile for H100 without spills."""
+    """The candidate selection (n=1024), the re-scoring kernel (half=256, fp32 inputs) and the
+    product step with its ranks compile for H100 without spills."""
     from megatron_memory.kernels import triton_product_key as pk
 
+    regs, spills = sm90_compile(bs._select_kernel, dict(scores="bf16", cand="i64"),
+                                dict(BLOCK_N=1024), 4)
+    assert spills == 0, f"select: {regs} registers, {spills} B spilled"
     regs, spills = sm90_compile(bs._rescore_kernel, dict(q="fp32", keys="fp32", cand="i64", out="fp32"),
                                 dict(BLOCK_T=16, BLOCK_D=256), 4)
     assert spills == 0, f"rescore: {regs} registers, {spills} B spilled"

@@ -9,7 +9,10 @@ d=4096. The table carries an fp32 ``main_grad`` on the Triton path (the training
 reference path returns a dense table gradient into .grad (it cannot use main_grad) and may not
 fit at d=4096 (its lookup materialises [T, bag, d] fp32 twice): then it reads "OOM".
 Breakdown rows time one part's forward+backward alone: query+search (``select``), lookup
-(``values.lookup``), W1/W2 (``mix``). ``--smoke`` runs tiny shapes on CPU (interpreter).
+(``values.lookup``), W1/W2 (``mix``), each with the fp32 torch search and the bf16 search; then
+the search alone (fp32 reference, fused Triton, bf16 at three re-scoring margins: ms and the
+share of sets equal to the fp32 reference's); ``--profile`` adds a per-kernel breakdown.
+``--smoke`` runs tiny shapes on CPU (interpreter).
 """
 from __future__ import annotations
 
@@ -26,7 +29,8 @@ import torch.nn.functional as F  # noqa: E402
 
 from megatron_memory import kernels  # noqa: E402
 
-from megatron_memory.kernels import triton_product_key as pk
+from megatron_memory.kernels import bf16_search as bs  # noqa: E402
+from megatron_memory.kernels import triton_product_key as pk  # noqa: E402
 assert str(ROOT) in sys.path
 
 
@@ -105,32 +109,66 @@ def time_parts(layer, values, x, rep_ms):
 
 
 def search_precision(layer, x, rep_ms):
-    """Search forward alone: torch reference vs Triton with fp32 dots in ieee / tf32x3 mode,
-    and the share of (t, h) rows whose selected set equals the ieee one."""
+    """The search alone on the layer's fp32 QK-normed inputs: forward ms, forward+backward ms,
+    and the share of (t, h) rows whose selected set equals the fp32 torch reference's; the
+    bf16 search at several re-scoring margins, the fused fp32 Triton search for comparison."""
     mc = layer.memory_config
     with torch.no_grad():
         q = layer.query(x).view(x.shape[0], mc.heads, 2, layer.half)
         qn, kn = layer._normalised(q, layer.keys)
-        ref_idx = pk.search_forward(qn, kn, mc.k, precision="ieee")[1].sort(-1).values
-        ref_ms = bench_ms(lambda: kernels.product_key_search_reference(qn, kn, mc.k), rep_ms)
-        rows = [["torch reference", f"{ref_ms:.3f}", "-"]]
-        for prec in ("ieee", "tf32x3"):
-            idx = pk.search_forward(qn, kn, mc.k, precision=prec)[1].sort(-1).values
+    ref_idx = kernels.product_key_search_reference(qn, kn, mc.k)[1].sort(-1).values
+    g = torch.randn(x.shape[0], mc.heads, mc.k, device=x.device)
+    qg, kg = qn.clone().requires_grad_(), kn.clone().requires_grad_()
+    variants = {"torch fp32 reference": kernels.product_key_search_reference,
+                "triton fused fp32 (ieee)": pk.triton_product_key_search}
+    for margin in (8, 16, 32):
+        tag = " (default)" if margin == bs.RESCORE_MARGIN else ""
+        variants[f"bf16 + fp32 re-score, margin {margin}{tag}"] = (
+            lambda q_, k_, kk, m=margin: bs.bf16_product_key_search(q_, k_, kk, m))
+
+    def topk_select(q_, k_, kk):
+        bs.SELECT = "topk"
+        try:
+            return bs.bf16_product_key_search(q_, k_, kk)
+        finally:
+            bs.SELECT = "threshold"
+
+    variants["bf16, margin 16, torch.topk candidates"] = topk_select
+    rows = []
+    for name, fn in variants.items():
+        with torch.no_grad():
+            idx = fn(qn, kn, mc.k)[1].sort(-1).values
             same = (idx == ref_idx).all(-1).float().mean().item()
-            ms = bench_ms(lambda: pk.search_forward(qn, kn, mc.k, precision=prec), rep_ms)
-            rows.append([f"triton {prec}", f"{ms:.3f}", f"{same * 100:.2f}%"])
-        # Tile sweep of the Triton search (registers permitting), to pick search_config.
-        for bt, bn, warps in ((16, 64, 4), (16, 128, 8), (32, 128, 8), (64, 64, 8)):
-            cfg = dict(BLOCK_T=bt, BLOCK_N=bn, BLOCK_H=32, num_warps=warps)
-            try:
-                ms = bench_ms(lambda: pk.search_forward(qn, kn, mc.k, config=cfg), rep_ms)
-                rows.append([f"triton ieee T{bt} N{bn} w{warps}", f"{ms:.3f}", "-"])
-            except Exception as err:  # a config that does not compile (registers) is skipped
-                rows.append([f"triton ieee T{bt} N{bn} w{warps}", f"failed: {type(err).__name__}", "-"])
+            fwd = bench_ms(lambda: fn(qn, kn, mc.k), rep_ms)
+        both = bench_ms(fwd_bwd(lambda: fn(qg, kg, mc.k)[0], g), rep_ms, grad_to_none=[qg, kg])
+        rows.append([name, f"{fwd:.3f}", f"{both:.3f}", f"{same * 100:.3f}%"])
+        free_memory()
     return rows
 
 
-def bench_width(d: int, T: int, rep_ms: int, smoke: bool):
+def profile_layer(layer, x, top: int = 14):
+    """CUDA time per kernel of one Memory+ layer forward+backward (torch profiler, 3 passes)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    T, d = x.shape
+    g = torch.randn(T, d, device=x.device, dtype=x.dtype)
+    run = fwd_bwd(lambda: layer(x.view(T, 1, d))[0].view(T, d), g)
+    run()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(3):
+            run()
+        torch.cuda.synchronize()
+    events = [e for e in prof.key_averages() if e.device_time_total > 0]
+    events.sort(key=lambda e: -e.device_time_total)
+    total = sum(e.device_time_total for e in events)
+    rows = [[e.key[:70].replace("|", "/"), f"{e.device_time_total / 3e3:.3f}",
+             f"{e.device_time_total / total:.1%}"] for e in events[:top]]
+    rows.append(["all kernels", f"{total / 3e3:.3f}", "100%"])
+    return rows
+
+
+def bench_width(d: int, T: int, rep_ms: int, smoke: bool, profile: bool):
     torch.manual_seed(0)
     layer, values = build(d, smoke)
     x = torch.randn(T, d, device=device(), dtype=torch.bfloat16).requires_grad_()
@@ -139,17 +177,13 @@ def bench_width(d: int, T: int, rep_ms: int, smoke: bool):
     t_ffn = bench_ms(fwd_bwd(lambda: ffn(x), g), rep_ms, grad_to_none=[x])
     del ffn
     free_memory()
-    kernels.force_reference(True)
-    ref = time_parts(layer, values, x, rep_ms)
-    kernels.force_reference(False)
-    values.weight.grad = None
-    free_memory()
     values.weight.main_grad = torch.zeros(values.weight.shape, device=device())
-    tri = time_parts(layer, values, x, rep_ms)
-    kernels.SEARCH_BACKEND = "triton"
-    tri_search = time_parts(layer, values, x, rep_ms)
     kernels.SEARCH_BACKEND = "torch"
-    prec = search_precision(layer, x, rep_ms)
+    old = time_parts(layer, values, x, rep_ms)
+    kernels.SEARCH_BACKEND = "bf16"
+    new = time_parts(layer, values, x, rep_ms)
+    prec = search_precision(layer, x, rep_ms) if not smoke else []
+    prof = profile_layer(layer, x) if profile and not smoke else []
     del layer, values, x
     free_memory()
 
@@ -157,16 +191,13 @@ def bench_width(d: int, T: int, rep_ms: int, smoke: bool):
         return "OOM" if ms is None else f"{ms:.3f}"
 
     rows = [[d, "dense SwiGLU FFN", "-", f"{t_ffn:.3f}", "-", "1.00"]]
-    for name in tri:
-        r, t = ref[name], tri[name]
+    for name in new:
+        r, t = old[name], new[name]
         rows.append([d, name, fmt(r), fmt(t), f"{r / t:.2f}x" if r and t else "n/a",
                      f"{t / t_ffn:.2f}" if t else "n/a"])
-    for name in ("Memory+ layer", "query+search"):
-        t = tri_search.get(name)
-        rows.append([d, f"{name}, Triton search", "-", fmt(t), "-", f"{t / t_ffn:.2f}" if t else "n/a"])
     for r in rows:
         print("  " + " | ".join(str(c) for c in r), flush=True)
-    return rows, [[d] + r for r in prec]
+    return rows, [[d] + r for r in prec], [[d] + r for r in prof]
 
 
 def main() -> int:
@@ -174,6 +205,8 @@ def main() -> int:
     ap.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     ap.add_argument("--rep-ms", type=int, default=200, help="do_bench rep time per measurement")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter check)")
+    ap.add_argument("--profile", action="store_true", help="kernel-time breakdown of the layer")
+    ap.add_argument("--widths", type=int, nargs="+", default=[2048, 4096])
     args = ap.parse_args()
     if args.smoke:
         from tests.kernels.test_embedding_bag import install_interpreter_shim
@@ -181,21 +214,26 @@ def main() -> int:
         install_interpreter_shim()  # numpy >= 2.5 vs Triton 3.6's interpreter
     if args.smoke:  # the interpreter runs the Triton ops on CPU tensors
         kernels.use_triton = lambda t: kernels.HAVE_TRITON and not kernels._FORCE_REFERENCE
-    widths, T = ((64,), 32) if args.smoke else ((2048, 4096), 8192)
-    rows, prec = [], []
+    widths, T = ((64,), 32) if args.smoke else (tuple(args.widths), 8192)
+    rows, prec, prof = [], [], []
     for d in widths:
-        r, p = bench_width(d, T, args.rep_ms, args.smoke)
+        r, p, f = bench_width(d, T, args.rep_ms, args.smoke, args.profile)
         rows += r
         prec += p
+        prof += f
     text = env_header(f"Memory+ layer vs dense FFN (T={T}, bf16, N=2^20, heads 4, k 32, "
                       f"k_dim 512, QK-norm)")
-    text += ("\nms of forward+backward; ref = torch reference ops (table grad into .grad), "
-             "triton = the default CUDA dispatch (Triton lookup with the table grad into fp32 "
-             "main_grad, torch search; rows 'Triton search' use the fused Triton search). Last "
-             "column: time / dense FFN time.\n\n")
-    text += md_table(["d", "part", "ref ms", "triton ms", "ref/triton", "triton/FFN"], rows)
-    text += "\nSearch forward alone (fp32 QK-normed inputs):\n\n"
-    text += md_table(["d", "search", "ms", "same sets as ieee"], prec)
+    text += ("\nms of forward+backward, Triton lookup with the table grad into fp32 main_grad; "
+             "'fp32 search' = the torch fp32 search (the previous default), 'bf16 search' = bf16 "
+             "tensor-core scores with fp32 re-scoring (the default now). Last column: bf16-search "
+             "time / dense FFN time.\n\n")
+    text += md_table(["d", "part", "fp32 search ms", "bf16 search ms", "speed-up", "bf16/FFN"], rows)
+    if prec:
+        text += "\nSearch alone (fp32 QK-normed inputs; sets compared with the fp32 reference):\n\n"
+        text += md_table(["d", "search", "fwd ms", "fwd+bwd ms", "same sets"], prec)
+    if prof:
+        text += "\nMemory+ layer fwd+bwd, CUDA time per kernel (torch profiler, ms per pass):\n\n"
+        text += md_table(["d", "kernel", "ms", "share"], prof)
     emit("bench_memory_layer", text, args.append)
     return 0
 

@@ -35,7 +35,8 @@ def run_one(launcher: str, gpus: int, flags: list[str], log: Path) -> dict:
     res = {"rc": proc.returncode, "wall": time.time() - t0}
     if m := re.search(r"\(([\d,]+) tok/s after step 3\)", out):
         res["tok_s"] = float(m.group(1).replace(",", ""))
-    if m := re.search(r"MFU\s+([\d.]+)%", out):
+    # The summary line (steady steps), not a progress line's running average.
+    if m := re.search(r"^MFU\s+([\d.]+)% \(", out, re.M):
         res["mfu"] = float(m.group(1))
     if m := re.search(r"loss\s+([\d.]+) \(first 5 steps\) -> ([\d.]+)", out):
         res["loss"] = (float(m.group(1)), float(m.group(2)))

@@ -40,17 +40,23 @@ _SIZES = {  # name: (hidden, layers, heads, lr)
 }
 
 
-def _paper(hidden: int, layers: int, heads: int, lr: float, memory: bool) -> RunConfig:
+# Grouped-query attention: the 8B models of the paper's era (Llama-3-8B: 32 heads, 8 key/value
+# groups) use 8 groups; the smaller sizes keep multi-head attention.
+_QUERY_GROUPS = {"8b": 8}
+
+
+def _paper(hidden: int, layers: int, heads: int, lr: float, memory: bool,
+           groups=None) -> RunConfig:
     cfg = replace(_PAPER, **{"model.hidden_size": hidden, "model.num_layers": layers,
-                             "model.num_attention_heads": heads, "train.lr": lr,
-                             "train.min_lr": lr / 10})
+                             "model.num_attention_heads": heads, "model.num_query_groups": groups,
+                             "train.lr": lr, "train.min_lr": lr / 10})
     return cfg if memory else replace(cfg, **{"memory.layers": []})
 
 
 PRESETS: dict[str, RunConfig] = {"tiny": TINY, "tiny-dense": replace(TINY, **{"memory.layers": []})}
 for _name, _dims in _SIZES.items():
-    PRESETS[f"{_name}-memory"] = _paper(*_dims, memory=True)
-    PRESETS[f"{_name}-dense"] = _paper(*_dims, memory=False)
+    PRESETS[f"{_name}-memory"] = _paper(*_dims, memory=True, groups=_QUERY_GROUPS.get(_name))
+    PRESETS[f"{_name}-dense"] = _paper(*_dims, memory=False, groups=_QUERY_GROUPS.get(_name))
 
 
 def get_preset(name: str) -> RunConfig:

@@ -19,6 +19,7 @@ from megatron_memory.kernels.reference import embedding_bag_reference, product_k
 try:  # Triton is optional: without it every op runs the reference.
     # Module imports (not their functions): kernels.triton_* must stay the submodules.
     from megatron_memory.kernels import triton_embedding_bag as _triton_bag
+    from megatron_memory.kernels import bf16_search as _bf16_search
     from megatron_memory.kernels import triton_product_key as _triton_search
 
     HAVE_TRITON = True
@@ -26,13 +27,14 @@ except ImportError:
     HAVE_TRITON = False
 
 _FORCE_REFERENCE = os.environ.get("MEGATRON_MEMORY_REFERENCE", "0") == "1"
-# Which search runs on CUDA: measured on an H200 (benchmarks/RESULTS.md, 2026-11-26), torch's
-# matmul + topk search (4.3 ms forward at T=8192, H=4, n=1024) beat the fused Triton search
-# (6.1 ms), whose in-register bitonic top-k merges dominate; "triton" selects it anyway (no
-# [T, H, 2, n] intermediate: ~0.4 GB less memory at T=8192).
-SEARCH_BACKEND = os.environ.get("MEGATRON_MEMORY_SEARCH", "torch")
-if SEARCH_BACKEND not in ("torch", "triton"):
-    raise ValueError(f"MEGATRON_MEMORY_SEARCH={SEARCH_BACKEND!r}: choose 'torch' or 'triton'")
+# Which search runs on CUDA. "bf16" (default): bf16 tensor-core scores, candidates re-scored
+# exactly in fp32 (kernels/bf16_search.py). "torch": the fp32 reference (matmul + topk; 4.3 ms
+# forward at T=8192, H=4, n=1024 on an H200, 2026-11-26). "triton": the fused fp32 search
+# (6.1 ms there; its in-register bitonic top-k merges dominate).
+SEARCH_BACKENDS = ("bf16", "torch", "triton")
+SEARCH_BACKEND = os.environ.get("MEGATRON_MEMORY_SEARCH", "bf16")
+if SEARCH_BACKEND not in SEARCH_BACKENDS:
+    raise ValueError(f"MEGATRON_MEMORY_SEARCH={SEARCH_BACKEND!r}: choose one of {', '.join(SEARCH_BACKENDS)}")
 
 
 def force_reference(on: bool = True) -> None:
@@ -55,6 +57,8 @@ def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
 
 def product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int):
     """Top-k product keys: query [T, H, 2, half], keys [H, 2, n, half] -> (scores, indices) [T, H, k]."""
+    if use_triton(query) and SEARCH_BACKEND == "bf16":
+        return _bf16_search.bf16_product_key_search(query, keys, k)
     if use_triton(query) and SEARCH_BACKEND == "triton":
         return _triton_search.triton_product_key_search(query, keys, k)
     return product_key_search_reference(query, keys, k)

@@ -102,10 +102,12 @@ def _half_topk_kernel(q, keys, top_s, top_i, T, H, n, half,
 
 
 @triton.jit
-def _candidates_kernel(top_s, top_i, pair_a, pair_b, scores, indices, R, n, k,
-                       K_PAD: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr):
+def _candidates_kernel(top_s, top_i, pair_a, pair_b, scores, indices, ranks, R, n, k,
+                       K_PAD: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr,
+                       WRITE_RANKS: tl.constexpr = False):
     """Program (BLOCK_R rows r = t*H + h): top-k of s1[a] + s2[b] over the P candidate rank
-    pairs (padding pairs have a = -1), written as scores and i*n + j."""
+    pairs (padding pairs have a = -1), written as scores and i*n + j; with WRITE_RANKS also the
+    ranks a * K_PAD + b of each choice (int32, for a backward on the per-half lists)."""
     rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rs < R
     base = rs.to(tl.int64) * (2 * K_PAD)
@@ -127,6 +129,8 @@ def _candidates_kernel(top_s, top_i, pair_a, pair_b, scores, indices, R, n, k,
     out = rs.to(tl.int64)[:, None] * k + ks[None, :]
     tl.store(scores + out, sc, mask=omask)
     tl.store(indices + out, i.to(tl.int64) * n + j, mask=omask)
+    if WRITE_RANKS:
+        tl.store(ranks + out, ra * K_PAD + rb, mask=omask)
 
 
 @functools.lru_cache(maxsize=None)
@@ -177,7 +181,7 @@ def search_forward(query: torch.Tensor, keys: torch.Tensor, k: int, config=None,
     pa, pb, P = _pairs(k, k_pad, dev)
     block_r = candidates_block(P)
     _candidates_kernel[(triton.cdiv(T * H, block_r),)](
-        top_s, top_i, pa, pb, scores, indices, T * H, n, k, K_PAD=k_pad, P=P, BLOCK_R=block_r,
+        top_s, top_i, pa, pb, scores, indices, indices, T * H, n, k, K_PAD=k_pad, P=P, BLOCK_R=block_r,
         num_warps=4)
     return scores, indices
 

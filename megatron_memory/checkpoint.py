@@ -91,6 +91,7 @@ def architecture(cfg: RunConfig, vocab_size: int) -> dict:
     layers = mem.resolved_layers(m.num_layers)
     arch = {"model.num_layers": m.num_layers, "model.hidden_size": m.hidden_size,
             "model.num_attention_heads": m.num_attention_heads,
+            "model.num_query_groups": m.query_groups(),
             "model.ffn_hidden_size": m.ffn_size(), "model.vocab_size": vocab_size,
             "memory.layers": layers}
     if layers:
@@ -102,6 +103,9 @@ def architecture(cfg: RunConfig, vocab_size: int) -> dict:
 
 def check_architecture(saved: dict, mine: dict, where: Path) -> None:
     """One error naming every field in which the checkpoint's model differs from this run's."""
+    if "model.num_query_groups" not in saved and "model.num_attention_heads" in saved:
+        # Checkpoints from before grouped-query attention was configurable are multi-head.
+        saved = {**saved, "model.num_query_groups": saved["model.num_attention_heads"]}
     diffs = [f"{k}: checkpoint {saved.get(k)!r}, this run {mine.get(k)!r}"
              for k in sorted(set(saved) | set(mine)) if saved.get(k) != mine.get(k)]
     if diffs:

@@ -116,6 +116,11 @@ class ModelConfig:
     num_layers: int = opt(6, "transformer layers")
     hidden_size: int = opt(128, "model width d")
     num_attention_heads: int = opt(4, "attention heads")
+    num_query_groups: Optional[int] = opt(None, "key/value heads of grouped-query attention "
+                                          "(each serves num_attention_heads / groups query heads); "
+                                          "default: one per head (multi-head attention)")
+    attention: str = opt("sdpa", "core attention: 'sdpa' (torch scaled_dot_product_attention: "
+                         "flash / cuDNN kernels on GPU) or 'local' (Megatron's unfused reference)")
     ffn_hidden_size: Optional[int] = opt(None, "SwiGLU inner width of the dense FFNs; default "
                                          "multiple of 256 near 8/3 d (the Llama rule)")
     seq_length: int = opt(128, "tokens per sample")
@@ -123,6 +128,9 @@ class ModelConfig:
     init_std: float = opt(0.02, "std of the dense weights' init")
     norm_eps: float = opt(1e-5, "RMSNorm epsilon")
     rope_base: int = opt(10000, "RoPE base")
+
+    def query_groups(self) -> int:
+        return self.num_query_groups or self.num_attention_heads
 
     def ffn_size(self) -> int:
         if self.ffn_hidden_size is not None:
@@ -138,6 +146,12 @@ class ModelConfig:
                               f"model.num_attention_heads={self.num_attention_heads}")
         if (self.hidden_size // self.num_attention_heads) % 2:
             raise ConfigError("model.hidden_size / num_attention_heads must be even for RoPE")
+        if self.num_query_groups is not None and (
+                self.num_query_groups < 1 or self.num_attention_heads % self.num_query_groups):
+            raise ConfigError(f"model.num_query_groups={self.num_query_groups} must be >= 1 and "
+                              f"divide model.num_attention_heads={self.num_attention_heads}")
+        if self.attention not in ("sdpa", "local"):
+            raise ConfigError(f"model.attention={self.attention!r}: choose 'sdpa' or 'local'")
 
 
 @dataclass
@@ -156,6 +170,9 @@ class ParallelConfig:
         if model.num_attention_heads % self.tp:
             raise ConfigError(f"model.num_attention_heads={model.num_attention_heads} is not "
                               f"divisible by parallel.tp={self.tp}")
+        if model.query_groups() % self.tp:
+            raise ConfigError(f"model.num_query_groups={model.query_groups()} is not divisible by "
+                              f"parallel.tp={self.tp} (key/value heads are split over TP)")
         if model.num_layers % self.pp:
             raise ConfigError(f"model.num_layers={model.num_layers} is not divisible by "
                               f"parallel.pp={self.pp}")
@@ -183,6 +200,9 @@ class TrainConfig:
                            "the other parameters (as the reference); 0 turns clipping off")
     distributed_optimizer: Optional[bool] = opt(None, "shard optimizer state over data-parallel "
                                                 "ranks (Megatron distributed optimizer); default: on when DP > 1")
+    overlap_comm: Optional[bool] = opt(None, "overlap the data-parallel gradient reduction with "
+                                       "backward (and, with the distributed optimizer, the "
+                                       "parameter all-gather with forward); default: on with CUDA")
     recompute_activations: bool = opt(False, "recompute attention and dense-FFN activations in "
                                       "backward (memory layers are not recomputed: a second "
                                       "lookup costs more than the activations it saves)")
@@ -192,6 +212,9 @@ class TrainConfig:
     key_usage: bool = opt(True, "log the share of values each memory layer selects per log window")
     peak_tflops: Optional[float] = opt(None, "per-GPU bf16 peak for MFU; default: by GPU name "
                                        "(H100/H200 989), none on CPU")
+    profile_step: Optional[int] = opt(None, "record this step with the torch profiler; rank 0 "
+                                      "prints its kernels by time (the step is left out of the "
+                                      "throughput figures)")
     eval_iters: int = opt(4, "validation micro-batches per evaluation (0: none)")
     eval_interval: int = opt(0, "steps between validations during training (0: only at the end)")
     tensorboard_dir: Optional[str] = opt(None, "TensorBoard event directory; default a new "
@@ -233,7 +256,7 @@ class TrainConfig:
                               f"{self.eval_iters}, {self.eval_interval}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
-        for name in ("save_interval", "keep_last", "exit_interval"):
+        for name in ("save_interval", "keep_last", "exit_interval", "profile_step"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
         if self.finetune and not self.load:

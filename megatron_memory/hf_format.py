@@ -51,7 +51,7 @@ def hf_config(cfg: RunConfig, vocab_size: int, *, torch_dtype: str = "float32",
     """config.json of a model built from ``cfg.model`` and ``cfg.memory``.
 
     ``vocab_size`` is the padded vocabulary the model was built with (rows of the embedding), not
-    the tokenizer's; ``num_query_groups`` defaults to one per head (our GPT uses plain MHA).
+    the tokenizer's; ``num_query_groups`` defaults to ``cfg.model``'s (one per head when unset).
     """
     m, mem = cfg.model, cfg.memory
     out = {
@@ -59,7 +59,7 @@ def hf_config(cfg: RunConfig, vocab_size: int, *, torch_dtype: str = "float32",
         "vocab_size": int(vocab_size), "hidden_size": m.hidden_size,
         "intermediate_size": m.ffn_size(), "num_hidden_layers": m.num_layers,
         "num_attention_heads": m.num_attention_heads,
-        "num_key_value_heads": num_query_groups or m.num_attention_heads,
+        "num_key_value_heads": num_query_groups or m.query_groups(),
         "head_dim": m.hidden_size // m.num_attention_heads,
         "max_position_embeddings": m.seq_length, "rms_norm_eps": m.norm_eps,
         "rope_theta": float(m.rope_base), "tie_word_embeddings": False, "torch_dtype": torch_dtype,
@@ -80,13 +80,13 @@ def run_config_from_hf(config: dict) -> RunConfig:
     """The model and memory sections of a RunConfig back from config.json (for the converter's
     safetensors -> Megatron direction); other sections keep their defaults."""
     a = ModelArgs.from_config(config)
-    if a.num_key_value_heads != a.num_attention_heads:
-        raise ConfigError(f"num_key_value_heads={a.num_key_value_heads} != num_attention_heads="
-                          f"{a.num_attention_heads}: the Megatron models here use one group per head")
     if a.head_dim * a.num_attention_heads != a.hidden_size:
         raise ConfigError(f"head_dim={a.head_dim} x heads != hidden_size={a.hidden_size}")
     model = ModelConfig(num_layers=a.num_hidden_layers, hidden_size=a.hidden_size,
                         num_attention_heads=a.num_attention_heads,
+                        # None is the default "one group per head": keeps RunConfig comparisons equal
+                        num_query_groups=(None if a.num_key_value_heads == a.num_attention_heads
+                                          else a.num_key_value_heads),
                         ffn_hidden_size=a.intermediate_size, seq_length=a.max_position_embeddings,
                         vocab_size=a.vocab_size, norm_eps=a.rms_norm_eps, rope_base=int(a.rope_theta))
     memory = MemoryConfig(layers=list(a.memory_layers), n_keys=a.memory_n_keys, heads=a.memory_heads,

@@ -48,7 +48,8 @@ def _layer_params(cfg: RunConfig, memory: bool, tp: int) -> tuple[int, int]:
     """(TP-sharded params, TP-replicated params) of one transformer layer on one GPU."""
     m, mc = cfg.model, cfg.memory
     h = m.hidden_size
-    attention = 4 * h * h // tp
+    d_kv = m.query_groups() * (h // m.num_attention_heads)  # key/value width (GQA)
+    attention = (2 * h * h + 2 * h * d_kv) // tp
     norms = 2 * h
     if not memory:
         return attention + 3 * h * m.ffn_size() // tp, norms
@@ -65,11 +66,15 @@ def _activations(cfg: RunConfig, layers: list[int], mem_layers: set[int], mbs: i
     T = s * mbs
     t_sp = tp if cfg.parallel.sequence_parallel else 1
     softmax = 4 + (e if e < 4 else 0)  # fp32 probabilities, plus their low-precision copy
-    attention = e * T * h * (3 / t_sp + 4 / tp)          # norm in/normed/out, q k v, proj input
+    d_kv = m.query_groups() * (h // a)
+    # norm in/normed/out; q, k, v, context (the projection's input)
+    attention = e * T * (3 * h / t_sp + (2 * h + 2 * d_kv) / tp)
     if cfg.train.recompute_activations:  # core attention and FFN replayed: only inputs kept
         dense = e * T * 3 * h / t_sp
     else:
-        attention += softmax * mbs * (a / tp) * s * s
+        # local attention keeps the [s, s] probabilities; SDPA only a float32 log-sum-exp per row
+        attention += (softmax * mbs * (a / tp) * s * s if m.attention == "local"
+                      else 4 * mbs * (a / tp) * s)
         dense = e * T * (3 * h / t_sp + 5 * f / tp)      # norm, fc1 out (2f), silu, product, ...
     v = mc.value_dim(h)
     memory = (3 * e * T * h / t_sp + T / tp * (e * h + 12 * mc.heads * mc.k_dim + 12 * mc.bag_size

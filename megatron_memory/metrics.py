@@ -2,7 +2,7 @@
 """Honest FLOP counting (for MFU) and key-usage statistics of the memory layers.
 
 FLOPs per token, forward (training = 3x: backward does two matmuls per forward one):
-  attention projections 2·d·(d + 2·d_kv) + 2·d·d; causal attention core 2·s·d (QKᵀ and PV over
+  attention projections 2·d·(d + 2·d_kv) + 2·d·d (d_kv = groups · head width: GQA); causal attention core 2·s·d (QKᵀ and PV over
   the s/2 earlier positions on average); SwiGLU FFN 2·3·d·f;
   memory layer: query 2·d·H·k_dim, sub-key scores 2·H·k_dim·n_keys, lookup 2·bag·v (one
   multiply-add per gathered element, NOT 2·N·v as if the table were a dense matmul), W1 and W2
@@ -24,7 +24,8 @@ def flops_per_token(cfg: RunConfig, vocab_size: int) -> float:
     """Training FLOPs (forward + backward) per token of the whole model."""
     m, mem = cfg.model, cfg.memory
     d, s, f = m.hidden_size, m.seq_length, m.ffn_size()
-    attention = 2 * d * 3 * d + 2 * d * d + 2 * s * d
+    d_kv = m.query_groups() * (d // m.num_attention_heads)
+    attention = 2 * d * (d + 2 * d_kv) + 2 * d * d + 2 * s * d
     dense_ffn = 2 * 3 * d * f
     v = mem.value_dim(d)
     memory = (2 * d * mem.heads * mem.k_dim + 2 * mem.heads * mem.k_dim * mem.n_keys

@@ -40,7 +40,7 @@ from typing import Optional
 import torch
 import torch.distributed as dist
 from megatron.core import parallel_state
-from megatron.core.distributed import finalize_model_grads
+from megatron.core.distributed import DistributedDataParallel, finalize_model_grads
 from megatron.core.tensor_parallel.layers import set_tensor_model_parallel_attributes
 from megatron.core.tensor_parallel.mappings import (
     all_to_all_hp2sp,
@@ -54,6 +54,34 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 from megatron_memory import kernels
 from megatron_memory.config import MemoryConfig
 from megatron_memory.layer import MemoryPlus, MemoryValues
+
+
+class MemoryDDP(DistributedDataParallel):
+    """Megatron DDP aware of a table whose gradient the lookup kernel writes into ``main_grad``.
+
+    On CUDA the Triton lookup adds the table gradient straight into the table's ``main_grad`` and
+    returns None to autograd (kernels/README.md). Autograd still runs the table's AccumulateGrad
+    node, once per micro-batch and after every lookup of that micro-batch has run its backward
+    (the node waits for all its producers, i.e. the last memory layer in backward order), so
+    DDP's post-hook fires exactly when the table's gradient is complete, but with ``.grad`` None.
+    Megatron's hook asserts ``.grad`` is set when overlap_grad_reduce is on; for such a table
+    this hook skips the copy (already in main_grad) and goes straight to DDP's per-param ready
+    path, ``register_grad_ready``, which starts the table's bucket reduction as soon as its
+    bucket is complete. A returned gradient (CPU reference lookup) takes Megatron's own path.
+    """
+
+    def _make_backward_post_hook(self, param: torch.nn.Parameter):
+        ddp_hook = super()._make_backward_post_hook(param)
+        if not getattr(param, "is_memory_value", False):
+            return ddp_hook
+
+        def hook(*unused):
+            if param.grad is not None:  # a returned gradient: Megatron's path adds and clears it
+                return ddp_hook(*unused)
+            if self.ddp_config.overlap_grad_reduce and param in self.param_to_bucket_group:
+                self.param_to_bucket_group[param].register_grad_ready(param, self.force_all_reduce)
+
+        return hook
 
 
 def tp_world_size() -> int:

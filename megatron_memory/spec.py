@@ -12,6 +12,7 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
+from megatron_memory.attention import core_attention_module
 from megatron_memory.config import MemoryConfig
 from megatron_memory.layer import MemoryPlus, MemoryValues
 from megatron_memory.parallel import local_layer_ids
@@ -50,9 +51,12 @@ def norm_impl():
     return TorchNorm
 
 
-def _local_spec(config: TransformerConfig) -> ModuleSpec:
+def _local_spec(config: TransformerConfig, attention: str = "sdpa") -> ModuleSpec:
+    """Megatron's local layer spec with our norms and ``attention``'s core attention ("sdpa":
+    torch's fused kernels; "local": Megatron's unfused DotProductAttention, the reference)."""
     spec = get_gpt_layer_local_spec(normalization=config.normalization)
     spec.submodules.input_layernorm = spec.submodules.pre_mlp_layernorm = norm_impl()
+    spec.submodules.self_attention.submodules.core_attention = core_attention_module(attention)
     return spec
 
 
@@ -63,13 +67,13 @@ def memory_mlp_spec(memory_config: MemoryConfig, values: MemoryValues, layer_id:
 
 
 def memory_gpt_layer_specs(config: TransformerConfig, memory_config: MemoryConfig,
-                           values: Optional[MemoryValues]) -> list[ModuleSpec]:
+                           values: Optional[MemoryValues], attention: str = "sdpa") -> list[ModuleSpec]:
     """One spec per layer of the whole model (all pipeline stages), 0-based; ``values`` may be
-    None where this rank builds no memory layer."""
+    None where this rank builds no memory layer; ``attention`` as in ``_local_spec``."""
     memory_layers = set(memory_config.resolved_layers(config.num_layers))
     specs = []
     for i in range(config.num_layers):
-        spec = _local_spec(config)
+        spec = _local_spec(config, attention)
         if i in memory_layers:
             spec.submodules.mlp = memory_mlp_spec(memory_config, values, i)
         specs.append(spec)
@@ -78,9 +82,9 @@ def memory_gpt_layer_specs(config: TransformerConfig, memory_config: MemoryConfi
 
 def memory_gpt_block_spec(config: TransformerConfig, memory_config: MemoryConfig,
                           values: Optional[MemoryValues], vp_stage: Optional[int] = None,
-                          pp_rank: Optional[int] = None) -> TransformerBlockSubmodules:
+                          pp_rank: Optional[int] = None, attention: str = "sdpa") -> TransformerBlockSubmodules:
     """The decoder block spec of this pipeline stage (as get_gpt_decoder_block_spec slices it)."""
-    specs = memory_gpt_layer_specs(config, memory_config, values)
+    specs = memory_gpt_layer_specs(config, memory_config, values, attention)
     ids = local_layer_ids(config, vp_stage, pp_rank)
     if values is None and set(ids).intersection(memory_config.resolved_layers(config.num_layers)):
         raise ValueError("memory layers on this stage need the shared MemoryValues table")

@@ -7,6 +7,7 @@ torchrun / deepspeed / SLURM launchers (which set RANK, WORLD_SIZE, MASTER_ADDR,
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import os
 import signal
@@ -21,13 +22,14 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.strategies.async_utils import AsyncCallsQueue
-from megatron.core.distributed import DistributedDataParallel, DistributedDataParallelConfig
+from megatron.core.distributed import DistributedDataParallelConfig
 from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 from megatron.core.optimizer_param_scheduler import OptimizerParamScheduler
 from megatron.core.pipeline_parallel import get_forward_backward_func
 from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
+from torch.profiler import ProfilerActivity, profile
 
 from megatron_memory import checkpoint, data, parallel
 from megatron_memory.config import STOP_FILE_ENV, ConfigError, RunConfig, padded_vocab
@@ -60,7 +62,8 @@ def transformer_config(cfg: RunConfig, bf16: bool):
     on_cpu = not torch.cuda.is_available()
     return TransformerConfig(
         num_layers=m.num_layers, hidden_size=m.hidden_size, ffn_hidden_size=m.ffn_size(),
-        num_attention_heads=m.num_attention_heads, kv_channels=m.hidden_size // m.num_attention_heads,
+        num_attention_heads=m.num_attention_heads, num_query_groups=m.query_groups(),
+        kv_channels=m.hidden_size // m.num_attention_heads,
         normalization="RMSNorm", layernorm_epsilon=m.norm_eps, gated_linear_unit=True,
         activation_func=F.silu, add_bias_linear=False, init_method_std=m.init_std,
         hidden_dropout=0.0, attention_dropout=0.0,
@@ -207,7 +210,7 @@ class Trainer:
                                max_sequence_length=cfg.model.seq_length,
                                pre_process=ps.is_pipeline_first_stage(),
                                post_process=ps.is_pipeline_last_stage(),
-                               rotary_base=cfg.model.rope_base)
+                               rotary_base=cfg.model.rope_base, attention=cfg.model.attention)
         model.to(self.device)
         for layer in model.memory_layers():  # see TrainConfig.recompute_activations
             layer_module = next(m for m in model.decoder.layers if m.mlp is layer)
@@ -218,10 +221,27 @@ class Trainer:
         self.raw_model = model
         if self.bf16:
             model = Float16Module(self.tconfig, model)
-        ddp_config = DistributedDataParallelConfig(grad_reduce_in_fp32=True, overlap_grad_reduce=False,
-                                                   use_distributed_optimizer=self.dist_opt)
-        self.model = DistributedDataParallel(self.tconfig, ddp_config, model)
+        self.overlap = (cfg.train.overlap_comm if cfg.train.overlap_comm is not None
+                        else self.device.type == "cuda")
+        ddp_config = DistributedDataParallelConfig(
+            grad_reduce_in_fp32=True, overlap_grad_reduce=self.overlap,
+            overlap_param_gather=self.overlap and self.dist_opt,
+            use_distributed_optimizer=self.dist_opt)
+        self.model = parallel.MemoryDDP(self.tconfig, ddp_config, model)
         self.tconfig.finalize_model_grads_func = parallel.finalize_memory_grads
+        if self.overlap:  # as Megatron-LM's training loop wires its schedules
+            # Only the last micro-batch's backward marks gradients ready; the others accumulate.
+            self.tconfig.no_sync_func = self.model.no_sync
+            self.tconfig.grad_sync_func = self.model.start_grad_sync
+            if ddp_config.overlap_param_gather:
+                self.tconfig.param_sync_func = self.model.start_param_sync
+
+    def sync_params(self) -> None:
+        """With overlapped parameter all-gather, the distributed optimizer's last update reaches
+        the model's bf16/fp32 weights only in the next forward: gather them now (before a save,
+        at the end of training). A no-op otherwise."""
+        if self.model.ddp_config.overlap_param_gather:
+            self.model.start_param_sync(force_sync=True)
 
     def _checkpoint_vocab(self) -> Optional[int]:
         """The padded vocabulary a resumed checkpoint was trained with (the TP padding rule
@@ -318,9 +338,14 @@ class Trainer:
         with _StopSignals() as stop:
             for step in range(self.iteration + 1, t.steps + 1):
                 t0 = time.time()
-                loss, gnorm, vnorm = self.train_step()  # ends in a host sync (loss, grad norm)
+                profiling = step == t.profile_step
+                with (_profiler(self.device) if profiling else contextlib.nullcontext()) as prof:
+                    loss, gnorm, vnorm = self.train_step()  # ends in a host sync (loss, grad norm)
                 self.iteration = step
-                hist.step_seconds.append(time.time() - t0)
+                if profiling:
+                    self._log_profile(prof)
+                else:  # the profiler's overhead stays out of the throughput figures
+                    hist.step_seconds.append(time.time() - t0)
                 hist.losses.append(loss)
                 hist.grad_norms.append(gnorm)
                 hist.value_grad_norms.append(vnorm)
@@ -340,6 +365,7 @@ class Trainer:
                     break
         self.finish_saves()
         hist.seconds = time.time() - start
+        self.sync_params()
         hist.peak_gib = self.peak_memory()
         hist.valid_loss = self.evaluate()
         self._log_validation(self.iteration, hist.valid_loss, quiet=True)
@@ -412,6 +438,14 @@ class Trainer:
             self.log(f"step {step:>5}/{self.cfg.train.steps} | validation loss {loss:7.4f}")
         self.tracker.scalars({"valid/loss": loss}, step)
 
+    def _log_profile(self, prof) -> None:
+        """Rank 0 prints the profiled step's ops and kernels, most time first."""
+        if self.rank != 0:
+            return
+        key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
+        self.log(f"profile of step {self.iteration} (rank 0):\n"
+                 + prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+
     def _agreed_signal(self, received: Optional[int]) -> Optional[str]:
         """Why to stop, if any rank received a stop signal or sees the stop file (collective:
         all ranks stop after the same step)."""
@@ -439,6 +473,7 @@ class Trainer:
         """Checkpoint the current step into ``directory`` (collective; see checkpoint.py). With
         ``train.async_save`` the files are written in the background; one save at a time."""
         start = time.time()
+        self.sync_params()
         if self.async_queue is not None:
             self.async_queue.maybe_finalize_async_calls(blocking=True)  # the previous one first
         path = checkpoint.save(self, directory, self.iteration, self.cfg.train.checkpoint_integrity,
@@ -461,6 +496,12 @@ class Trainer:
 
 
 _STOP_FILE_CODE = 1000  # above every signal number (see config.STOP_FILE_ENV)
+
+
+def _profiler(device: torch.device):
+    """torch profiler over CPU ops, and CUDA kernels on a GPU."""
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    return profile(activities=acts)
 
 
 class _StopSignals:

@@ -25,6 +25,7 @@ ORDER = [
     "megatron_memory.kernels.reference",
     "megatron_memory.kernels.triton_embedding_bag",
     "megatron_memory.kernels.triton_product_key",
+    "megatron_memory.kernels.bf16_search",
     "megatron_memory.kernels",
     "megatron_memory.standalone",            # plain torch; kernels optional (copied into exports)
     "megatron_memory.cpu",
@@ -33,6 +34,7 @@ ORDER = [
     "megatron_memory.memory_estimate",
     "megatron_memory.tracking",             # TensorBoard / W&B (config + metrics)
     "megatron_memory.preflight",            # input checks before the model (config, data)
+    "megatron_memory.attention",            # SDPA core attention (megatron only)
     "megatron_memory.layer",                # single-device math: no parallel plan
     "megatron_memory.parallel",
     "megatron_memory.spec",

@@ -52,7 +52,8 @@ def test_dense_layer_activations_match_saved_tensors(megatron_world):
     from tests.conftest import tiny_transformer_config
 
     cfg = replace(get_preset("tiny"), **{"model.hidden_size": 64, "model.seq_length": 96,
-                                         "model.num_layers": 1, "memory.layers": []})
+                                         "model.num_layers": 1, "memory.layers": [],
+                                         "model.attention": "local"})
     tcfg = tiny_transformer_config(num_layers=1, hidden_size=64, ffn_hidden_size=cfg.model.ffn_size(),
                                    num_attention_heads=4)
     layer = TransformerLayer(tcfg, get_gpt_layer_local_spec(normalization="RMSNorm").submodules)
@@ -76,7 +77,7 @@ def test_dense_layer_activations_match_saved_tensors(megatron_world):
 
 
 def test_cli_flags_layouts_that_do_not_fit(capsys):
-    assert main(["--world-size", "4", "--gpu-gib", "80", "--", "--preset", "8b-memory", "--tp", "2",
+    assert main(["--world-size", "4", "--gpu-gib", "60", "--", "--preset", "8b-memory", "--tp", "2",
                  "--pp", "2", "--global-batch-size", "8"]) == 0
     out = capsys.readouterr().out
     assert "OVER" in out and "[16, 26]" in out

@@ -16,7 +16,9 @@ def test_flops_count_the_lookup_as_a_gather_not_a_dense_matmul():
     v = 32000
     d, f, s = 4096, dense.model.ffn_size(), 2048
     assert f == 11008
-    per_layer_dense = 2 * d * 3 * d + 2 * d * d + 2 * s * d + 6 * d * f
+    d_kv = 8 * 128  # 8 key/value groups of head width 128 (grouped-query attention)
+    assert dense.model.num_query_groups == 8
+    per_layer_dense = 2 * d * (d + 2 * d_kv) + 2 * d * d + 2 * s * d + 6 * d * f
     assert flops_per_token(dense, v) == 3 * (32 * per_layer_dense + 2 * d * v)
     memory_layer = 2 * d * 4 * 512 + 2 * 4 * 512 * 1024 + 2 * 128 * d + 4 * d * d
     want = 3 * (32 * per_layer_dense - 3 * 6 * d * f + 3 * memory_layer + 2 * d * v)

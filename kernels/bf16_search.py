@@ -1,0 +1,204 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Product-key search on bf16 tensor cores with exact float32 re-scoring of the candidates.
+
+Shapes: query [T, H, 2, half], keys [H, 2, n, half] (any float dtype; the layer passes its fp32
+QK-norm output) -> scores [T, H, k] fp32 descending, indices [T, H, k] int64 = i * n + j.
+
+Forward (no [T, H, 2, n] float32 tensor, no host sync):
+  1. bf16 scores of every sub-key: one batched GEMM per (head, half) on tensor cores,
+     [2H, T, n] bf16 (half the bytes of the fp32 reference's scores, written once, read once).
+  2. candidates: per (t, h, half) the top K1 = k + margin sub-keys of the bf16 scores
+     (``_select_kernel``: a threshold found by bisection in registers, one read of the scores). bf16 rounding (inputs and output) moves a score by ~1e-2 at the layer's
+     scale, a few ranks at most near the k-th, so the fp32 top-k lies inside the K1 candidates.
+  3. exact fp32 re-scoring of the 2H*T*K1 candidates (``_rescore_kernel``: gathered key rows
+     from L2, fp32 dot over the half width), the top-k of those per half, sorted.
+  4. the product step of the fused search (``triton_product_key._candidates_kernel``): only
+     rank pairs with (a+1)(b+1) <= k can reach the top-k of the sums; it also returns the ranks.
+Backward: dscores flows to s1[a] and s2[b]; summed per rank ([T, H, 2, k], tiny) and scattered
+into a zeroed bf16 [2H, T, n] gradient of the scores, two bf16 GEMMs give dq and dK (fp32
+accumulation; the result has bf16 precision, like every other activation gradient in bf16
+training). No sort, no atomics, no host sync.
+"""
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from megatron_memory.kernels.reference import product_key_search_reference
+from megatron_memory.kernels.triton_product_key import _candidates_kernel, _check, _pairs, candidates_block
+
+# Extra bf16 candidates per half beyond k (K1 = k + RESCORE_MARGIN). At the layer's scale
+# (unit-RMS queries, keys scaled 1/sqrt(half)) bf16 moves a score by < 0.02; 16 extra ranks
+# cover that with a wide margin (benchmarks/bench_memory_layer.py counts agreeing sets).
+RESCORE_MARGIN = 16
+# How the K1 candidates are picked from the bf16 scores: "threshold" (``_select_kernel``: one pass,
+# bisection on the K1-th largest value in registers) or "topk" (torch.topk, radix select).
+SELECT = "threshold"
+
+
+@triton.jit
+def _select_kernel(scores, cand, n, K1, BLOCK_N: tl.constexpr):
+    """Program (one row of [2H*T, n] bf16 scores): the column ids of its K1 largest values, in
+    column order (ties at the K1-th value broken by column), into cand[row, :K1].
+
+    bf16 has 16 significant bits: its order-preserving integer key (the top half of the fp32
+    bit map of ``triton_product_key._pack``) is bisected 17 times for the largest t with
+    #(key >= t) >= K1; then every key > t and the first K1 - #(key > t) keys == t are kept, their
+    output slots given by a running count."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK_N)
+    x = tl.load(scores + row * n + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
+    b = x.to(tl.int32, bitcast=True)
+    key = (b ^ ((b >> 31) & 0x7FFFFFFF)) >> 16           # order-preserving, in [-2**15, 2**15)
+    key = tl.where(cols < n, key, -65536)                 # padding below every real key
+    lo = tl.min(key, axis=0)                              # #(key >= lo) >= K1 always holds
+    hi = tl.max(key, axis=0) + 1                          # #(key >= hi) = 0 < K1
+    for _ in range(17):
+        mid = (lo + hi) // 2
+        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= K1
+        lo = tl.where(enough, mid, lo)
+        hi = tl.where(enough, hi, mid)
+    above = key > lo
+    tie = key == lo
+    room = K1 - tl.sum(above.to(tl.int32), axis=0)
+    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= room))
+    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
+    tl.store(cand + row * K1 + slot, cols.to(tl.int64), mask=take)
+
+
+def _candidates(approx: torch.Tensor, k1: int) -> torch.Tensor:
+    """approx [2H, T, n] bf16 -> column ids [2H, T, K1] int64 of each row's K1 largest."""
+    if SELECT == "topk":
+        return approx.topk(k1, dim=-1, sorted=False).indices
+    hc, T, n = approx.shape
+    cand = torch.empty(hc, T, k1, dtype=torch.int64, device=approx.device)
+    _select_kernel[(hc * T,)](approx, cand, n, k1, BLOCK_N=triton.next_power_of_2(n), num_warps=4)
+    return cand
+
+
+@triton.jit
+def _rescore_kernel(q, keys, cand, out, T, half, K1,
+                    stride_qt, stride_qh, stride_qc, stride_kh, stride_kc, stride_kn,
+                    BLOCK_T: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (token block, h*2 + c): out[hc, t, j] = <q[t, h, c], K[h, c, cand[hc, t, j]]> in
+    fp32 for the K1 candidates of each token; the key rows come from L2 (one (h, c) slice of
+    the sub-keys is n * half * 4 bytes, 1 MiB at the paper's sizes)."""
+    hc = tl.program_id(1)
+    h = hc // 2
+    c = hc % 2
+    ts = tl.program_id(0) * BLOCK_T + tl.arange(0, BLOCK_T)
+    tmask = ts < T
+    ds = tl.arange(0, BLOCK_D)
+    m2 = tmask[:, None] & (ds < half)[None, :]
+    qt = tl.load(q + ts.to(tl.int64)[:, None] * stride_qt + h * stride_qh + c * stride_qc
+                 + ds[None, :], mask=m2, other=0.0).to(tl.float32)
+    k_base = keys + h * stride_kh + c * stride_kc
+    row = (hc * T + ts.to(tl.int64)) * K1
+    for j in range(0, K1):
+        idx = tl.load(cand + row + j, mask=tmask, other=0)
+        kr = tl.load(k_base + idx.to(tl.int64)[:, None] * stride_kn + ds[None, :], mask=m2,
+                     other=0.0).to(tl.float32)
+        tl.store(out + row + j, tl.sum(qt * kr, axis=1), mask=tmask)
+
+
+def _per_half_topk(query, keys, k: int, margin: int):
+    """-> top_s [T, H, 2, K_PAD] fp32, top_i [T, H, 2, K_PAD] int32 (first k sorted, rest
+    unused), qb [2H, T, half] bf16, kb [2H, n, half] bf16 (kept for the backward)."""
+    T, H, _, half = query.shape
+    n = keys.shape[2]
+    k1 = min(n, k + margin)
+    qb = query.to(torch.bfloat16).permute(1, 2, 0, 3).reshape(2 * H, T, half)
+    kb = keys.to(torch.bfloat16).reshape(2 * H, n, half)
+    approx = torch.bmm(qb, kb.transpose(1, 2))                          # [2H, T, n] bf16
+    cand = _candidates(approx, k1)                                      # [2H, T, K1] int64
+    del approx
+    exact = torch.empty(2 * H, T, k1, dtype=torch.float32, device=query.device)
+    block_t = 16
+    _rescore_kernel[(triton.cdiv(T, block_t), 2 * H)](
+        query, keys, cand, exact, T, half, k1, query.stride(0), query.stride(1), query.stride(2),
+        keys.stride(0), keys.stride(1), keys.stride(2), BLOCK_T=block_t,
+        BLOCK_D=triton.next_power_of_2(half), num_warps=4)
+    best, pos = exact.topk(k, dim=-1)                                   # [2H, T, k] sorted
+    k_pad = max(2, triton.next_power_of_2(k))
+    top_s = torch.zeros(T, H, 2, k_pad, dtype=torch.float32, device=query.device)
+    top_i = torch.zeros(T, H, 2, k_pad, dtype=torch.int32, device=query.device)
+    top_s[..., :k] = best.view(H, 2, T, k).permute(2, 0, 1, 3)
+    top_i[..., :k] = cand.gather(-1, pos).view(H, 2, T, k).permute(2, 0, 1, 3)
+    return top_s, top_i, qb, kb
+
+
+def bf16_search_forward(query, keys, k: int, margin: int = RESCORE_MARGIN):
+    """-> scores [T, H, k] fp32, indices [T, H, k] int64, and for the backward: per-half ids
+    top_i [T, H, 2, K_PAD] int32, ranks [T, H, k] int32 (a * K_PAD + b), qb, kb."""
+    T, H, _, half = query.shape
+    n = keys.shape[2]
+    dev = query.device
+    scores = torch.empty(T, H, k, dtype=torch.float32, device=dev)
+    indices = torch.empty(T, H, k, dtype=torch.int64, device=dev)
+    ranks = torch.empty(T, H, k, dtype=torch.int32, device=dev)
+    top_s, top_i, qb, kb = _per_half_topk(query, keys, k, margin)
+    k_pad = top_s.shape[-1]
+    pa, pb, P = _pairs(k, k_pad, dev)
+    block_r = candidates_block(P)
+    _candidates_kernel[(triton.cdiv(T * H, block_r),)](
+        top_s, top_i, pa, pb, scores, indices, ranks, T * H, n, k, K_PAD=k_pad, P=P,
+        BLOCK_R=block_r, WRITE_RANKS=True, num_warps=4)
+    return scores, indices, top_i, ranks, qb, kb
+
+
+def bf16_search_backward(grad_scores, top_i, ranks, qb, kb, need_q: bool, need_k: bool):
+    """dscores [T, H, k] -> (dq [T, H, 2, half] bf16 or None, dK [H, 2, n, half] bf16 or None)."""
+    T, H, k = grad_scores.shape
+    k_pad = top_i.shape[-1]
+    n, half = kb.shape[1], kb.shape[2]
+    g = grad_scores.float()
+    ranks = ranks.long()
+    # Sum the gradient of every chosen pair onto its two per-half ranks (a rank is shared by
+    # several pairs), then place it at the sub-key ids: no duplicates remain for the scatter.
+    per_rank = torch.zeros(T, H, 2, k_pad, dtype=torch.float32, device=g.device)
+    per_rank[:, :, 0].scatter_add_(-1, ranks // k_pad, g)
+    per_rank[:, :, 1].scatter_add_(-1, ranks % k_pad, g)
+    ds = torch.zeros(2 * H, T, n, dtype=torch.bfloat16, device=g.device)
+    ds.scatter_(-1, top_i.permute(1, 2, 0, 3).reshape(2 * H, T, k_pad)[..., :k].long(),
+                per_rank.permute(1, 2, 0, 3).reshape(2 * H, T, k_pad)[..., :k].to(torch.bfloat16))
+    dq = dk = None
+    if need_q:
+        dq = torch.bmm(ds, kb).view(H, 2, T, half).permute(2, 0, 1, 3)
+    if need_k:
+        dk = torch.bmm(ds.transpose(1, 2), qb).view(H, 2, n, half)
+    return dq, dk
+
+
+class _Bf16Search(torch.autograd.Function):
+    """forward(query, keys, k, margin) -> (scores, indices); gradients reach query and keys."""
+
+    @staticmethod
+    def forward(ctx, query, keys, k, margin):
+        scores, indices, top_i, ranks, qb, kb = bf16_search_forward(query, keys, k, margin)
+        ctx.save_for_backward(top_i, ranks, qb, kb)
+        ctx.dtypes = (query.dtype, keys.dtype)
+        ctx.mark_non_differentiable(indices)
+        return scores, indices
+
+    @staticmethod
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, grad_scores, _grad_indices):
+        top_i, ranks, qb, kb = ctx.saved_tensors
+        need_q, need_k = ctx.needs_input_grad[:2]
+        dq, dk = bf16_search_backward(grad_scores, top_i, ranks, qb, kb, need_q, need_k)
+        q_dtype, k_dtype = ctx.dtypes
+        return (None if dq is None else dq.to(q_dtype), None if dk is None else dk.to(k_dtype),
+                None, None)
+
+
+def bf16_product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int,
+                            margin: int = RESCORE_MARGIN):
+    """Top-k product keys (same contract as ``triton_product_key_search``); bf16 tensor-core
+    scores, candidates re-scored in fp32 from the inputs as given. fp64 runs the reference."""
+    if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
+        raise ValueError(f"product_key_search: margin must be an int >= 0, got {margin!r}")
+    _check(query, keys, k)
+    if torch.float64 in (query.dtype, keys.dtype):
+        return product_key_search_reference(query, keys, k)
+    return _Bf16Search.apply(query.contiguous(), keys.contiguous(), k, margin)

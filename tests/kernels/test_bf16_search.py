@@ -1,0 +1,137 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""bf16 tensor-core search with fp32 re-scoring against the fp32 / fp64 reference: the selected
+sets are the reference's, scores are the exact fp32 scores of the chosen keys, and dq / dK are
+the reference gradients to bf16 precision. CPU cases run the Triton kernels in the interpreter
+(the bf16 GEMMs are torch's); GPU cases use ``requires_cuda``."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from megatron_memory import kernels
+from megatron_memory.kernels.reference import product_key_search_reference
+from tests.conftest import requires_cuda
+from tests.kernels.test_embedding_bag import rel_err, run_interpreted, sm90_compile
+from tests.kernels.test_product_key import scores_at
+
+from megatron_memory.kernels import bf16_search as bs
+
+GRAD_TOL = 2e-2  # bf16 gradient of the scores and bf16 GEMM inputs (fp32 accumulation)
+
+
+def layer_like(T, H, n, half, seed):
+    """Unit-RMS fp32 queries and keys scaled 1/sqrt(half), as the layer's QK-norm gives them."""
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, 2, half, generator=gen)
+    K = torch.randn(H, 2, n, half, generator=gen)
+    K = K / K.pow(2).mean(-1, keepdim=True).sqrt() * half ** -0.5
+    return q, K
+
+
+def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN, exact_sets=True):
+    """exact_sets: every row selects the fp32 reference's set. Large shapes hold rows whose k-th
+    and (k+1)-th scores differ by less than fp32 rounding, where two fp32 searches (torch's
+    einsum vs the fused Triton one: 99.997% equal at T=8192) already disagree; there every row
+    must be a valid top-k within fp32 rounding and >= 99.9% of rows the reference's set."""
+    q, K = layer_like(T, H, n, half, seed)
+    dscores = torch.randn(T, H, k, generator=torch.Generator().manual_seed(seed + 1))
+    want_s, want_i = product_key_search_reference(q, K, k)                # fp32 search
+    qt, Kt = q.to(device, copy=True).requires_grad_(), K.to(device, copy=True).requires_grad_()
+    scores, idx = bs.bf16_product_key_search(qt, Kt, k, margin)
+    assert scores.dtype == torch.float32 and idx.dtype == torch.int64 and scores.shape == (T, H, k)
+    assert torch.all(scores[..., :-1] >= scores[..., 1:]), "scores not descending"
+    got_i = idx.cpu()
+    same = (got_i.sort(-1).values == want_i.sort(-1).values).all(-1)
+    qr, Kr = q.double().requires_grad_(), K.double().requires_grad_()
+    if exact_sets:
+        assert same.all(), f"{int((~same).sum())} rows select another set"
+        torch.testing.assert_close(scores.cpu(), want_s, rtol=0, atol=1e-5)
+    else:
+        assert same.float().mean() >= 0.999, same.float().mean()
+        chosen = scores_at(q.double(), K.double(), got_i)
+        torch.testing.assert_close(scores.cpu().double(), chosen, rtol=0, atol=1e-5)
+        assert torch.all(chosen.min(-1).values >= want_s[..., -1].double() - 1e-5), "not a top-k set"
+    scores_at(qr, Kr, got_i).backward(dscores.double())
+    scores.backward(dscores.to(device))
+    assert qt.grad.dtype == torch.float32 and Kt.grad.dtype == torch.float32
+    assert rel_err(qt.grad, qr.grad) <= GRAD_TOL, rel_err(qt.grad, qr.grad)
+    assert rel_err(Kt.grad, Kr.grad) <= GRAD_TOL, rel_err(Kt.grad, Kr.grad)
+
+
+INTERPRETER_CASES = [
+    dict(T=40, H=2, n=64, half=16, k=8),
+    dict(T=9, H=3, n=37, half=24, k=5),          # odd sizes, k not a power of two
+    dict(T=5, H=1, n=6, half=4, k=4, margin=8),  # K1 capped at n
+]
+
+
+def check_select(rows, n, k1, seed):
+    """_select_kernel picks K1 distinct columns holding the K1 largest values (ties at the K1-th
+    broken arbitrarily), as torch.topk does; coarse bf16 values make ties frequent."""
+    gen = torch.Generator().manual_seed(seed)
+    s = (torch.randn(2, rows, n, generator=gen) * 4).round().to(torch.bfloat16)  # many ties
+    s[0, 0, :] = 1.0                                                               # all equal
+    cand = bs._candidates(s, k1)
+    assert cand.shape == (2, rows, k1) and cand.min() >= 0 and cand.max() < n
+    assert torch.all(cand.sort(-1).values.diff(dim=-1) > 0), "a column chosen twice"
+    kth = s.float().topk(k1, dim=-1).values[..., -1:]
+    picked = s.float().gather(-1, cand)
+    assert torch.all(picked >= kth)
+    assert torch.equal((s.float() > kth).sum(-1), (picked > kth).sum(-1)), "a larger value left out"
+
+
+def interpreter_bf16_cases():
+    for rows, n, k1, seed in ((5, 64, 12, 0), (3, 37, 37, 1), (4, 100, 1, 2)):
+        check_select(rows, n, k1, seed)
+    for case in INTERPRETER_CASES:
+        check_bf16_search("cpu", **case)
+    return len(INTERPRETER_CASES)
+
+
+def test_interpreter_bf16_search():
+    assert run_interpreted("tests.kernels.test_bf16_search", "interpreter_bf16_cases") \
+        == len(INTERPRETER_CASES)
+
+
+def test_sm90_compile_without_spills():
+    """The candidate selection (n=1024), the re-scoring kernel (half=256, fp32 inputs) and the
+    product step with its ranks compile for H100 without spills."""
+    from megatron_memory.kernels import triton_product_key as pk
+
+    regs, spills = sm90_compile(bs._select_kernel, dict(scores="bf16", cand="i64"),
+                                dict(BLOCK_N=1024), 4)
+    assert spills == 0, f"select: {regs} registers, {spills} B spilled"
+    regs, spills = sm90_compile(bs._rescore_kernel, dict(q="fp32", keys="fp32", cand="i64", out="fp32"),
+                                dict(BLOCK_T=16, BLOCK_D=256), 4)
+    assert spills == 0, f"rescore: {regs} registers, {spills} B spilled"
+    P = pk._pairs(32, 32, torch.device("cpu"))[2]
+    ptrs = dict(top_s="fp32", top_i="i32", pair_a="i32", pair_b="i32", scores="fp32",
+                indices="i64", ranks="i32")
+    regs, spills = sm90_compile(pk._candidates_kernel, ptrs, dict(
+        K_PAD=32, P=P, BLOCK_R=pk.candidates_block(P), WRITE_RANKS=True), 4)
+    assert spills == 0, f"candidates: {regs} registers, {spills} B spilled"
+
+
+def test_bad_margin_raises():
+    q, K = layer_like(2, 1, 8, 4, 0)
+    with pytest.raises(ValueError, match="margin"):
+        bs.bf16_product_key_search(q, K, 2, -1)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T,H,n,half,k,exact", [
+    (512, 4, 1024, 256, 32, True), (300, 2, 256, 64, 16, True), (64, 4, 128, 128, 37, True),
+    (8192, 4, 1024, 256, 32, False)])
+def test_gpu_matches_fp32_reference(T, H, n, half, k, exact):
+    check_bf16_search("cuda", T, H, n, half, k, seed=T + n, exact_sets=exact)
+
+
+@requires_cuda
+def test_gpu_default_dispatch_is_bf16(monkeypatch):
+    seen = []
+    real = bs.bf16_product_key_search
+    monkeypatch.setattr(bs, "bf16_product_key_search", lambda *a: seen.append(1) or real(*a))
+    q, K = layer_like(64, 2, 64, 16, 3)
+    monkeypatch.setattr(kernels, "SEARCH_BACKEND", "bf16")
+    kernels.product_key_search(q.cuda(), K.cuda(), 4)
+    assert seen == [1]

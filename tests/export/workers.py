@@ -12,6 +12,7 @@ def export(cfg, folder: str, tokens_file: str) -> None:
     from megatron_memory import data, hf_format
     from megatron_memory.training import Trainer
 
+    cfg.train.finetune = True  # the weights, and the data from its start, as workers.logits
     trainer = Trainer(cfg, log=lambda line: None)
     tok = trainer.tokenizer
     config = hf_format.hf_config(cfg, trainer.vocab_size, eos_token_id=tok.eod, pad_token_id=tok.pad)

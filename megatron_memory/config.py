@@ -65,7 +65,7 @@ class MemoryConfig:
                         "scores by 1/sqrt(k_dim/2); off gives the reference's raw dot products")
     qk_norm_eps: float = opt(1e-6, "epsilon of the QK-norm")
     query_norm: QueryNorm = opt(
-        QueryNorm.NONE, "normalise the query across tokens before the search: 'batchnorm' (batch "
+        QueryNorm.BATCHNORM, "normalise the query across tokens before the search: 'batchnorm' (batch "
         "mean/var over this micro-batch's tokens of the TP group, running statistics in eval), "
         "'center' (subtract a running mean, cheapest), 'none' (reference)")
     query_norm_momentum: float = opt(0.1, "weight of each optimizer step's statistics in the "

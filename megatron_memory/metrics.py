@@ -114,10 +114,11 @@ class KeyUsage:
     def observe(self, x: torch.Tensor, q: torch.Tensor) -> None:
         """x [T, d] the memory input, q [T, D] the query the search sees: add their moments."""
         parts = []
-        for t in (x, q):
-            t = t.detach().double()
+        for t in (x.detach(), q.detach()):
+            # float64 sums without a float64 copy of [T, d] (268 MB at T=8192, d=4096)
             n = torch.full((1,), float(t.shape[0]), dtype=torch.float64, device=t.device)
-            parts += [t.sum(0), (t * t).sum().view(1), n]
+            parts += [t.sum(0, dtype=torch.float64),
+                      t.float().square().sum(dtype=torch.float64).view(1), n]
         flat = torch.cat(parts)
         if self.moments is None:
             self.moments, self.dims = torch.zeros_like(flat), (x.shape[1], q.shape[1])

@@ -46,6 +46,7 @@ ORDER = [
     "megatron_memory.tools.preprocess_data",
     "megatron_memory.tools.memory_calculator",
     "megatron_memory.tools.plot_run",
+    "megatron_memory.tools.build_text_corpus",
     "megatron_memory.launch",
     "megatron_memory.launch.run",
 ]

@@ -61,6 +61,7 @@ def logits(cfg, out_file: str) -> None:
     from megatron.core.pipeline_parallel import get_forward_backward_func
 
     trainer = Trainer(cfg, log=lambda line: None)
+    trainer.model.eval()  # the checkpoint's logits: query BatchNorm on its running statistics
     batch = next(trainer.train_iter)
     captured = []
 

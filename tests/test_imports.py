@@ -47,6 +47,7 @@ ORDER = [
     "megatron_memory.tools.memory_calculator",
     "megatron_memory.tools.plot_run",
     "megatron_memory.tools.build_text_corpus",
+    "megatron_memory.tools.fact_recall",
     "megatron_memory.launch",
     "megatron_memory.launch.run",
 ]

@@ -184,7 +184,7 @@ def log_key_usage(writer, step: int, usage: dict) -> None:
             top = max(b for b, c in enumerate(u.hits) if c)
             writer.add_histogram_raw(f"memory/hits_layer{lid}", min=0.0, max=limits[top], num=num,
                                      sum=total, sum_squares=sum(c * r * r for c, r in zip(u.hits, reps)),
-                                     bucket_limits=limits, bucket_counts=list(u.hits))
+                                     bucket_limits=limits, bucket_counts=list(u.hits), global_step=step)
 
 
 def format_key_usage(usage: dict) -> str:

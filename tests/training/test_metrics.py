@@ -113,6 +113,7 @@ def test_progress_line_and_tensorboard_scalars():
             self.tags[tag] = value
 
         def add_histogram_raw(self, tag, **kw):
+            assert kw["global_step"] == 10 and len(kw["bucket_limits"]) == len(kw["bucket_counts"])
             self.tags[tag] = kw["bucket_counts"]
 
     w = Writer()

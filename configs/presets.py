@@ -2,8 +2,11 @@
 """Named model presets. Each derives from a base with ``replace``; nothing is copied.
 
 ``tiny`` trains on the embedded corpus on 2 CPU cores in minutes. The paper sizes (Berges et al.
-2025, authors' answers) come as ``<size>-memory`` (Memory+ in three evenly spaced, centred
-layers, 2**20 values) and ``<size>-dense`` (no memory layer).
+2025, authors' answers) come as ``<size>-memory`` (Memory+ in three layers, 2**20 values) and
+``<size>-dense`` (no memory layer). Memory layers sit where Meta's released configs put them,
+4/12/20, in every preset of 21+ layers (its 373M has 24 layers, its 7B/8B 32): deeper memory layers
+lose their keys faster (shared/notes/key-usage-findings.md), and the even spacing would give
+5/16/26 at 32 layers. The 12-layer 134M keeps the even spacing (2/6/10).
 """
 from __future__ import annotations
 
@@ -31,6 +34,8 @@ _PAPER = RunConfig(
                       log_interval=10),
 )
 
+META_LAYERS = (4, 12, 20)  # Meta's placement (373M: 24 layers, 7B: 32 layers)
+
 _SIZES = {  # name: (hidden, layers, heads, lr)
     "134m": (768, 12, 12, 3e-4),
     "373m": (1024, 24, 16, 3e-4),
@@ -49,7 +54,8 @@ def _paper(hidden: int, layers: int, heads: int, lr: float, memory: bool,
            groups=None) -> RunConfig:
     cfg = replace(_PAPER, **{"model.hidden_size": hidden, "model.num_layers": layers,
                              "model.num_attention_heads": heads, "model.num_query_groups": groups,
-                             "train.lr": lr, "train.min_lr": lr / 10})
+                             "train.lr": lr, "train.min_lr": lr / 10,
+                             "memory.layers": list(META_LAYERS) if layers > META_LAYERS[-1] else None})
     return cfg if memory else replace(cfg, **{"memory.layers": []})
 
 

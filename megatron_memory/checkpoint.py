@@ -98,6 +98,8 @@ def architecture(cfg: RunConfig, vocab_size: int) -> dict:
         arch.update({"memory.n_keys": mem.n_keys, "memory.heads": mem.heads, "memory.k": mem.k,
                      "memory.k_dim": mem.k_dim, "memory.v_dim": mem.value_dim(m.hidden_size),
                      "memory.qk_norm": mem.qk_norm, "memory.plus": mem.plus})
+        if str(mem.query_norm) != "none":  # absent before query norms existed: old ones still load
+            arch["memory.query_norm"] = str(mem.query_norm)
     return arch
 
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import difflib
+import enum
 import os
 import re
 import sys
@@ -83,6 +84,8 @@ def _add_field(group, section: str, f: dataclasses.Field, hints: dict, base: Run
     kw: dict[str, Any] = dict(dest=dest, help=help_, default=argparse.SUPPRESS)
     if tp is bool:
         kw["action"] = argparse.BooleanOptionalAction
+    elif isinstance(tp, type) and issubclass(tp, enum.Enum):
+        kw.update(type=tp, choices=list(tp), metavar="{" + ",".join(str(c.value) for c in tp) + "}")
     elif typing.get_origin(tp) is list:
         kw.update(nargs="*", type=typing.get_args(tp)[0], metavar=typing.get_args(tp)[0].__name__.upper())
     else:

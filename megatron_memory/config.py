@@ -9,6 +9,7 @@ the field and the fix.
 from __future__ import annotations
 
 import dataclasses
+import enum
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -43,6 +44,23 @@ def default_memory_layers(num_layers: int, count: int = 3) -> list[int]:
     return [((2 * i + 1) * num_layers) // (2 * count) for i in range(count)]
 
 
+class QueryNorm(str, enum.Enum):
+    """Normalisation of the memory query across tokens (before the half split and QK-norm).
+
+    Why: in training the residual stream soon carries one direction shared by every token; the
+    queries then all point the same way and pick the same few keys (key-usage collapse,
+    ``shared/notes/key-usage-findings.md``). Per-token norms (QK-norm) cannot remove what is
+    shared across tokens; statistics over tokens can.
+    """
+
+    NONE = "none"            # query as is (reference)
+    BATCHNORM = "batchnorm"  # Lample et al. 2019: per-feature batch mean/var, learnable affine
+    CENTER = "center"        # subtract a running per-feature mean (no variance, no affine)
+
+    def __str__(self) -> str:
+        return self.value
+
+
 @dataclass
 class MemoryConfig:
     """Memory / Memory+ layer hyper-parameters (Berges et al. 2025; reference defaults)."""
@@ -58,6 +76,13 @@ class MemoryConfig:
     qk_norm: bool = opt(True, "RMS-normalise query halves (learnable gain) and sub-keys, and scale "
                         "scores by 1/sqrt(k_dim/2); off gives the reference's raw dot products")
     qk_norm_eps: float = opt(1e-6, "epsilon of the QK-norm")
+    query_norm: QueryNorm = opt(
+        QueryNorm.BATCHNORM, "normalise the query across tokens before the search: 'batchnorm' (batch "
+        "mean/var over this micro-batch's tokens of the TP group, running statistics in eval), "
+        "'center' (subtract a running mean, cheapest), 'none' (reference)")
+    query_norm_momentum: float = opt(0.1, "weight of each optimizer step's statistics in the "
+                                     "running mean/var (bias-corrected EMA; all tokens of the step)")
+    query_norm_eps: float = opt(1e-5, "epsilon added to the variance of the query BatchNorm")
     plus: bool = opt(True, "Memory+: out = W2(y * silu(W1 x)); off: plain memory, out = y")
     value_lr_mult: float = opt(10.0, "learning-rate multiplier of the value table's param group")
     value_init_std: Optional[float] = opt(None, "std of the value init; default v_dim**-0.5")
@@ -107,6 +132,15 @@ class MemoryConfig:
                               f"{tp_size}: the value table is split along its width")
         if self.value_lr_mult <= 0:
             raise ConfigError(f"memory.value_lr_mult must be > 0, got {self.value_lr_mult}")
+        try:
+            self.query_norm = QueryNorm(self.query_norm)
+        except ValueError:
+            raise ConfigError(f"memory.query_norm={self.query_norm!r}: choose one of "
+                              f"{', '.join(q.value for q in QueryNorm)}") from None
+        if not 0 < self.query_norm_momentum <= 1:
+            raise ConfigError(f"memory.query_norm_momentum must be in (0, 1], got {self.query_norm_momentum}")
+        if self.query_norm_eps <= 0:
+            raise ConfigError(f"memory.query_norm_eps must be > 0, got {self.query_norm_eps}")
 
 
 @dataclass
@@ -209,7 +243,11 @@ class TrainConfig:
     seed: int = opt(1234, "seed of the dense init and data order")
     bf16: Optional[bool] = opt(None, "bf16 mixed precision; default: on with CUDA, off on CPU")
     log_interval: int = opt(10, "steps between progress lines and TensorBoard scalars")
-    key_usage: bool = opt(True, "log the share of values each memory layer selects per log window")
+    key_usage: bool = opt(True, "log each memory layer's key-usage health per log window: share of "
+                          "values used, effective usage, cumulative share, shared-direction share "
+                          "of its input and query, hit-count histogram")
+    key_usage_span_tokens: int = opt(10_000_000, "tokens over which the cumulative share of values "
+                                     "touched is counted before it restarts")
     peak_tflops: Optional[float] = opt(None, "per-GPU bf16 peak for MFU; default: by GPU name "
                                        "(H100/H200 989), none on CPU")
     profile_step: Optional[int] = opt(None, "record this step with the torch profiler; rank 0 "
@@ -256,6 +294,8 @@ class TrainConfig:
                               f"{self.eval_iters}, {self.eval_interval}")
         if self.global_batch_size is not None and self.global_batch_size < 1:
             raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
+        if self.key_usage_span_tokens < 1:
+            raise ConfigError(f"train.key_usage_span_tokens must be >= 1, got {self.key_usage_span_tokens}")
         for name in ("save_interval", "keep_last", "exit_interval", "profile_step"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

@@ -67,6 +67,7 @@ def hf_config(cfg: RunConfig, vocab_size: int, *, torch_dtype: str = "float32",
         "memory_heads": mem.heads, "memory_k": mem.k, "memory_k_dim": mem.k_dim,
         "memory_v_dim": mem.value_dim(m.hidden_size), "memory_qk_norm": mem.qk_norm,
         "memory_qk_norm_eps": mem.qk_norm_eps, "memory_plus": mem.plus,
+        "memory_query_norm": str(mem.query_norm), "memory_query_norm_eps": mem.query_norm_eps,
     }
     for key, val in (("bos_token_id", bos_token_id), ("eos_token_id", eos_token_id),
                      ("pad_token_id", pad_token_id)):
@@ -94,7 +95,8 @@ def run_config_from_hf(config: dict) -> RunConfig:
                           # None is the default "hidden size": keeps RunConfig comparisons equal
                           v_dim=None if a.memory_v_dim == a.hidden_size else a.memory_v_dim,
                           qk_norm=a.memory_qk_norm, qk_norm_eps=a.memory_qk_norm_eps,
-                          plus=a.memory_plus)
+                          plus=a.memory_plus, query_norm=a.memory_query_norm,
+                          query_norm_eps=a.memory_query_norm_eps)
     return RunConfig(model=model, memory=memory)
 
 
@@ -131,7 +133,11 @@ _RENAMES = [
     ("decoder.final_layernorm.weight", "model.norm.weight"),
     ("output_layer.weight", "lm_head.weight"),
 ] + [(f"decoder.layers.{{i}}.mlp.{p}", f"model.layers.{{i}}.memory.{p}")
-     for p in ("query.weight", "query.bias", "keys", "w1.weight", "w1.bias", "w2.weight", "w2.bias")]
+     for p in ("query.weight", "query.bias", "keys", "w1.weight", "w1.bias", "w2.weight", "w2.bias",
+               # query BatchNorm / centring: affine and running statistics (fp32; num_updates
+               # int64, so a model converted back resumes the bias-corrected EMA where it was)
+               "query_bn.weight", "query_bn.bias", "query_bn.running_mean", "query_bn.running_var",
+               "query_bn.num_updates")]
 # One Megatron tensor <-> several HF tensors, concatenated along dim 0 (qkv is interleaved).
 _QKV = "decoder.layers.{i}.self_attention.linear_qkv.weight"
 _QKV_PARTS = tuple(f"model.layers.{{i}}.self_attn.{p}_proj.weight" for p in "qkv")

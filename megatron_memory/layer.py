@@ -32,7 +32,8 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_memory import kernels
-from megatron_memory.config import MemoryConfig
+from megatron_memory.config import MemoryConfig, QueryNorm
+from megatron_memory.query_norm import QueryBatchNorm
 
 VALUE_GRAD_NORM_GROUP = "memory_values"
 # Rows generated per chunk when initialising the table: bounds the temporary [rows, v] buffer.
@@ -114,6 +115,11 @@ class MemoryValues(MegatronModule):
         """indices, weights [T, bag] -> [T, v]: the weighted sum of the selected rows."""
         return kernels.embedding_bag(self.weight, indices, weights)
 
+    def token_group(self):
+        """The process group whose ranks hold the other tokens of a layer's batch (their sums
+        make the query BatchNorm's statistics); None: every token is here."""
+        return None
+
     def mark_pipeline_copy(self, group, main: bool) -> None:
         """This table is one of several identical copies on pipeline stages joined by ``group``;
         ``main`` marks the copy counted in grad norms and written as the main checkpoint replica."""
@@ -161,6 +167,8 @@ class MemoryPlus(MegatronModule):
         # 1-D so that the standard optimizer rule skips weight decay on this gain.
         self.query_norm_weight = (torch.nn.Parameter(torch.ones(mc.heads * mc.k_dim, **kw))
                                   if mc.qk_norm else None)
+        self.query_bn = (None if QueryNorm(mc.query_norm) is QueryNorm.NONE else QueryBatchNorm(
+            mc.heads * mc.k_dim, mc.query_norm, mc.query_norm_eps, mc.query_norm_momentum, **kw))
         if mc.plus:
             self.w1 = torch.nn.Linear(d, v, bias=True, **kw)
             self.w2 = torch.nn.Linear(v, d, bias=True, **kw)
@@ -182,6 +190,8 @@ class MemoryPlus(MegatronModule):
             self.w2.weight.normal_(0.0, d ** -0.5, generator=gen)
             self.w1.bias.zero_()
             self.w2.bias.zero_()
+        if self.query_bn is not None:
+            self.query_bn.reset_parameters()
 
     def _normalised(self, q: torch.Tensor, keys: torch.Tensor):
         """QK-norm: RMS-normalise query halves (learnable gain) and sub-keys, scale 1/sqrt(half)."""
@@ -194,11 +204,20 @@ class MemoryPlus(MegatronModule):
         keys = F.rms_norm(keys.to(acc), (self.half,), eps=mc.qk_norm_eps) * self.half ** -0.5
         return q, keys
 
-    def select(self, x: torch.Tensor):
-        """x [T, d] -> indices [T, H*k] int64, weights [T, H*k] float32 (softmax per head)."""
+    def select(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None):
+        """x [T, d] -> indices [T, H*k] int64, weights [T, H*k] float32 (softmax per head).
+
+        keep [T] (1 = real token, 0 = padding) only matters to the query BatchNorm's statistics.
+        """
         mc = self.memory_config
-        q = self.query(x).view(x.shape[0], mc.heads, 2, self.half)
-        q, keys = self._normalised(q, self.keys)
+        q = self.query(x)
+        if self.query_bn is not None:
+            q_bn = self.query_bn(q, keep, self.values.token_group())
+            # Without QK-norm the search sees the query in the model's dtype, as before.
+            q = q_bn if mc.qk_norm else q_bn.to(q.dtype)
+        q, keys = self._normalised(q.view(x.shape[0], mc.heads, 2, self.half), self.keys)
+        if self.key_usage is not None and self.training:
+            self.key_usage.observe(x, q.reshape(x.shape[0], -1))
         scores, indices = kernels.product_key_search(q, keys, mc.k)
         weights = torch.softmax(scores.to(acc_dtype(scores)), dim=-1)
         return indices.flatten(1), weights.flatten(1)
@@ -209,11 +228,19 @@ class MemoryPlus(MegatronModule):
             return y
         return self.w2(y * F.silu(self.w1(x)))
 
+    def _keep(self, padding_mask) -> Optional[torch.Tensor]:
+        """Megatron's padding_mask [b, s'] (True = padding; with SP already this rank's share)
+        -> keep [s'' * b] float, in this layer's token order and split."""
+        if padding_mask is None or self.query_bn is None:
+            return None
+        keep = (~padding_mask.bool()).t().unsqueeze(-1).to(torch.float32)   # [s', b, 1]
+        return self.values.split_tokens(keep).reshape(-1)
+
     def forward(self, hidden_states: torch.Tensor, padding_mask=None):
         x = self.values.split_tokens(hidden_states)                # [s', b, d], s' = s / TP
         flat = x.reshape(-1, x.shape[-1])
-        indices, weights = self.select(flat)
-        if self.key_usage is not None:
+        indices, weights = self.select(flat, self._keep(padding_mask))
+        if self.key_usage is not None and self.training:
             self.key_usage.update(indices)
         y = self.values.lookup(indices, weights)
         out = self.mix(flat, y.to(flat.dtype)).view(x.shape)

@@ -55,7 +55,9 @@ def _layer_params(cfg: RunConfig, memory: bool, tp: int) -> tuple[int, int]:
         return attention + 3 * h * m.ffn_size() // tp, norms
     v = mc.value_dim(h)
     own = (h * mc.heads * mc.k_dim + mc.heads * mc.k_dim + mc.heads * mc.k_dim * mc.n_keys
-           + (mc.heads * mc.k_dim if mc.qk_norm else 0) + (2 * h * v + v + h if mc.plus else 0))
+           + (mc.heads * mc.k_dim if mc.qk_norm else 0) + (2 * h * v + v + h if mc.plus else 0)
+           # query BatchNorm's affine (its running statistics are buffers of 2*H*k_dim floats)
+           + (2 * mc.heads * mc.k_dim if str(mc.query_norm) == "batchnorm" else 0))
     return attention, norms + own
 
 

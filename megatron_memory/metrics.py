@@ -10,6 +10,7 @@ FLOPs per token, forward (training = 3x: backward does two matmuls per forward o
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
 from typing import Optional
 
 import torch
@@ -62,16 +63,64 @@ def usage_histogram(counts: torch.Tensor) -> torch.Tensor:
     return torch.cat([torch.bincount(bucket, minlength=USAGE_BUCKETS).double(), stats])
 
 
-class KeyUsage:
-    """Counts how often each value row is selected by one memory layer over a window of steps.
+def shared_share(sum_x: torch.Tensor, sum_sq: float, count: float) -> float:
+    """Shared-direction share of a set of vectors x_t: ||mean_t x_t||^2 / mean_t ||x_t||^2.
 
-    ``fraction`` is the share of the N values selected at least once; ``effective`` is
-    exp(entropy of the selection distribution) / N, which is 1 only for perfectly even use.
+    It is the share of the vectors' energy that lies in the one direction common to all of them
+    (the mean); 1 when every token carries the same vector, ~1/T for T independent zero-mean ones.
+    Chosen over the top singular value's share because it is exactly what statistics across
+    tokens (BatchNorm, centring) remove, it costs one pass, and its parts (sum of x, sum of
+    ||x||^2, count) add up over TP/DP ranks and micro-batches, so it is exact for any layout.
+    """
+    if count <= 0 or sum_sq <= 0:
+        return 0.0
+    mean = sum_x / count
+    return float((mean * mean).sum()) / (sum_sq / count)
+
+
+def hit_buckets(counts: torch.Tensor, buckets: int) -> torch.Tensor:
+    """Histogram of per-value hit counts in power-of-two buckets -> [buckets] int64:
+    bucket 0 = never selected, bucket b >= 1 = selected in [2^(b-1), 2^b) times (last: and more)."""
+    b = torch.zeros_like(counts)
+    hit = counts > 0
+    b[hit] = (torch.log2(counts[hit].double()).floor().long() + 1).clamp(max=buckets - 1)
+    return torch.bincount(b, minlength=buckets)
+
+
+@dataclass
+class UsageStats:
+    """Key-usage health of one memory layer (``KeyUsage.summarize``)."""
+
+    SCALARS = ("fraction", "effective", "cumulative", "span_tokens", "input_shared", "query_shared")
+
+    fraction: float           # share of the N values selected at least once in the window
+    effective: float          # exp(entropy of the window's selection distribution) / N
+    cumulative: float         # share selected at least once since the current span began
+    span_tokens: int          # tokens in the current span (it restarts after span_tokens_max)
+    input_shared: float       # shared-direction share of the memory input (``shared_share``)
+    query_shared: float       # ... of the query as the search sees it (after query norm, QK-norm)
+    hits: list = field(default_factory=list)  # ``hit_buckets`` of the window, as ints
+
+
+class KeyUsage:
+    """Key-usage health of one memory layer, accumulated over a log window of training steps.
+
+    The layer calls ``update(indices)`` and ``observe(x, q)`` on every training forward;
+    ``summarize(groups)`` sums everything over the ranks that hold the layer's other tokens (TP,
+    DP: one collective of N int64 and one of 2(d + D + 2) float64), returns ``UsageStats`` and
+    starts a new window. The cumulative share counts values touched since the span began; a span
+    ends at the first summary after ``span_tokens`` tokens (e.g. 10M, the issue's yardstick).
     """
 
-    def __init__(self, num_values: int, device):
+    BUCKETS = 32
+
+    def __init__(self, num_values: int, device, span_tokens: int = 10_000_000):
         self.counts = torch.zeros(num_values, dtype=torch.int64, device=device)
-        self.last_histogram: Optional[torch.Tensor] = None
+        self.touched = torch.zeros(num_values, dtype=torch.bool, device=device)
+        self.span_tokens_max, self.span_tokens = span_tokens, 0
+        self.moments: Optional[torch.Tensor] = None  # [sum x (d), sum|x|^2, n, sum q (D), sum|q|^2, n]
+        self.dims = (0, 0)
+        self.last_histogram: Optional[torch.Tensor] = None  # read by tracking.Tracker.key_usage
 
     @torch.no_grad()
     def update(self, indices: torch.Tensor) -> None:
@@ -79,18 +128,88 @@ class KeyUsage:
                                torch.ones(indices.numel(), dtype=torch.int64, device=indices.device))
 
     @torch.no_grad()
-    def summarize(self, groups=()) -> tuple[float, float]:
-        """(fraction, effective) over the window, counts summed over ``groups``; then reset."""
+    def observe(self, x: torch.Tensor, q: torch.Tensor) -> None:
+        """x [T, d] the memory input, q [T, D] the query the search sees: add their moments."""
+        parts = []
+        for t in (x.detach(), q.detach()):
+            # float64 sums without a float64 copy of [T, d] (268 MB at T=8192, d=4096)
+            n = torch.full((1,), float(t.shape[0]), dtype=torch.float64, device=t.device)
+            parts += [t.sum(0, dtype=torch.float64),
+                      t.float().square().sum(dtype=torch.float64).view(1), n]
+        flat = torch.cat(parts)
+        if self.moments is None:
+            self.moments, self.dims = torch.zeros_like(flat), (x.shape[1], q.shape[1])
+        self.moments += flat
+
+    def _shared(self) -> tuple[float, float]:
+        if self.moments is None:
+            return 0.0, 0.0
+        d, e = self.dims
+        m = self.moments
+        x = shared_share(m[:d], float(m[d]), float(m[d + 1]))
+        q = shared_share(m[d + 2:d + 2 + e], float(m[d + 2 + e]), float(m[d + 3 + e]))
+        return x, q
+
+    @torch.no_grad()
+    def summarize(self, groups=()) -> UsageStats:
+        """Statistics of the window, summed over ``groups`` (collective); then a new window."""
         counts = self.counts
         for group in groups:
             if torch.distributed.get_world_size(group) > 1:
                 torch.distributed.all_reduce(counts, group=group)
-        self.last_histogram = usage_histogram(counts)  # read by tracking.Tracker.key_usage
-        total = counts.sum()
+                if self.moments is not None:
+                    torch.distributed.all_reduce(self.moments, group=group)
+        self.last_histogram = usage_histogram(counts)
+        total = int(counts.sum())
         if total == 0:
-            return 0.0, 0.0
+            return UsageStats(0.0, 0.0, 0.0, self.span_tokens, 0.0, 0.0, [0] * self.BUCKETS)
         p = counts[counts > 0].double() / total
         fraction = float((counts > 0).double().mean())
         effective = float(torch.exp(-(p * p.log()).sum()) / counts.numel())
+        self.touched |= counts > 0
+        if self.moments is not None:  # tokens: rows observed (x's count), summed over the ranks
+            self.span_tokens += int(self.moments[self.dims[0] + 1])
+        cumulative = float(self.touched.double().mean())
+        x_shared, q_shared = self._shared()
+        stats = UsageStats(fraction, effective, cumulative, self.span_tokens, x_shared, q_shared,
+                           hit_buckets(counts, self.BUCKETS).tolist())
+        if self.span_tokens >= self.span_tokens_max:
+            self.touched.zero_()
+            self.span_tokens = 0
         counts.zero_()
-        return fraction, effective
+        if self.moments is not None:
+            self.moments.zero_()
+        return stats
+
+
+def usage_scalars(usage: dict) -> dict[str, float]:
+    """{'memory/<stat>_layer<i>': value} of every layer's UsageStats (TensorBoard / W&B tags)."""
+    out = {}
+    for lid, u in usage.items():
+        for name in UsageStats.SCALARS:
+            tag = {"fraction": "keys_used", "effective": "effective_usage"}.get(name, name)
+            out[f"memory/{tag}_layer{lid}"] = float(getattr(u, name))
+    return out
+
+
+def format_key_usage(usage: dict) -> str:
+    """Compact progress-line part: per layer used/effective/cumulative % and the input's shared
+    share, e.g. ``keys L4 25/9/60% s.97``."""
+    if not usage:
+        return ""
+    return " | keys " + " ".join(
+        f"L{lid} {u.fraction:.0%}/{u.effective:.0%}/{u.cumulative:.0%} s{u.input_shared:.2f}".replace("%/", "/")
+        .replace(" s0.", " s.").replace(" s1.00", " s1")
+        for lid, u in usage.items())
+
+
+def pack_usage(u: UsageStats) -> list[float]:
+    """UsageStats -> a flat list (to sum over pipeline stages in one collective)."""
+    return [float(getattr(u, n)) for n in UsageStats.SCALARS] + [float(h) for h in u.hits]
+
+
+def unpack_usage(vals: list[float]) -> UsageStats:
+    k = len(UsageStats.SCALARS)
+    kw = dict(zip(UsageStats.SCALARS, vals[:k]))
+    kw["span_tokens"] = int(kw["span_tokens"])
+    return UsageStats(**kw, hits=[int(h) for h in vals[k:]])

@@ -120,6 +120,10 @@ class ShardedMemoryValues(MemoryValues):
         columns = kernels.embedding_bag(self.weight, all_indices, all_weights)   # [T, v/TP]
         return all_to_all_hp2sp(columns)                                        # [T_r, v]
 
+    def token_group(self):
+        """The TP group: each rank holds T/TP of the layer's tokens (with SP or without)."""
+        return parallel_state.get_tensor_model_parallel_group() if tp_world_size() > 1 else None
+
 
 def tp_partial_params(model_chunks) -> list[torch.nn.Parameter]:
     """The own parameters of memory layers whose table is TP-sharded: such a layer handles 1/TP
@@ -198,3 +202,15 @@ def finalize_memory_grads(model_chunks, num_tokens=None, pg_collection=None, for
                          force_all_reduce=force_all_reduce)
     reduce_tp_partial_grads(model_chunks)
     _sync_table_copies(model_chunks)
+    finish_query_norm_step(model_chunks)
+
+
+def finish_query_norm_step(model_chunks) -> None:
+    """Fold each query BatchNorm's step statistics into its running ones, summed over the ranks
+    holding the step's other tokens (TP when the table is sharded, DP); once per optimizer step."""
+    dp = (parallel_state.get_data_parallel_group()
+          if parallel_state.model_parallel_is_initialized() else None)
+    for chunk in model_chunks:
+        for m in chunk.modules():
+            if isinstance(m, MemoryPlus) and m.query_bn is not None:
+                m.query_bn.finish_step((m.values.token_group(), dp))

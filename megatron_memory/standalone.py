@@ -81,6 +81,8 @@ class ModelArgs:
     memory_qk_norm: bool
     memory_qk_norm_eps: float
     memory_plus: bool
+    memory_query_norm: str = "none"      # "batchnorm" | "center" (absent in older exports)
+    memory_query_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     bos_token_id: Optional[int] = None
     eos_token_id: Optional[int] = None
@@ -117,6 +119,9 @@ class ModelArgs:
         out = [i for i in self.memory_layers if not (isinstance(i, int) and 0 <= i < self.num_hidden_layers)]
         if out:
             raise ValueError(f"config.json: memory_layers {out} outside 0..{self.num_hidden_layers - 1}")
+        if self.memory_query_norm not in ("none", "batchnorm", "center"):
+            raise ValueError(f"config.json: memory_query_norm={self.memory_query_norm!r} is not one "
+                             "of none, batchnorm, center")
         if not self.memory_plus and self.memory_v_dim != self.hidden_size:
             raise ValueError("config.json: plain memory (memory_plus false) needs memory_v_dim == hidden_size")
 
@@ -198,6 +203,30 @@ class Values(nn.Module):
         self.weight = nn.Parameter(torch.empty(rows, dim))
 
 
+class QueryStats(nn.Module):
+    """The query's normalisation across tokens with the running statistics of training (inference
+    never uses batch statistics): batchnorm (q - mean) / sqrt(var + eps) * weight + bias, center
+    q - mean. Statistics in float32 whatever the model's dtype."""
+
+    def __init__(self, dim: int, mode: str, eps: float):
+        super().__init__()
+        self.mode, self.eps = mode, eps
+        if mode == "batchnorm":
+            self.weight = nn.Parameter(torch.ones(dim))
+            self.bias = nn.Parameter(torch.zeros(dim))
+        self.register_buffer("running_mean", torch.zeros(dim, dtype=torch.float32))
+        self.register_buffer("running_var", torch.ones(dim, dtype=torch.float32))
+        self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))  # training state
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        acc = _acc(q)
+        q = q.to(acc) - self.running_mean.to(acc)
+        if self.mode == "center":
+            return q
+        scale = torch.rsqrt(self.running_var.to(acc) + self.eps) * self.weight.to(acc)
+        return q * scale + self.bias.to(acc)
+
+
 class Memory(nn.Module):
     """Memory+ block (megatron_memory/layer.py MemoryPlus) in the FFN slot."""
 
@@ -209,6 +238,9 @@ class Memory(nn.Module):
         self.keys = nn.Parameter(torch.empty(a.memory_heads, 2, a.memory_n_keys, self.half))
         if self.qk_norm:
             self.query_norm = Gain(a.memory_heads * a.memory_k_dim)
+        self.query_bn = (QueryStats(a.memory_heads * a.memory_k_dim, a.memory_query_norm,
+                                    a.memory_query_norm_eps)
+                         if a.memory_query_norm != "none" else None)
         if self.plus:
             self.w1 = nn.Linear(a.hidden_size, a.memory_v_dim, bias=True)
             self.w2 = nn.Linear(a.memory_v_dim, a.hidden_size, bias=True)
@@ -216,7 +248,10 @@ class Memory(nn.Module):
     def forward(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """x [b, s, d], values [N, v] -> [b, s, d]."""
         flat = x.reshape(-1, x.shape[-1])
-        q = self.query(flat).view(flat.shape[0], self.heads, 2, self.half)
+        q = self.query(flat)
+        if self.query_bn is not None:  # without QK-norm the search sees the model's dtype
+            q = self.query_bn(q) if self.qk_norm else self.query_bn(q).to(q.dtype)
+        q = q.view(flat.shape[0], self.heads, 2, self.half)
         keys = self.keys
         if self.qk_norm:
             acc, gain = _acc(q), self.query_norm.weight.view(self.heads, 2, self.half)
@@ -323,14 +358,20 @@ class MemoryGPT(nn.Module):
         with torch.device("meta"):
             model = cls(args)
         params = dict(model.named_parameters())
+        buffers = dict(model.named_buffers())
+        params.update(buffers)
         for name, t in iter_hf_tensors(folder):
             if name not in params:
                 raise ValueError(f"{folder}: unexpected tensor {name!r}")
             if tuple(t.shape) != tuple(params[name].shape):
                 raise ValueError(f"{folder}: {name} has shape {tuple(t.shape)}, the config gives "
                                  f"{tuple(params[name].shape)}")
-            t = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
             owner, _, leaf = name.rpartition(".")
+            if name in buffers:  # running statistics keep their own precision
+                model.get_submodule(owner).register_buffer(leaf, t.to(device=device, dtype=buffers[name].dtype))
+                params[name] = None
+                continue
+            t = t.to(device=device, dtype=dtype if dtype is not None and t.is_floating_point() else t.dtype)
             setattr(model.get_submodule(owner), leaf, nn.Parameter(t, requires_grad=False))
             params[name] = None
         missing = [n for n, p in params.items() if p is not None]

@@ -53,9 +53,10 @@ def summary(cfg, trainer, hist) -> str:
             f"stage {s}: {g:.1f} GiB (calculator {predicted[s].total / 2**30:.1f})"
             for s, g in hist.peak_gib.items()))
     if hist.key_usage:
-        lines.append("key usage  " + ", ".join(f"layer {lid}: {f:.0%} of values used "
-                                              f"(effective {e:.0%})" for lid, (f, e) in hist.key_usage.items())
-                     + " in the last log window")
+        lines.append("key usage  " + ", ".join(
+            f"layer {lid}: {u.fraction:.0%} of values used (effective {u.effective:.0%}, "
+            f"{u.cumulative:.0%} over {u.span_tokens:,} tokens, input shared {u.input_shared:.2f})"
+            for lid, u in hist.key_usage.items()) + " in the last log window")
     mfu = trainer.mfu(steady)
     if mfu is not None:
         lines.append(f"MFU        {mfu:.1%} (memory lookup counted as 2*bag*v FLOPs per token)")

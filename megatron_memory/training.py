@@ -35,7 +35,16 @@ from megatron_memory import checkpoint, data, parallel
 from megatron_memory.config import STOP_FILE_ENV, ConfigError, RunConfig, padded_vocab
 from megatron_memory.cpu import install_cpu_shims
 from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
-from megatron_memory.metrics import KeyUsage, flops_per_token, peak_flops
+from megatron_memory.metrics import (
+    KeyUsage,
+    UsageStats,
+    flops_per_token,
+    format_key_usage,
+    pack_usage,
+    peak_flops,
+    unpack_usage,
+    usage_scalars,
+)
 from megatron_memory.model import MemoryGPTModel, optimizer_overrides
 from megatron_memory.tracking import Tracker
 
@@ -91,7 +100,8 @@ class History:
     tokens: int = 0
     seconds: float = 0.0
     valid_loss: Optional[float] = None
-    key_usage: dict = field(default_factory=dict)  # last window: {layer: (fraction, effective)}
+    key_usage: dict = field(default_factory=dict)  # last window: {layer: metrics.UsageStats}
+    key_usage_log: list = field(default_factory=list)  # every window: (step, {layer: UsageStats})
     step_seconds: list[float] = field(default_factory=list)
     peak_gib: dict = field(default_factory=dict)   # {pipeline stage: max over its ranks}, CUDA only
     first_step: int = 1                            # > 1 when resumed from a checkpoint
@@ -216,7 +226,8 @@ class Trainer:
             layer_module = next(m for m in model.decoder.layers if m.mlp is layer)
             layer_module.recompute_mlp = False
             if cfg.train.key_usage:
-                layer.key_usage = KeyUsage(cfg.memory.num_values, self.device)
+                layer.key_usage = KeyUsage(cfg.memory.num_values, self.device,
+                                           cfg.train.key_usage_span_tokens)
         self.vocab_size = vocab
         self.raw_model = model
         if self.bf16:
@@ -384,22 +395,22 @@ class Trainer:
             out[stage] = max(out.get(stage, 0.0), gib)
         return dict(sorted(out.items()))
 
-    def key_usage(self) -> dict[int, tuple[float, float]]:
-        """{memory layer id: (fraction used, effective usage)} over the last window, on every
-        rank (collective: each stage contributes its own layers)."""
+    def key_usage(self) -> dict[int, UsageStats]:
+        """{memory layer id: UsageStats} over the last window, on every rank (collective: each
+        stage contributes its own layers)."""
         layers = self.cfg.memory.resolved_layers(self.cfg.model.num_layers)
         if not (self.cfg.train.key_usage and layers):
             return {}
-        stats = torch.zeros(2 * len(layers), dtype=torch.float64, device=self.device)
+        width = len(pack_usage(UsageStats(0, 0, 0, 0, 0, 0, [0] * KeyUsage.BUCKETS)))
+        stats = torch.zeros(len(layers), width, dtype=torch.float64, device=self.device)
         groups = (ps.get_tensor_model_parallel_group(), ps.get_data_parallel_group())
         first = ps.get_tensor_model_parallel_rank() == 0 and ps.get_data_parallel_rank() == 0
         for layer in self.raw_model.memory_layers():
-            frac, eff = layer.key_usage.summarize(groups)
+            u = layer.key_usage.summarize(groups)
             if first:
-                i = layers.index(layer.layer_id)
-                stats[2 * i], stats[2 * i + 1] = frac, eff
+                stats[layers.index(layer.layer_id)] = torch.tensor(pack_usage(u), dtype=torch.float64)
         dist.all_reduce(stats)
-        return {lid: (float(stats[2 * i]), float(stats[2 * i + 1])) for i, lid in enumerate(layers)}
+        return {lid: unpack_usage(stats[i].tolist()) for i, lid in enumerate(layers)}
 
     def mfu(self, tokens_per_s: float) -> Optional[float]:
         peak = self.cfg.train.peak_tflops * 1e12 if self.cfg.train.peak_tflops else peak_flops(self.device)
@@ -413,6 +424,8 @@ class Trainer:
         usage = self.key_usage()
         mfu = self.mfu(tok_s)
         hist.key_usage = usage
+        if usage:
+            hist.key_usage_log.append((step, usage))
         eta = elapsed / (step - hist.first_step + 1) * (self.cfg.train.steps - step)
         window = hist.losses[-self.cfg.train.log_interval:]
         loss = sum(window) / len(window)
@@ -421,13 +434,12 @@ class Trainer:
             self.log(f"step {step:>5}/{self.cfg.train.steps} | loss {loss:7.4f} | lr {lr:.2e} | "
                      f"grad-norm {hist.grad_norms[-1]:6.3f} (values {hist.value_grad_norms[-1]:6.3f}) | "
                      f"{tok_s:8.0f} tok/s" + (f" | MFU {mfu:5.1%}" if mfu is not None else "")
-                     + (f" | keys used {min(u[0] for u in usage.values()):.0%}" if usage else "")
+                     + format_key_usage(usage)
                      + f" | elapsed {_fmt_time(elapsed)} | ETA {_fmt_time(eta)}")
         scalars = {"train/loss": loss, "train/lr": lr, "train/grad_norm": hist.grad_norms[-1],
                    "train/value_grad_norm": hist.value_grad_norms[-1], "train/tokens_per_s": tok_s}
         scalars.update({"train/mfu": mfu} if mfu is not None else {})
-        for lid, (frac, eff) in usage.items():
-            scalars.update({f"memory/keys_used_layer{lid}": frac, f"memory/effective_usage_layer{lid}": eff})
+        scalars.update(usage_scalars(usage))
         self.tracker.scalars(scalars, step)
         self.tracker.key_usage(self.raw_model, list(usage), step)  # collective
 

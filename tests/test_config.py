@@ -57,6 +57,11 @@ def test_paper_presets_match_the_paper():
     assert (cfg.model.hidden_size, cfg.model.num_layers, cfg.model.num_attention_heads) == (1024, 24, 16)
     assert cfg.memory.resolved_layers(24) == [4, 12, 20] and cfg.memory.num_values == 2**20
     assert get_preset("8b-dense").memory.resolved_layers(32) == []
+    # Meta's released placement at 32 layers too (the even spacing would give 5/16/26)
+    assert get_preset("8b-memory").memory.resolved_layers(32) == [4, 12, 20]
+    assert get_preset("1.3b-memory").memory.resolved_layers(22) == [4, 12, 20]
+    assert get_preset("134m-memory").memory.resolved_layers(12) == [2, 6, 10]
+    assert get_preset("8b-memory").memory.query_norm == "batchnorm"
 
 
 def test_presets_are_independent_copies():

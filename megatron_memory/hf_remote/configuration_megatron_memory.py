@@ -34,6 +34,8 @@ class MemoryGPTConfig(PretrainedConfig):
     memory_qk_norm: bool = True
     memory_qk_norm_eps: float = 1e-6
     memory_plus: bool = True
+    memory_query_norm: str = "none"
+    memory_query_norm_eps: float = 1e-5
     use_cache: bool = True
     bos_token_id: int | None = None
     eos_token_id: int | None = None

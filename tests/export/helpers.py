@@ -30,6 +30,13 @@ def tiny_megatron_model(groups: int = 4, seed: int = 0, **memory):
     with torch.no_grad():
         for p in model.parameters():
             p.copy_(torch.randn(p.shape, generator=gen) * 0.3 + (1.0 if p.ndim == 1 else 0.0))
+        for name, b in model.named_buffers():  # query-norm running statistics, if any
+            if name.endswith("running_mean"):
+                b.copy_(torch.randn(b.shape, generator=gen))
+            elif name.endswith("running_var"):
+                b.copy_(torch.rand(b.shape, generator=gen) + 0.5)
+            elif name.endswith("num_updates"):
+                b.fill_(7)
     return cfg, model.eval()
 
 

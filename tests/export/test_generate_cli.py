@@ -19,8 +19,21 @@ def test_cli_generates(trained_export):
                           "--max-new-tokens", "6"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
     lines = run.stdout.splitlines()
-    assert lines[0].startswith("Karito Zelanvi was born in") and len(lines[0]) > len("Karito Zelanvi was born in")
-    assert any(line.startswith("The favourite colour") for line in lines[1:])
+    # The CLI prints each prompt and the model's greedy continuation. A model trained for two
+    # steps may well pick end-of-document first (then the line is just the prompt), so compare
+    # with the library's own generate() rather than ask for more text.
+    from tokenizers import Tokenizer
+
+    from megatron_memory.standalone import MemoryGPT, generate
+
+    tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
+    config = json.loads((folder / "config.json").read_text())
+    prompts = ["Karito Zelanvi was born in", "The favourite colour"]
+    outs = generate(MemoryGPT.from_pretrained(folder), [tok.encode(p).ids for p in prompts], 6,
+                    eos_token_id=config["eos_token_id"], pad_token_id=config["pad_token_id"],
+                    vocab_limit=tok.get_vocab_size())
+    assert all(len(o) >= 1 for o in outs)
+    assert lines == [p + tok.decode(o) for p, o in zip(prompts, outs)]
 
 
 def test_cli_sampling_is_seeded(trained_export, capsys):

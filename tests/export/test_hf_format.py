@@ -15,14 +15,17 @@ from tests.export.helpers import VOCAB, tiny_megatron_model, tiny_run_config
 @pytest.mark.parametrize("groups", [4, 2, 1])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 def test_mapping_round_trip_bit_exact(megatron_world, groups, dtype):
-    cfg, model = tiny_megatron_model(groups=groups)
+    # groups=2 also carries the query BatchNorm (affine and running statistics).
+    cfg, model = tiny_megatron_model(groups=groups, query_norm="batchnorm" if groups == 2 else "none")
     config = hf_format.hf_config(cfg, VOCAB, num_query_groups=groups)
     meg = {k: v.to(dtype) for k, v in hf_format.megatron_model_tensors(model)}
     assert "decoder.layers.1.mlp.keys" in meg and "memory_values.weight" in meg
+    assert ("decoder.layers.1.mlp.query_bn.running_var" in meg) == (groups == 2)
     hf = dict(hf_format.megatron_to_hf(meg.items(), config))
     # Every HF name is a parameter of the standalone model, with its shape, and vice versa.
     with torch.device("meta"):
-        shapes = {n: tuple(p.shape) for n, p in MemoryGPT(ModelArgs.from_config(config)).named_parameters()}
+        sa = MemoryGPT(ModelArgs.from_config(config))
+        shapes = {n: tuple(p.shape) for n, p in [*sa.named_parameters(), *sa.named_buffers()]}
     assert {n: tuple(t.shape) for n, t in hf.items()} == shapes
     assert all(t.dtype == dtype for t in hf.values())
     # Reversed order: the inverse must gather q/k/v and gate/up whatever order they come in.

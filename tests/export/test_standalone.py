@@ -24,7 +24,9 @@ def folder(tmp_path_factory, megatron_world):
     return out, megatron_logits(model, TOKENS)
 
 
-@pytest.mark.parametrize("groups,memory", [(4, {}), (2, {}), (1, dict(plus=False, qk_norm=False))])
+@pytest.mark.parametrize("groups,memory", [
+    (4, {}), (2, {}), (1, dict(plus=False, qk_norm=False)),
+    (4, dict(query_norm="batchnorm")), (2, dict(query_norm="center", qk_norm=False))])
 def test_logits_match_megatron(tmp_path, megatron_world, groups, memory):
     cfg, model = tiny_megatron_model(groups=groups, seed=groups, **memory)
     out = export(model, cfg, tmp_path / "m", groups=groups)

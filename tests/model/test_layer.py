@@ -6,7 +6,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from megatron_memory.config import MemoryConfig
+from megatron_memory.config import MemoryConfig, QueryNorm
 from megatron_memory.layer import MemoryPlus, MemoryValues
 from tests.conftest import tiny_transformer_config
 
@@ -27,7 +27,14 @@ def naive_memory(x, layer: MemoryPlus, V: torch.Tensor):
     """Brute force over all N = n**2 full keys concat(K1[i], K2[j]); no product-key trick."""
     mc = layer.memory_config
     H, n, half = mc.heads, mc.n_keys, mc.k_dim // 2
-    q = (x @ layer.query.weight.T + layer.query.bias).view(-1, H, 2, half)
+    q = x @ layer.query.weight.T + layer.query.bias
+    bn = layer.query_bn
+    if bn is not None and bn.mode is QueryNorm.CENTER:
+        q = q - bn.running_mean.to(q.dtype)
+    elif bn is not None:  # training mode: this batch's biased statistics
+        mean, var = q.mean(0), q.var(0, unbiased=False)
+        q = (q - mean) / torch.sqrt(var + mc.query_norm_eps) * bn.weight + bn.bias
+    q = q.view(-1, H, 2, half)
     K = layer.keys
     if mc.qk_norm:
         q = q / torch.sqrt(q.pow(2).mean(-1, keepdim=True) + mc.qk_norm_eps)
@@ -49,16 +56,21 @@ def naive_memory(x, layer: MemoryPlus, V: torch.Tensor):
 
 
 CONFIGS = [
-    MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8, qk_norm=True),
-    MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8, qk_norm=False),
+    MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8, qk_norm=True, query_norm="none"),
+    MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8, qk_norm=False, query_norm="none"),
+    MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8, qk_norm=True, query_norm="batchnorm"),
+    MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8, qk_norm=False, query_norm="batchnorm"),
+    MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8, qk_norm=True, query_norm="center"),
     MemoryConfig(n_keys=5, heads=3, k=5, k_dim=6, qk_norm=True),        # k == n_keys, odd sizes
     MemoryConfig(n_keys=7, heads=1, k=2, k_dim=4, qk_norm=True, plus=False),
 ]
 
 
-@pytest.mark.parametrize("mc", CONFIGS, ids=lambda m: f"n{m.n_keys}h{m.heads}k{m.k}qk{int(m.qk_norm)}p{int(m.plus)}")
+@pytest.mark.parametrize("mc", CONFIGS, ids=lambda m: f"n{m.n_keys}h{m.heads}k{m.k}qk{int(m.qk_norm)}p{int(m.plus)}-{m.query_norm}")
 def test_forward_and_all_grads_match_naive(mc):
     layer, values = build(mc)
+    if layer.query_bn is not None:  # a running mean to centre by
+        layer.query_bn.running_mean.normal_(generator=torch.Generator().manual_seed(9))
     d = layer.config.hidden_size
     x = torch.randn(5, 2, d, dtype=torch.float64, requires_grad=True)
     out, bias = layer(x)
@@ -75,8 +87,9 @@ def test_forward_and_all_grads_match_naive(mc):
         torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-10, msg=lambda m: f"{name}: {m}")
 
 
-def test_gradcheck_float64():
-    mc = MemoryConfig(n_keys=4, heads=2, k=2, k_dim=4)
+@pytest.mark.parametrize("norm", ["none", "batchnorm"])
+def test_gradcheck_float64(norm):
+    mc = MemoryConfig(n_keys=4, heads=2, k=2, k_dim=4, query_norm=norm)
     layer, values = build(mc, d=6)
 
     class Both(torch.nn.Module):  # registers the shared table so functional_call can swap it

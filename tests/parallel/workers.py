@@ -63,6 +63,7 @@ def logits(cfg, out_file: str) -> None:
     if cfg.train.load:  # the weights only: the first micro-batch of the data, whatever the step
         cfg.train.finetune = True
     trainer = Trainer(cfg, log=lambda line: None)
+    trainer.model.eval()  # the checkpoint's logits: query BatchNorm on its running statistics
     batch = next(trainer.train_iter)
     captured = []
 

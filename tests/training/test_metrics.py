@@ -8,7 +8,17 @@ import torch
 
 from megatron_memory.configs.presets import get_preset
 from megatron_memory.config import replace
-from megatron_memory.metrics import KeyUsage, flops_per_token
+from megatron_memory.metrics import (
+    KeyUsage,
+    UsageStats,
+    flops_per_token,
+    format_key_usage,
+    hit_buckets,
+    pack_usage,
+    shared_share,
+    unpack_usage,
+    usage_scalars,
+)
 
 
 def test_flops_count_the_lookup_as_a_gather_not_a_dense_matmul():
@@ -29,16 +39,72 @@ def test_flops_count_the_lookup_as_a_gather_not_a_dense_matmul():
     assert flops_per_token(mem, v) - flops_per_token(plain, v) == 3 * 3 * 4 * d * d
 
 
+def _fe(usage):
+    u = usage.summarize()
+    return u.fraction, u.effective
+
+
 def test_key_usage_fraction_and_effective_usage():
     usage = KeyUsage(8, "cpu")
     usage.update(torch.tensor([[0, 1], [0, 1]]))
-    frac, eff = usage.summarize()
+    frac, eff = _fe(usage)
     assert frac == 2 / 8 and math.isclose(eff, 2 / 8)    # two values, evenly used
     usage.update(torch.arange(8).repeat(3))
-    frac, eff = usage.summarize()                         # reset after each summary
+    frac, eff = _fe(usage)                                # reset after each summary
     assert frac == 1.0 and math.isclose(eff, 1.0)         # all eight, evenly
     usage.update(torch.tensor([0, 0, 0, 1]))
-    frac, eff = usage.summarize()
+    frac, eff = _fe(usage)
     p = torch.tensor([0.75, 0.25])
     assert frac == 2 / 8 and math.isclose(eff, float(torch.exp(-(p * p.log()).sum())) / 8, rel_tol=1e-6)
-    assert usage.summarize() == (0.0, 0.0)
+    assert _fe(usage) == (0.0, 0.0)
+
+
+def test_cumulative_share_spans_windows_and_restarts_after_the_span():
+    usage = KeyUsage(8, "cpu", span_tokens=6)
+    x, q = torch.randn(2, 4), torch.randn(2, 6)
+    for idx, want in (([0, 1], 2 / 8), ([2, 3], 4 / 8), ([0, 4], 5 / 8)):
+        usage.observe(x, q)                               # 2 tokens per window
+        usage.update(torch.tensor(idx))
+        u = usage.summarize()
+        assert u.cumulative == want and u.fraction == 2 / 8
+    assert u.span_tokens == 6                             # span complete: the next one restarts
+    usage.observe(x, q)
+    usage.update(torch.tensor([7]))
+    u = usage.summarize()
+    assert u.cumulative == 1 / 8 and u.span_tokens == 2
+
+
+def test_shared_share_is_energy_of_the_mean_over_mean_energy():
+    gen = torch.Generator().manual_seed(0)
+    noise = torch.randn(4096, 64, generator=gen)
+    c = torch.randn(64, generator=gen)
+    c = c / c.norm() * noise.norm(dim=1).mean()
+    for alpha, want in ((0.0, 0.0), (3.0, 9 / 10)):       # energies 9:1 -> share 0.9
+        x = alpha * c + noise
+        got = shared_share(x.double().sum(0), float((x.double() ** 2).sum()), x.shape[0])
+        assert abs(got - want) < 0.02, (alpha, got)
+    same = c.repeat(10, 1)
+    assert math.isclose(shared_share(same.sum(0), float((same ** 2).sum()), 10), 1.0, rel_tol=1e-5)
+    usage = KeyUsage(4, "cpu")
+    usage.observe(same, -same)
+    usage.update(torch.tensor([0]))
+    u = usage.summarize()
+    assert math.isclose(u.input_shared, 1.0, rel_tol=1e-5) and math.isclose(u.query_shared, 1.0, rel_tol=1e-5)
+
+
+def test_hit_histogram_buckets_powers_of_two():
+    counts = torch.tensor([0, 1, 2, 3, 4, 7, 8, 1 << 40])
+    assert hit_buckets(counts, 6).tolist() == [1, 1, 2, 2, 1, 1]   # 0 | 1 | 2-3 | 4-7 | 8-15 | rest
+    usage = KeyUsage(8, "cpu")
+    usage.update(torch.tensor([0, 0, 0, 5]))
+    assert usage.summarize().hits[:4] == [6, 1, 1, 0]
+
+
+def test_progress_line_and_tensorboard_scalars():
+    u = UsageStats(0.25, 0.09, 0.6, 1000, 0.97, 0.5, [6, 1, 1] + [0] * 29)
+    assert format_key_usage({4: u}) == " | keys L4 25/9/60% s.97"
+    assert unpack_usage(pack_usage(u)) == u
+
+    tags = usage_scalars({4: u})
+    assert tags["memory/keys_used_layer4"] == 0.25 and tags["memory/input_shared_layer4"] == 0.97
+    assert tags["memory/cumulative_layer4"] == 0.6 and tags["memory/span_tokens_layer4"] == 1000

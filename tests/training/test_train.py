@@ -40,10 +40,28 @@ def test_short_training_lowers_the_loss(short_run):
     assert first > 6.0            # ~ln(1024) at init
     assert last < first - 2.5     # learns well within 60 steps
     assert valid < first - 2.5
-    assert re.search(r"step\s+60/60 \| loss .* tok/s \| keys used \d+% \| elapsed .* \| ETA", out)
+    assert re.search(r"step\s+60/60 \| loss .* tok/s \| keys L1 \d+/\d+/\d+% s[.\d]+ L3 .* L5 .* \| "
+                     r"elapsed .* \| ETA", out)
     assert "memory layers [1, 3, 5]" in out
-    assert re.search(r"key usage  layer 1: \d+% of values used \(effective \d+%\)", out)
+    assert re.search(r"key usage  layer 1: \d+% of values used \(effective \d+%, \d+% over 61,440 "
+                     r"tokens, input shared [.\d]+\)", out)
     assert list((tmp / "tb").glob("events.out.tfevents.*"))
+
+
+def test_plot_run_turns_the_events_into_pngs(short_run, tmp_path):
+    pytest.importorskip("matplotlib")
+    from megatron_memory.tools import plot_run
+
+    _, tmp = short_run
+    scalars = plot_run.read_scalars(tmp / "tb")
+    for stat in ("keys_used", "effective_usage", "cumulative", "input_shared", "query_shared"):
+        series = plot_run.layer_series(scalars, stat)
+        assert sorted(series) == [1, 3, 5] and [s for s, _ in series[1]] == [20, 40, 60], stat
+        assert all(0.0 <= v <= 1.0 for _, v in series[5])
+    assert plot_run.main([str(tmp / "tb"), "--out", str(tmp_path / "png")]) == 0
+    for name in ("loss.png", "key_usage.png", "shared.png"):
+        assert (tmp_path / "png" / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plot_run.main([str(tmp_path / "none"), "--out", str(tmp_path / "x")]) == 2
 
 
 def test_checkpoint_loads_and_refuses_overwrite(short_run):

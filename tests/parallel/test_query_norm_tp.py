@@ -1,0 +1,84 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""Query BatchNorm under TP=2 (with and without SP) x DP=2 (gloo, CPU) equals the unsharded
+layer: training outputs and every gradient (batch statistics summed over the TP group), the
+running statistics after a step (summed over TP and DP), and eval outputs (running statistics)."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+from tests.parallel.dist_utils import run_ranks
+from tests.parallel.test_tp_layer import _randomise
+
+S, B, D = 8, 3, 16
+
+
+def _parity(sp: bool, norm: str) -> None:
+    from megatron.core import parallel_state as ps
+
+    from megatron_memory.config import MemoryConfig
+    from megatron_memory.layer import MemoryPlus, MemoryValues
+    from megatron_memory.model import build_values
+    from megatron_memory.parallel import finish_query_norm_step, reduce_tp_partial_grads
+    from tests.conftest import tiny_transformer_config
+
+    tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    dp, dr = ps.get_data_parallel_world_size(), ps.get_data_parallel_rank()
+    assert (tp, dp) == (2, 2)
+    cfg = tiny_transformer_config(hidden_size=D, tensor_model_parallel_size=tp, sequence_parallel=sp)
+    mc = MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8, query_norm=norm, query_norm_momentum=0.5)
+    values = build_values(cfg, mc)
+    layer = MemoryPlus(cfg, mc, values, layer_id=2)
+    ref_values = MemoryValues(cfg, mc)
+    ref_layer = MemoryPlus(cfg, mc, ref_values, layer_id=2)
+    for m in (layer, ref_layer):
+        _randomise(m, seed=11)
+    _randomise(ref_values, seed=12)
+    c0, c1 = values.columns
+    with torch.no_grad():
+        values.weight.copy_(ref_values.weight[:, c0:c1])
+        # A shared component in every token, as training produces: the norm must remove it.
+        shift = torch.randn(mc.heads * mc.k_dim, generator=torch.Generator().manual_seed(3)) * 4
+        for m in (layer, ref_layer):
+            m.query.bias.copy_(shift)
+
+    def data(rank):  # each DP rank its own batch; the reference sees both
+        gen = torch.Generator().manual_seed(5 + rank)
+        return torch.randn(S, B, D, generator=gen), torch.randn(S, B, D, generator=gen)
+
+    rows = slice(r * S // tp, (r + 1) * S // tp) if sp else slice(None)
+    x, g = data(dr)
+    x_in = x[rows].clone().requires_grad_(True)
+    out, _ = layer(x_in)
+    out.backward(g[rows])
+    reduce_tp_partial_grads([layer])
+    finish_query_norm_step([layer])
+
+    tol = dict(rtol=1e-5, atol=1e-5)
+    for rank in range(dp):  # reference: one unsharded layer per DP batch, statistics over both
+        xr, gr = data(rank)
+        x_ref = xr.clone().requires_grad_(True)
+        ref_out, _ = ref_layer(x_ref)
+        ref_out.backward(gr)
+        if rank == dr:
+            torch.testing.assert_close(out, ref_out[rows], **tol)
+            torch.testing.assert_close(x_in.grad, x_ref.grad[rows], **tol)
+            for (name, p), q in zip(layer.named_parameters(), ref_layer.parameters()):
+                torch.testing.assert_close(p.grad, q.grad, **tol, msg=lambda m: f"{name}: {m}")
+        ref_layer.zero_grad()
+    ref_layer.query_bn.finish_step(())
+    for name in ("running_mean", "running_var", "num_updates"):
+        torch.testing.assert_close(getattr(layer.query_bn, name), getattr(ref_layer.query_bn, name),
+                                   **tol, msg=lambda m: f"{name}: {m}")
+    assert float(layer.query_bn.running_mean.abs().max()) > 1.0  # the shift was measured
+
+    layer.eval()
+    ref_layer.eval()
+    with torch.no_grad():
+        torch.testing.assert_close(layer(x[rows])[0], ref_layer(x)[0][rows], **tol)
+
+
+@pytest.mark.parametrize("sp,norm", [(False, "batchnorm"), (True, "batchnorm"), (False, "center")],
+                         ids=["batchnorm-no-sp", "batchnorm-sp", "center-no-sp"])
+def test_query_norm_tp2_dp2_matches_unsharded(sp, norm):
+    run_ranks(4, _parity, sp, norm, tp=2)

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from tests.parallel.dist_utils import run_ranks
-from tests.parallel.test_tp_layer import _randomise
+from tests.parallel.test_tp_layer import layer_pair
 
 S, B, D = 8, 3, 16
 
@@ -17,8 +17,6 @@ def _parity(sp: bool, norm: str) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_memory.config import MemoryConfig
-    from megatron_memory.layer import MemoryPlus, MemoryValues
-    from megatron_memory.model import build_values
     from megatron_memory.parallel import finish_query_norm_step, reduce_tp_partial_grads
     from tests.conftest import tiny_transformer_config
 
@@ -27,16 +25,8 @@ def _parity(sp: bool, norm: str) -> None:
     assert (tp, dp) == (2, 2)
     cfg = tiny_transformer_config(hidden_size=D, tensor_model_parallel_size=tp, sequence_parallel=sp)
     mc = MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8, query_norm=norm, query_norm_momentum=0.5)
-    values = build_values(cfg, mc)
-    layer = MemoryPlus(cfg, mc, values, layer_id=2)
-    ref_values = MemoryValues(cfg, mc)
-    ref_layer = MemoryPlus(cfg, mc, ref_values, layer_id=2)
-    for m in (layer, ref_layer):
-        _randomise(m, seed=11)
-    _randomise(ref_values, seed=12)
-    c0, c1 = values.columns
+    values, layer, ref_values, ref_layer = layer_pair(cfg, mc)
     with torch.no_grad():
-        values.weight.copy_(ref_values.weight[:, c0:c1])
         # A shared component in every token, as training produces: the norm must remove it.
         shift = torch.randn(mc.heads * mc.k_dim, generator=torch.Generator().manual_seed(3)) * 4
         for m in (layer, ref_layer):

@@ -18,21 +18,13 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
             p.copy_(torch.randn(p.shape, generator=gen) * 0.5)
 
 
-def _layer_parity(sp: bool) -> None:
-    from megatron.core import parallel_state as ps
-
-    from megatron_memory.config import MemoryConfig
+def layer_pair(cfg, mc):
+    """(table, layer) of this rank's layout and an unsharded reference (table, layer), with the
+    same random weights (imports inside: the spawned ranks import Megatron after their shims)."""
     from megatron_memory.layer import MemoryPlus, MemoryValues
     from megatron_memory.model import build_values
-    from megatron_memory.parallel import ShardedMemoryValues, reduce_tp_partial_grads
-    from tests.conftest import tiny_transformer_config
 
-    tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
-    cfg = tiny_transformer_config(hidden_size=D, tensor_model_parallel_size=tp,
-                                  sequence_parallel=sp)
-    mc = MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8)
     values = build_values(cfg, mc)
-    assert isinstance(values, ShardedMemoryValues) == (tp > 1)
     layer = MemoryPlus(cfg, mc, values, layer_id=2)
     ref_values = MemoryValues(cfg, mc)
     ref_layer = MemoryPlus(cfg, mc, ref_values, layer_id=2)
@@ -42,6 +34,23 @@ def _layer_parity(sp: bool) -> None:
     c0, c1 = values.columns
     with torch.no_grad():
         values.weight.copy_(ref_values.weight[:, c0:c1])
+    return values, layer, ref_values, ref_layer
+
+
+def _layer_parity(sp: bool) -> None:
+    from megatron.core import parallel_state as ps
+
+    from megatron_memory.config import MemoryConfig
+    from megatron_memory.parallel import ShardedMemoryValues, reduce_tp_partial_grads
+    from tests.conftest import tiny_transformer_config
+
+    tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()
+    cfg = tiny_transformer_config(hidden_size=D, tensor_model_parallel_size=tp,
+                                  sequence_parallel=sp)
+    mc = MemoryConfig(n_keys=8, heads=2, k=3, k_dim=8)
+    values, layer, ref_values, ref_layer = layer_pair(cfg, mc)
+    assert isinstance(values, ShardedMemoryValues) == (tp > 1)
+    c0, c1 = values.columns
 
     gen = torch.Generator().manual_seed(5)
     x = torch.randn(S, B, D, generator=gen)

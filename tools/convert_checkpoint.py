@@ -45,6 +45,7 @@ from tqdm import tqdm
 from megatron_memory import checkpoint, data
 from megatron_memory.config import ConfigError, RunConfig
 from megatron_memory.hf_format import (
+    SAFETENSORS_DTYPES,
     hf_config,
     hf_to_megatron,
     is_megatron_weight,
@@ -138,8 +139,7 @@ class _HFWeights:
     Each read opens its file anew: safetensors maps the file into memory, and a handle kept open
     for the whole conversion would keep every page read so far resident."""
 
-    _DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32,
-               "F64": torch.float64}
+    _DTYPES = {name: dtype for dtype, name in SAFETENSORS_DTYPES.items()}
 
     def __init__(self, folder: Path):
         self.where: dict[str, Path] = {}

@@ -43,7 +43,7 @@ from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
-from megatron_memory.config import ConfigError, RunConfig
+from megatron_memory.config import ConfigError, QueryNorm, RunConfig
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -101,6 +101,16 @@ def architecture(cfg: RunConfig, vocab_size: int) -> dict:
         if str(mem.query_norm) != "none":  # absent before query norms existed: old ones still load
             arch["memory.query_norm"] = str(mem.query_norm)
     return arch
+
+
+def saved_run_config(common: dict) -> RunConfig:
+    """The run configuration a checkpoint was trained with. Fields newer than the checkpoint
+    take the value its model actually had, not today's default (query norms came later: none)."""
+    saved = common["run_config"]
+    cfg = RunConfig.from_dict(saved)
+    if "query_norm" not in saved.get("memory", {}):
+        cfg.memory.query_norm = QueryNorm.NONE
+    return cfg
 
 
 def check_architecture(saved: dict, mine: dict, where: Path) -> None:

@@ -43,7 +43,7 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
 
 from megatron_memory import checkpoint, data
-from megatron_memory.config import ConfigError, RunConfig
+from megatron_memory.config import ConfigError
 from megatron_memory.hf_format import (
     SAFETENSORS_DTYPES,
     hf_config,
@@ -117,7 +117,7 @@ def to_hf(ckpt: str, out: str, tokenizer: Optional[str] = None, max_shard_bytes:
     target, common = checkpoint.peek(ckpt)
     if verify:
         _verify(target)
-    cfg = RunConfig.from_dict(common["run_config"])
+    cfg = checkpoint.saved_run_config(common)
     vocab = common["architecture"]["model.vocab_size"]
     tok_path = tokenizer or cfg.data.tokenizer or data.ensure_default_data()[1]
     tok = data.Tokenizer(tok_path)

@@ -102,3 +102,16 @@ def test_conversion_streams(tmp_path):
           f"to-megatron {to_mg:.0f} MiB")
     assert to_hf < 0.4 * model_mib
     assert to_mg < 0.4 * model_mib
+
+
+def test_old_checkpoints_export_with_the_model_they_had(converted):
+    """A checkpoint from before query norms stores no ``query_norm``: it exports with none, not
+    with today's default (which would promise running statistics it does not hold)."""
+    from megatron_memory.config import QueryNorm
+
+    _, common = checkpoint.peek(converted / "ckpt")
+    old = {**common, "run_config": {**common["run_config"], "memory": {
+        k: v for k, v in common["run_config"]["memory"].items() if k != "query_norm"}}}
+    assert checkpoint.saved_run_config(old).memory.query_norm == QueryNorm.NONE
+    assert checkpoint.saved_run_config(common).memory.query_norm == \
+        common["run_config"]["memory"]["query_norm"]

@@ -45,7 +45,7 @@ def test_usage_histogram_buckets():
     assert h[USAGE_BUCKETS:].tolist() == [0, 100, 125, float((counts.double() ** 2).sum())]
     usage = KeyUsage(16, "cpu")
     usage.update(torch.tensor([[1, 1, 2]]))
-    assert usage.summarize()[0] == 2 / 16  # the histogram is kept for the tracker, counts reset
+    assert usage.summarize().fraction == 2 / 16  # the histogram is kept for the tracker, counts reset
     assert usage.last_histogram[:3].tolist() == [14, 1, 1] and usage.counts.sum() == 0
 
 

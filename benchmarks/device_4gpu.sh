@@ -1,17 +1,42 @@
 #!/usr/bin/env bash
-# One 4-GPU device call: the full-depth 8B Memory+ and dense configs, 50 steps each, through the
-# project's deepspeed launcher (torchrun if deepspeed cannot start). Layout by GPU memory, as the
-# memory calculator chose: >= 120 GiB cards: TP=2 x PP=2; 80 GiB cards: TP=4 (+SP).
+# Issue 12: full-depth 8B Memory+ vs dense on one 4-GPU machine, at a batch people pre-train with
+# (micro-batch 4 x 2048, global batch 64), in the layout the memory calculator picks for the card
+# (the same layout for both models: the one picked for Memory+). Two phases, on the SAME warm
+# machine (the ~160 GB checkpoint stays in /tmp between them):
+#   bash benchmarks/device_4gpu.sh train    # dense, then Memory+ with a save after its last step
+#   bash benchmarks/device_4gpu.sh resume   # Memory+ resumed from that checkpoint for 3 steps
+# Reports land in $OUT (bench_training.md, train_*.log, layout.txt, resume.log, ckpt.txt).
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+PHASE=${1:?train or resume}
+source benchmarks/device_speed_setup.sh || exit 1
+export CUDA_DEVICE_MAX_CONNECTIONS=1
+OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
+CK=/tmp/ck8b
+STEPS=10
 mib=$(nvidia-smi --query-gpu=memory.total --format=csv,noheader,nounits | head -n 1)
-if [ "$mib" -ge 122880 ]; then LAYOUT="--tp 2 --pp 2 --sequence-parallel"; GIB=141; else LAYOUT="--tp 4 --sequence-parallel"; GIB=80; fi
-LAUNCHER=deepspeed
-python3 -c "import deepspeed.launcher.runner" 2>/dev/null || { echo "deepspeed unavailable: torchrun"; LAUNCHER=torchrun; }
-python3 -m megatron_memory.tools.memory_calculator --world-size 4 --gpu-gib $GIB -- --preset 8b-memory --global-batch-size 8 $LAYOUT
-COMMON="--steps 50 --warmup-steps 5 --log-interval 10 --global-batch-size 8 --micro-batch-size 1 --vocab-size 32000 --tensorboard-dir '' --eval-iters 0"
-timeout 520 python3 benchmarks/bench_training.py --gpus 4 --launcher $LAUNCHER --title "Full-depth 8B Memory+ vs dense, 4 GPUs" \
-  --run "8b-memory:--preset 8b-memory $LAYOUT" --run "8b-dense:--preset 8b-dense $LAYOUT" --common "$COMMON" 2>&1 | tail -12
-grep -h "step .*/50\|peak mem\|key usage" $OUT/train_*.log | tail -14
+GIB=$(python3 -c "print(round($mib / 1024, 1))")
+BATCH="--micro-batch-size 4 --global-batch-size 64"
+python3 -m megatron_memory.tools.memory_calculator --world-size 4 --gpu-gib "$GIB" --pick -- \
+    --preset 8b-memory $BATCH > "$OUT/layout.txt" || { cat "$OUT/layout.txt"; exit 1; }
+LAYOUT=$(sed -n 's/^pick: //p' "$OUT/layout.txt")
+echo "card ${GIB} GiB; calculator's layout: $LAYOUT"; cat "$OUT/layout.txt"
+COMMON="$BATCH --warmup-steps 2 --log-interval 1 --vocab-size 32000 --tensorboard-dir '' --eval-iters 0"
+df -h /tmp | tail -1
+if [ "$PHASE" = train ]; then
+    rm -rf "$CK"
+    timeout 560 python3 benchmarks/bench_training.py --gpus 4 \
+        --title "Full-depth 8B, micro-batch 4 x 2048, global 64, calculator layout" \
+        --run "8b-dense:--preset 8b-dense $LAYOUT --steps $STEPS" \
+        --run "8b-memory:--preset 8b-memory $LAYOUT --steps $((STEPS + 3)) --exit-interval $STEPS --save $CK" \
+        --common "$COMMON" 2>&1 | tail -12
+    grep -h "saved\|stopping" "$OUT"/train_8b-memory.log | tail -2
+    du -sb "$CK" 2>/dev/null | awk '{printf "checkpoint %.1f GiB\n", $1 / 2^30}' | tee "$OUT/ckpt.txt"
+    ls "$CK"/iter_*/ 2>/dev/null | wc -l | xargs echo "files:" | tee -a "$OUT/ckpt.txt"
+else
+    [ -f "$CK/latest_checkpointed_iteration.txt" ] || { echo "no checkpoint in $CK (the machine was not kept warm): run the train phase first"; exit 1; }
+    timeout 560 python3 -m megatron_memory.launch.run torchrun --nproc-per-node 4 -- \
+        --preset 8b-memory $LAYOUT --steps $((STEPS + 3)) --load $CK $COMMON > "$OUT/resume.log" 2>&1
+    echo "rc=$?"
+    grep -h "loaded\|^step\|peak mem\|tok/s\|MFU\|rror" "$OUT/resume.log" | tail -12
+    rm -rf "$CK"
+fi

@@ -44,6 +44,8 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_memory.config import ConfigError, QueryNorm, RunConfig
+from megatron_memory.integrity import MANIFEST, IntegrityError, verify_manifest, write_manifest
+from megatron_memory.optim import configure_adam
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -230,18 +232,6 @@ def _prepare_distributed_optimizer_load(optimizer) -> None:
             opt._set_main_param_and_optimizer_states = set_states
 
 
-def _unshare_adam_steps(optimizer) -> None:
-    """megatron-core 0.19.2's distributed optimizer (without Apex/TE) restores torch Adam's
-    per-parameter "step" as ONE tensor shared by every parameter; Adam then increments it once
-    per parameter per step, which corrupts the bias correction after a resume. Give each
-    parameter its own copy."""
-    for opt in getattr(optimizer, "chained_optimizers", [optimizer]):
-        if isinstance(opt, DistributedOptimizer):
-            for state in opt.optimizer.state.values():
-                if isinstance(state.get("step"), torch.Tensor):
-                    state["step"] = state["step"].clone()
-
-
 def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = True,
          async_queue=None) -> Path:
     """Write ``root/iter_<iteration>`` (collective), then point the tracker at it and prune old
@@ -274,12 +264,18 @@ def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = Tru
             _prune(root, cfg.train.keep_last, keep=iteration)
         dist.barrier()
 
+    def manifest() -> None:  # every rank hashes its share (megatron-core's is rank 0 alone)
+        if integrity:
+            write_manifest(partial)
+
     if async_queue is None:
-        dist_checkpointing.save(sd, str(partial), verify_integrity=integrity)
+        dist_checkpointing.save(sd, str(partial))
+        manifest()
         publish()
     else:
-        request = dist_checkpointing.save(sd, str(partial), verify_integrity=integrity,
-                                          async_sharded_save=True, async_strategy="mcore")
+        request = dist_checkpointing.save(sd, str(partial), async_sharded_save=True,
+                                          async_strategy="mcore")
+        request.add_finalize_fn(manifest)
         request.add_finalize_fn(publish)
         async_queue.schedule_async_request(request)
     return final
@@ -313,9 +309,13 @@ def load(trainer, target: Path, common: dict) -> int:
     full = common.get("iteration", 0) > 0 and common.get("scheduler") is not None
     same_layout = common.get("layout") == _layout()
     sd = _state_dict(trainer, is_loading=True, with_optimizer=full, with_rng=full and same_layout)
-    integrity = (target / "integrity.json").is_file()
+    if (target / MANIFEST).is_file():
+        try:
+            verify_manifest(target)
+        except IntegrityError as err:
+            raise CheckpointError(f"checkpoint {err}") from err
     try:  # RETURN_UNEXPECTED: what this model asks for and the checkpoint lacks comes back listed
-        state, _, lacking = dist_checkpointing.load(sd, str(target), verify_integrity=integrity,
+        state, _, lacking = dist_checkpointing.load(sd, str(target),
                                                     strict=StrictHandling.RETURN_UNEXPECTED)
     except Exception as err:  # noqa: BLE001 - a damaged checkpoint must not end in a traceback
         raise CheckpointError(f"cannot load checkpoint {target}: {_first_line(err)}") from err
@@ -333,7 +333,9 @@ def load(trainer, target: Path, common: dict) -> int:
     if not full:
         return 0
     trainer.optimizer.load_state_dict(state["optimizer"])
-    _unshare_adam_steps(trainer.optimizer)
+    # the saved param groups replace ours: choose the Adam implementation again, and give each
+    # parameter its own step (megatron restores one shared tensor)
+    configure_adam(trainer.optimizer, trainer.cfg.train.fused_adam)
     trainer.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         set_rng_state(state["rng_state"])

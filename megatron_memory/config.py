@@ -230,6 +230,10 @@ class TrainConfig:
     weight_decay: float = opt(0.1, "decoupled weight decay (not on biases and norm gains)")
     adam_beta1: float = opt(0.9, "AdamW beta1")
     adam_beta2: float = opt(0.95, "AdamW beta2")
+    fused_adam: bool = opt(True, "torch's fused AdamW (one pass over the optimizer state per step) "
+                           "instead of its foreach default (about ten passes; the value table "
+                           "makes that the largest fixed cost of a step); Apex/TE optimizers are "
+                           "fused already")
     clip_grad: float = opt(1.0, "gradient-norm clip, applied separately to the value table and to "
                            "the other parameters (as the reference); 0 turns clipping off")
     distributed_optimizer: Optional[bool] = opt(None, "shard optimizer state over data-parallel "

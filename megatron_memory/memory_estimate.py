@@ -20,9 +20,10 @@ mixed-precision optimizer over torch's foreach AdamW, local GPT spec, fused Trit
 """
 from __future__ import annotations
 
+import copy
 from dataclasses import dataclass
 
-from megatron_memory.config import RunConfig
+from megatron_memory.config import ConfigError, RunConfig
 
 GIB = 1024 ** 3
 
@@ -116,3 +117,41 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True
         out.append(StageMemory(stage, layers, sorted(mem.intersection(layers)), sharded + replicated,
                                table, params * b_w, params * b_g, params * b_o / opt_div, acts))
     return out
+
+
+@dataclass
+class Layout:
+    """One TP x PP x DP candidate and its predicted peak (the largest stage)."""
+
+    tp: int
+    pp: int
+    dp: int
+    peak: float  # bytes per GPU
+    fits: bool
+
+    def flags(self) -> list[str]:
+        """Training flags of this layout; sequence parallelism whenever TP > 1 (it splits the
+        norm and dropout activations over TP at the cost of nothing but the reduce-scatter that
+        replaces an all-reduce)."""
+        return ["--tp", str(self.tp), "--pp", str(self.pp)] + (
+            ["--sequence-parallel"] if self.tp > 1 else [])
+
+
+def layouts(cfg: RunConfig, world_size: int, vocab_size: int, gpu_bytes: float,
+            headroom: float = 0.1, max_tp: int = 8, bf16: bool = True) -> list[Layout]:
+    """Every valid TP x PP layout of ``world_size`` GPUs for ``cfg`` (TP <= ``max_tp``: one
+    node's NVLink domain), best first: fitting ones (peak <= (1 - headroom) x card, the rest for
+    the CUDA context, NCCL buffers and allocator slack) before the others, then fewest
+    model-parallel ranks (the most data parallelism), then the shallower pipeline (fewer bubbles
+    and stages; TP inside a node costs less at these sizes), then the lower peak."""
+    out = []
+    for tp in (t for t in range(1, min(max_tp, world_size) + 1) if world_size % t == 0):
+        for pp in (p for p in range(1, world_size // tp + 1) if (world_size // tp) % p == 0):
+            trial = copy.deepcopy(cfg)
+            trial.parallel.tp, trial.parallel.pp, trial.parallel.sequence_parallel = tp, pp, tp > 1
+            try:
+                peak = max(s.total for s in estimate(trial, world_size, vocab_size, bf16))
+            except ConfigError:  # heads, groups, layers or the batch do not divide
+                continue
+            out.append(Layout(tp, pp, world_size // (tp * pp), peak, peak <= (1 - headroom) * gpu_bytes))
+    return sorted(out, key=lambda l: (not l.fits, l.tp * l.pp, l.pp, l.peak))

@@ -46,6 +46,7 @@ from megatron_memory.metrics import (
     usage_scalars,
 )
 from megatron_memory.model import MemoryGPTModel, optimizer_overrides
+from megatron_memory.optim import configure_adam
 from megatron_memory.tracking import Tracker
 
 
@@ -298,6 +299,9 @@ class Trainer:
                              use_distributed_optimizer=self.dist_opt)
         self.optimizer = get_megatron_optimizer(oc, [self.model],
                                                 config_overrides=optimizer_overrides(oc, self.cfg.memory))
+        for problem in configure_adam(self.optimizer, t.fused_adam):
+            if self.rank == 0:
+                self.log(f"warning: fused AdamW off ({problem})")
         # override: on resume this run's flags define the schedule, the checkpoint its position.
         self.scheduler = OptimizerParamScheduler(
             self.optimizer, init_lr=0.0, max_lr=t.lr, min_lr=t.min_lr, lr_warmup_steps=t.warmup(),

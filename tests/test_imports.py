@@ -40,6 +40,8 @@ ORDER = [
     "megatron_memory.parallel",
     "megatron_memory.spec",
     "megatron_memory.model",
+    "megatron_memory.integrity",            # parallel SHA-256 manifest (torch.distributed only)
+    "megatron_memory.optim",                # fused torch AdamW inside megatron's wrappers (torch only)
     "megatron_memory.hf_format",             # exported folder: config, names, safetensors I/O
     "megatron_memory.checkpoint",           # save / resume / reshard (config + megatron only)
     "megatron_memory.training",

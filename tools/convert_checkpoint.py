@@ -33,10 +33,6 @@ from typing import Callable, Iterator, Optional
 import torch
 import torch.distributed.checkpoint as dcp
 from megatron.core.dist_checkpointing.core import CheckpointingConfig, save_config
-from megatron.core.dist_checkpointing.validation import (
-    save_integrity_manifest,
-    verify_integrity_manifest,
-)
 from safetensors import safe_open
 from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import WriteItemType
@@ -55,6 +51,7 @@ from megatron_memory.hf_format import (
     run_config_from_hf,
     write_hf_folder,
 )
+from megatron_memory.integrity import MANIFEST, IntegrityError, verify_manifest, write_manifest
 from megatron_memory.standalone import weight_files
 
 COMMON_KEY = "common_state/shard_0_1"  # where megatron-core's torch_dist format keeps common state
@@ -104,11 +101,11 @@ def _weights_bytes(target: Path) -> tuple[int, torch.dtype]:
 
 
 def _verify(target: Path) -> None:
-    if (target / "integrity.json").is_file():
+    if (target / MANIFEST).is_file():
         try:
-            verify_integrity_manifest(str(target))
-        except Exception as err:  # noqa: BLE001 - one line naming the damaged files
-            raise checkpoint.CheckpointError(" ".join(str(err).split())) from err
+            verify_manifest(target)
+        except IntegrityError as err:  # one line naming the damaged files
+            raise checkpoint.CheckpointError(str(err)) from err
 
 
 def to_hf(ckpt: str, out: str, tokenizer: Optional[str] = None, max_shard_bytes: int = 5 * 10**9,
@@ -208,7 +205,7 @@ def to_megatron(hf_dir: str, out: str) -> Path:
                  storage_writer=dcp.FileSystemWriter(str(partial), single_file_per_rank=False,
                                                      thread_count=1))
         save_config(CheckpointingConfig("torch_dist", 1), str(partial))
-        save_integrity_manifest(str(partial))
+        write_manifest(partial)
         (partial / "run_config.json").write_text(
             json.dumps(dataclasses.asdict(cfg), indent=2) + "\n")
         os.replace(partial, final)

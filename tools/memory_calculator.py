@@ -3,6 +3,8 @@
 shard, activations, for every pipeline stage of a TP x PP x DP layout.
 
     python -m megatron_memory.tools.memory_calculator --world-size 4 [--vocab-size 32000] [--gpu-gib 80] -- TRAIN FLAGS
+    # choose the layout: every TP x PP that fits, best first; the last line is "pick: FLAGS"
+    python -m megatron_memory.tools.memory_calculator --world-size 4 --gpu-gib 80 --pick -- TRAIN FLAGS
 
 TRAIN FLAGS are those of ``python -m megatron_memory.train`` (e.g. --preset 8b-memory --tp 2
 --pp 2). The estimate itself is ``megatron_memory.memory_estimate.estimate``; what it counts:
@@ -15,7 +17,7 @@ import sys
 from megatron_memory import memory_estimate
 from megatron_memory.cli import config_from_args
 from megatron_memory.config import ConfigError
-from megatron_memory.memory_estimate import GIB, StageMemory, estimate
+from megatron_memory.memory_estimate import GIB, Layout, StageMemory, estimate, layouts
 
 
 def format_table(rows: list[StageMemory], gpu_gib: float) -> str:
@@ -32,6 +34,26 @@ def format_table(rows: list[StageMemory], gpu_gib: float) -> str:
     return "\n".join(lines)
 
 
+def format_layouts(rows: list[Layout], gpu_gib: float) -> str:
+    lines = [f"{'TP':>3} {'PP':>3} {'DP':>3} {'peak GiB':>9}  fits {gpu_gib:g} GiB"]
+    lines += [f"{r.tp:>3} {r.pp:>3} {r.dp:>3} {r.peak / GIB:>9.1f}  {'yes' if r.fits else 'no'}"
+              for r in rows]
+    return "\n".join(lines)
+
+
+def pick(cfg, a) -> int:
+    """Print every layout (best first) and ``pick: FLAGS`` for the best one that fits."""
+    rows = layouts(cfg, a.world_size, a.vocab_size, a.gpu_gib * GIB, a.headroom, bf16=not a.fp32)
+    print(format_layouts(rows, a.gpu_gib))
+    if not rows or not rows[0].fits:
+        print(f"error: no TP x PP layout of {a.world_size} GPUs keeps the peak under "
+              f"{1 - a.headroom:.0%} of {a.gpu_gib:g} GiB (try --recompute-activations, a smaller "
+              f"micro-batch or more GPUs)", file=sys.stderr)
+        return 2
+    print("pick: " + " ".join(rows[0].flags()))
+    return 0
+
+
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -45,13 +67,25 @@ def main(argv=None) -> int:
     ap.add_argument("--vocab-size", type=int, default=32000, help="padded vocabulary")
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU, to flag overflow")
     ap.add_argument("--fp32", action="store_true", help="fp32 training (as on CPU) instead of bf16")
+    ap.add_argument("--pick", action="store_true",
+                    help="choose the layout: list every TP x PP (TP <= 8, sequence parallelism "
+                         "with TP > 1; the TRAIN FLAGS' own --tp/--pp are ignored), best first, "
+                         "and print 'pick: FLAGS' for the best that fits")
+    ap.add_argument("--headroom", type=float, default=0.1,
+                    help="with --pick: share of the card kept free for the CUDA context, NCCL "
+                         "buffers and allocator slack (default 0.1)")
     a = ap.parse_args(own)
     for flag, value in (("--world-size", a.world_size), ("--vocab-size", a.vocab_size), ("--gpu-gib", a.gpu_gib)):
         if value <= 0:
             print(f"error: {flag} must be > 0, got {value}", file=sys.stderr)
             return 2
+    if not 0 <= a.headroom < 1:
+        print(f"error: --headroom must be in [0, 1), got {a.headroom}", file=sys.stderr)
+        return 2
     try:
         cfg, _ = config_from_args(train_args)
+        if a.pick:
+            return pick(cfg, a)
         rows = estimate(cfg, a.world_size, a.vocab_size, bf16=not a.fp32)
     except (ConfigError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)

@@ -28,11 +28,19 @@ def train(cfg, out_file: str) -> None:
 
     from megatron_memory.training import Trainer
 
+    from megatron_memory.optim import torch_adams
+
     trainer = Trainer(cfg, log=lambda line: None)
     hist = trainer.fit()
     if dist.get_rank() == 0:
+        # the Adam implementation each param group ended with, and whether each parameter has a
+        # step tensor of its own (after a resume too)
+        adams = torch_adams(trainer.optimizer)
+        steps = [s["step"] for o in adams for s in o.state.values()]
         json.dump({"losses": hist.losses, "grad_norms": hist.grad_norms,
-                   "value_grad_norms": hist.value_grad_norms}, open(out_file, "w"))
+                   "value_grad_norms": hist.value_grad_norms,
+                   "fused": [g["fused"] for o in adams for g in o.param_groups],
+                   "own_steps": len({id(t) for t in steps}) == len(steps)}, open(out_file, "w"))
     values = trainer.raw_model.memory_values
     if values is not None:
         torch.save({"columns": values.columns, "weight": values.weight.detach().float().clone()},

@@ -10,7 +10,8 @@ import torch
 
 from megatron_memory.config import replace
 from megatron_memory.configs.presets import get_preset
-from megatron_memory.memory_estimate import _activations, estimate
+from megatron_memory.cli import config_from_args
+from megatron_memory.memory_estimate import GIB, _activations, estimate, layouts
 from megatron_memory.tools.memory_calculator import main
 from tests.parallel import workers
 from tests.parallel.dist_utils import run_ranks
@@ -82,3 +83,29 @@ def test_cli_flags_layouts_that_do_not_fit(capsys):
     out = capsys.readouterr().out
     assert "OVER" in out and "[4, 12]" in out and "[20]" in out   # Meta's 4/12/20 over two stages
     assert main(["--world-size", "3", "--", "--tp", "2"]) == 2
+
+
+def test_pick_prefers_data_parallelism_among_layouts_that_fit(capsys):
+    argv = ["--world-size", "4", "--pick", "--", "--preset", "8b-memory", "--micro-batch-size", "4",
+            "--global-batch-size", "64", "--tp", "1"]  # the user's --tp is ignored by --pick
+    cfg = config_from_args(argv[argv.index("--") + 1:])[0]
+    assert main(["--gpu-gib", "141", *argv]) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out[-1] == "pick: --tp 2 --pp 1 --sequence-parallel"
+    # the pick is the estimate's own: every fitting layout with more DP would be over 90%
+    rows = layouts(cfg, 4, 32000, 141 * GIB)
+    assert rows[0].peak == max(s.total for s in estimate(
+        replace(cfg, **{"parallel.tp": 2, "parallel.sequence_parallel": True}), 4, 32000))
+    assert all(not r.fits for r in rows if r.tp * r.pp < 2)
+    assert {(r.tp, r.pp) for r in rows} == {(1, 1), (2, 1), (4, 1), (1, 2), (2, 2), (1, 4)}
+    # an 80 GB card: only TP=4 fits
+    assert main(["--gpu-gib", "79.6", *argv]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == "pick: --tp 4 --pp 1 --sequence-parallel"
+
+
+def test_pick_without_a_fit_is_one_error(capsys):
+    argv = ["--world-size", "2", "--gpu-gib", "24", "--pick", "--", "--preset", "8b-memory"]
+    assert main(argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "no TP x PP layout of 2 GPUs" in err[0]
+    assert main(["--world-size", "2", "--headroom", "1.5", "--pick", "--", "--preset", "tiny"]) == 2

@@ -241,6 +241,9 @@ class TrainConfig:
     overlap_comm: Optional[bool] = opt(None, "overlap the data-parallel gradient reduction with "
                                        "backward (and, with the distributed optimizer, the "
                                        "parameter all-gather with forward); default: on with CUDA")
+    ddp_bucket_size: Optional[int] = opt(None, "parameters per data-parallel communication bucket "
+                                         "(Megatron-LM's --ddp-bucket-size); default megatron-core's "
+                                         "max(40M, 1M x DP)")
     recompute_activations: bool = opt(False, "recompute attention and dense-FFN activations in "
                                       "backward (memory layers are not recomputed: a second "
                                       "lookup costs more than the activations it saves)")
@@ -293,6 +296,8 @@ class TrainConfig:
             raise ConfigError(f"train.warmup_steps={self.warmup_steps} must be in 0..steps")
         if self.log_interval < 1:
             raise ConfigError("train.log_interval must be >= 1")
+        if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
+            raise ConfigError(f"train.ddp_bucket_size must be >= 1, got {self.ddp_bucket_size}")
         if self.eval_iters < 0 or self.eval_interval < 0:
             raise ConfigError(f"train.eval_iters and train.eval_interval must be >= 0, got "
                               f"{self.eval_iters}, {self.eval_interval}")

@@ -115,6 +115,13 @@ class MemoryValues(MegatronModule):
         """indices, weights [T, bag] -> [T, v]: the weighted sum of the selected rows."""
         return kernels.embedding_bag(self.weight, indices, weights)
 
+    def forward(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+        """``lookup`` as a module call. Layers must use the table this way: Megatron DDP's
+        overlapped parameter all-gather waits for a bucket in a forward pre-hook, which only a
+        module call runs; a plain method call would read the table before its all-gather is
+        done and leave that all-gather unwaited (the next step's dispatch then asserts)."""
+        return self.lookup(indices, weights)
+
     def token_group(self):
         """The process group whose ranks hold the other tokens of a layer's batch (their sums
         make the query BatchNorm's statistics); None: every token is here."""
@@ -242,6 +249,6 @@ class MemoryPlus(MegatronModule):
         indices, weights = self.select(flat, self._keep(padding_mask))
         if self.key_usage is not None and self.training:
             self.key_usage.update(indices)
-        y = self.values.lookup(indices, weights)
+        y = self.values(indices, weights)  # a module call: see MemoryValues.forward
         out = self.mix(flat, y.to(flat.dtype)).view(x.shape)
         return self.values.gather_tokens(out), None

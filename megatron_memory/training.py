@@ -238,7 +238,7 @@ class Trainer:
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=self.overlap,
             overlap_param_gather=self.overlap and self.dist_opt,
-            use_distributed_optimizer=self.dist_opt)
+            use_distributed_optimizer=self.dist_opt, bucket_size=cfg.train.ddp_bucket_size)
         self.model = parallel.MemoryDDP(self.tconfig, ddp_config, model)
         self.tconfig.finalize_model_grads_func = parallel.finalize_memory_grads
         if self.overlap:  # as Megatron-LM's training loop wires its schedules

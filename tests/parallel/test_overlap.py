@@ -1,7 +1,9 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """Overlapped DP communication (grad reduce in backward, param all-gather in forward) trains
 exactly like the synchronous path, on gloo with DP=2, two micro-batches per step and the
-distributed optimizer, for both ways a lookup can hand over the table gradient: returned to
+distributed optimizer, with buckets small enough that the table and the layers fall into many
+bucket groups (megatron-core chains their all-gathers in forward order: a table read by a plain
+method call instead of a module call broke the chain on GPU), for both ways a lookup can hand over the table gradient: returned to
 autograd (the CPU reference) and accumulated into ``main_grad`` with None returned (the Triton
 contract, mimicked here in torch), where only ``MemoryDDP``'s hook marks the table ready."""
 from __future__ import annotations
@@ -52,7 +54,8 @@ def _train(runs: list) -> None:
 
 def test_overlap_equals_synchronous(tmp_path):
     runs = [(workers.tiny_config(steps=STEPS, dp_batch=2, **{"train.global_batch_size": 8,
-                                                             "train.overlap_comm": overlap}),
+                                                             "train.overlap_comm": overlap,
+                                                             "train.ddp_bucket_size": 3000}),
              str(tmp_path / f"overlap{overlap}_maingrad{main_grad}.json"), main_grad)
             for main_grad in (False, True) for overlap in (False, True)]
     run_ranks(2, _train, runs, tp=0)

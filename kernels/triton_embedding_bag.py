@@ -12,6 +12,8 @@ the rows used: no [T, bag, d] intermediate, no dense zero-filled temporary, no f
 Backward strategies (see kernels/README.md for the byte counts):
   segment  sort the flat indices, one program per run of equal rows (split every SEGMENT_CHUNK
            occurrences; split runs are summed in a second pass in a fixed order): deterministic.
+           No host sync: the plan's arrays and the grids are sized by static bounds
+           (``plan_bounds``), the real counts stay on the device and the kernels read them.
   atomic   one program per token scatters w * g[t] with fp32 atomics: nondeterministic, fp32
            buffers only (other buffers fall back to segment).
 """

@@ -20,9 +20,15 @@ import tempfile
 
 import pytest
 import torch
+import torch.distributed as dist
+from megatron.core import parallel_state as ps
 
 from megatron_memory import kernels
 from megatron_memory.config import MemoryConfig
+from megatron_memory.layer import MemoryPlus
+from megatron_memory.metrics import KeyUsage
+from megatron_memory.model import build_values
+from megatron_memory.parallel import finish_query_norm_step, reduce_tp_partial_grads
 from megatron_memory.kernels.reference import embedding_bag_reference, product_key_search_reference
 from tests.conftest import requires_cuda, tiny_transformer_config
 from tests.kernels.test_embedding_bag import rel_err
@@ -118,9 +124,6 @@ def test_gpu_search_has_no_host_sync(monkeypatch, backend):
 def _gpu_layer(mc: MemoryConfig, d: int, seed: int, tp: int = 1, sp: bool = False):
     """bf16 Memory+ layer and its table (TP-sharded when tp > 1) on the current GPU, the
     table's gradient going to an fp32 main_grad as under Megatron DDP."""
-    from megatron_memory.layer import MemoryPlus
-    from megatron_memory.model import build_values
-
     cfg = tiny_transformer_config(hidden_size=d, params_dtype=torch.bfloat16, bf16=True,
                                   use_cpu_initialization=False, tensor_model_parallel_size=tp,
                                   sequence_parallel=sp)
@@ -133,8 +136,6 @@ def _gpu_layer(mc: MemoryConfig, d: int, seed: int, tp: int = 1, sp: bool = Fals
 
 def _layer_step(layer, values, x, g):
     """Forward + backward + the end-of-step reductions -> (out, x grad, table main_grad)."""
-    from megatron_memory.parallel import finish_query_norm_step, reduce_tp_partial_grads
-
     values.weight.main_grad.zero_()
     xc = x.clone().requires_grad_()
     out, _ = layer(xc)
@@ -151,8 +152,6 @@ LAYER_CONFIGS = [dict(query_norm="batchnorm"), dict(query_norm="center", qk_norm
 @requires_cuda
 @pytest.mark.parametrize("extra", LAYER_CONFIGS, ids=lambda e: "-".join(map(str, e.values())))
 def test_gpu_memory_layer_has_no_host_sync(extra):
-    from megatron_memory.metrics import KeyUsage
-
     d = 64
     mc = MemoryConfig(n_keys=32, heads=2, k=8, k_dim=32, **extra)
     layer, values = _gpu_layer(mc, d, seed=3)
@@ -183,9 +182,6 @@ def test_gpu_memory_layer_has_no_host_sync(extra):
 # ------------------------------------------------------------------------------------------
 
 def _tp_worker(rank: int, world: int, store: str, sp: bool) -> None:
-    import torch.distributed as dist
-    from megatron.core import parallel_state as ps
-
     torch.cuda.set_device(rank)
     dist.init_process_group("nccl", init_method=f"file://{store}", rank=rank, world_size=world)
     try:

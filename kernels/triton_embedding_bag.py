@@ -12,11 +12,14 @@ the rows used: no [T, bag, d] intermediate, no dense zero-filled temporary, no f
 Backward strategies (see kernels/README.md for the byte counts):
   segment  sort the flat indices, one program per run of equal rows (split every SEGMENT_CHUNK
            occurrences; split runs are summed in a second pass in a fixed order): deterministic.
+           No host sync: the plan's arrays and the grids are sized by static bounds
+           (``plan_bounds``), the real counts stay on the device and the kernels read them.
   atomic   one program per token scatters w * g[t] with fp32 atomics: nondeterministic, fp32
            buffers only (other buffers fall back to segment).
 """
 from __future__ import annotations
 
+import functools
 import os
 from typing import Optional
 
@@ -80,56 +83,63 @@ def _forward_kernel(values, indices, weights, out, bag, d, stride_v, stride_o,
 
 @triton.jit
 def _segment_kernel(grad_out, values, weights, sorted_pos, chunk_start, chunk_row, chunk_slot,
-                    buf, partial, dots, M, bag, d, stride_g, stride_v, stride_b,
+                    n_chunks, buf, partial, dots, M, bag, d, stride_g, stride_v, stride_b,
                     NEED_DOTS: tl.constexpr, BLOCK_P: tl.constexpr, BLOCK_D: tl.constexpr):
-    """Program (chunk, column block): one run of equal rows r in sorted order.
+    """Program (p, column block): chunks c = p, p + P, ... below the device-side count
+    ``n_chunks[0]`` (P = programs launched), each one run of equal rows r in sorted order.
 
     acc = sum over the run of w[pos] * g[pos // bag] (fp32); the program owns row r of ``buf``
     (slot < 0) and read-modify-writes it once, or (slot >= 0, a split hot row) stores acc to
     ``partial[slot]`` for _fold_kernel. With NEED_DOTS it also writes the partial weight grads
     dots[block, pos] = <g[pos // bag], V[r]> over its columns, fused: both rows are in registers.
-    Each flat position lies in exactly one chunk, so every dots entry is written exactly once.
+    Each flat position lies in exactly one chunk and each chunk in one program, so every dots
+    entry and every owned row is written exactly once, whatever P is. The count stays on the
+    device (no host sync): the grid is sized by a static bound (launch_segment_backward).
     """
-    c = tl.program_id(0)
     pid_d = tl.program_id(1)
-    start = tl.load(chunk_start + c)
-    end = tl.load(chunk_start + c + 1)
-    row = tl.load(chunk_row + c).to(tl.int64)
-    slot = tl.load(chunk_slot + c)
     cols = pid_d * BLOCK_D + tl.arange(0, BLOCK_D)
     cmask = cols < d
-    # Issued before the loop so its latency overlaps the gradient-row loads.
-    old = tl.load(buf + row * stride_b + cols, mask=cmask & (slot < 0), other=0.0).to(tl.float32)
-    if NEED_DOTS:
-        v = tl.load(values + row * stride_v + cols, mask=cmask, other=0.0).to(tl.float32)
-    acc = tl.zeros([BLOCK_D], dtype=tl.float32)
-    for p0 in range(start, end, BLOCK_P):
-        p = p0 + tl.arange(0, BLOCK_P)
-        pmask = p < end
-        pos = tl.load(sorted_pos + p, mask=pmask, other=0).to(tl.int64)
-        w = tl.load(weights + pos, mask=pmask, other=0.0).to(tl.float32)
-        g = tl.load(grad_out + (pos // bag)[:, None] * stride_g + cols[None, :],
-                    mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(g * w[:, None], axis=0)
+    count = tl.load(n_chunks)
+    for c in range(tl.program_id(0), count, tl.num_programs(0)):
+        start = tl.load(chunk_start + c)
+        end = tl.load(chunk_start + c + 1)
+        row = tl.load(chunk_row + c).to(tl.int64)
+        slot = tl.load(chunk_slot + c)
+        # Issued before the loop so its latency overlaps the gradient-row loads.
+        old = tl.load(buf + row * stride_b + cols, mask=cmask & (slot < 0), other=0.0).to(tl.float32)
         if NEED_DOTS:
-            tl.store(dots + pid_d.to(tl.int64) * M + pos, tl.sum(g * v[None, :], axis=1), mask=pmask)
-    if slot < 0:
-        tl.store(buf + row * stride_b + cols, (old + acc).to(buf.dtype.element_ty), mask=cmask)
-    else:
-        tl.store(partial + slot.to(tl.int64) * d + cols, acc, mask=cmask)
+            v = tl.load(values + row * stride_v + cols, mask=cmask, other=0.0).to(tl.float32)
+        acc = tl.zeros([BLOCK_D], dtype=tl.float32)
+        for p0 in range(start, end, BLOCK_P):
+            p = p0 + tl.arange(0, BLOCK_P)
+            pmask = p < end
+            pos = tl.load(sorted_pos + p, mask=pmask, other=0).to(tl.int64)
+            w = tl.load(weights + pos, mask=pmask, other=0.0).to(tl.float32)
+            g = tl.load(grad_out + (pos // bag)[:, None] * stride_g + cols[None, :],
+                        mask=pmask[:, None] & cmask[None, :], other=0.0).to(tl.float32)
+            acc += tl.sum(g * w[:, None], axis=0)
+            if NEED_DOTS:
+                tl.store(dots + pid_d.to(tl.int64) * M + pos, tl.sum(g * v[None, :], axis=1),
+                         mask=pmask)
+        if slot < 0:
+            tl.store(buf + row * stride_b + cols, (old + acc).to(buf.dtype.element_ty), mask=cmask)
+        else:
+            tl.store(partial + slot.to(tl.int64) * d + cols, acc, mask=cmask)
 
 
 @triton.jit
 def _fold_kernel(partial, fold_row, fold_slot, buf, d, stride_b,
                  BLOCK_S: tl.constexpr, BLOCK_D: tl.constexpr):
     """Program (split row, column block): buf[row] += sum of its partial rows, in slot order
-    (deterministic), one read-modify-write of the row."""
+    (deterministic), one read-modify-write of the row. The grid is a static bound on the split
+    rows; a program past the device-side count has an empty slot range (s0 == s1) and writes
+    nothing (its row is a stand-in that a real fold may own)."""
     f = tl.program_id(0)
     cols = tl.program_id(1) * BLOCK_D + tl.arange(0, BLOCK_D)
-    cmask = cols < d
     row = tl.load(fold_row + f).to(tl.int64)
     s0 = tl.load(fold_slot + f)
     s1 = tl.load(fold_slot + f + 1)
+    cmask = (cols < d) & (s1 > s0)
     acc = tl.zeros([BLOCK_D], dtype=tl.float32)
     for s in range(s0, s1, BLOCK_S):
         ss = (s + tl.arange(0, BLOCK_S)).to(tl.int64)
@@ -215,45 +225,105 @@ def launch_forward(values: torch.Tensor, indices: torch.Tensor, weights: torch.T
     return out
 
 
-def _segment_plan(indices: torch.Tensor, n_rows: int, chunk: int):
-    """Sort the flat indices and cut the runs of equal rows into chunks of <= `chunk`.
+def plan_bounds(M: int, n_rows: int, chunk: int) -> tuple[int, int, int]:
+    """Static upper bounds (chunks C, split rows F, partial slots S) of the segment plan of M
+    flat indices into n_rows rows, cut into chunks of <= `chunk`; known without looking at the
+    indices, so nothing waits on the device.
 
-    Returns (sorted_pos [M] int64, chunk_start [C+1] int32, chunk_row [C], chunk_slot [C] int32
-    (-1: the chunk owns its row; else its slot in the partial buffer), fold_row [F],
-    fold_slot [F+1] int32, S = number of slots). Host syncs: the run count, the chunk counts,
-    and (hot rows only) the split runs.
+    R <= min(n_rows, M) runs of lengths L_r give sum ceil(L_r / chunk) <= R + (M - R) // chunk
+    chunks (increasing in R); a split run has L > chunk, so F <= M // (chunk + 1), and its
+    ceil(L / chunk) = 1 + (L - 1) // chunk slots sum to S <= F + (M - F) // chunk.
+    At T=8192, heads 4, k 32 (M = 2**20) into N = 2**20 rows, chunk 512: C = 1,048,576,
+    F = 2,044, S = 4,088 (the fp32 partial buffer: 4,088 x d x 4 B = 64 MiB at d=4096, 32 MiB
+    at d=2048, the TP=2 slice; the plan's int32 arrays: 4 B x C each).
+    """
+    runs = min(n_rows, M)
+    splits = min(runs, M // (chunk + 1))
+    return runs + (M - runs) // chunk, splits, splits + (M - splits) // chunk
+
+
+def _first_at_least(cum: torch.Tensor, n: int, first: int = 0) -> torch.Tensor:
+    """For a nondecreasing int32 [L] tensor: the first position where cum >= first + i, for
+    i in [0, n) (L where there is none) -> [n] int64. A device-side compaction: no host sync."""
+    targets = torch.arange(first, first + n, device=cum.device, dtype=cum.dtype)
+    return torch.searchsorted(cum, targets)
+
+
+def _segment_plan(indices: torch.Tensor, n_rows: int, chunk: int):
+    """Sort the flat indices and cut the runs of equal rows into chunks of <= `chunk`, every
+    array sized by the static bounds of ``plan_bounds`` (C, F, S) so that no count leaves the
+    device.
+
+    Returns (sorted_pos [M] int64, chunk_start [C+1] int32 (entries past the real chunk count
+    are M), chunk_row [C], chunk_slot [C] int32 (-1: the chunk owns its row; else its slot in
+    the partial buffer), n_chunks [1] int32 (the real count, on the device), fold_row [F],
+    fold_slot [F+1] int32 (past the real split rows: empty ranges), S). The real entries equal
+    those of a host-side plan (runs from unique_consecutive): chunk order = sorted row order,
+    slots in chunk order, so the summation order, and the result, is the same.
     """
     flat = indices.reshape(-1)
     if flat.dtype == torch.int64 and n_rows <= 2**31:
         flat = flat.to(torch.int32)   # 4-byte radix-sort keys: half the sort passes
     M, dev = flat.numel(), flat.device
+    C, F, S = plan_bounds(M, n_rows, chunk)
+    i32 = torch.int32
     sorted_rows, sorted_pos = torch.sort(flat, stable=True)  # stable: fixed summation order
-    rows, counts = torch.unique_consecutive(sorted_rows, return_counts=True)
-    nch = (counts + chunk - 1) // chunk
-    split = nch > 1
-    C, S, F = torch.stack([nch.sum(), torch.where(split, nch, 0).sum(), split.sum()]).tolist()
-    seg = torch.repeat_interleave(torch.arange(rows.numel(), device=dev), nch, output_size=C)
-    seg_start = torch.cumsum(counts, 0) - counts
-    first_chunk = torch.cumsum(nch, 0) - nch
-    k_in_seg = torch.arange(C, device=dev) - first_chunk[seg]
-    chunk_start = torch.empty(C + 1, dtype=torch.int32, device=dev)
-    chunk_start[:C] = seg_start[seg] + k_in_seg * chunk
-    chunk_start[C] = M
-    chunk_split = split[seg]
-    chunk_slot = torch.where(chunk_split, torch.cumsum(chunk_split, 0) - 1, -1).to(torch.int32)
-    split_seg = torch.nonzero(split).squeeze(1) if F else rows.new_zeros(0, dtype=torch.int64)
-    fold_slot = torch.zeros(F + 1, dtype=torch.int32, device=dev)
-    fold_slot[1:] = torch.cumsum(nch[split_seg], 0)
-    return sorted_pos, chunk_start, rows[seg], chunk_slot, rows[split_seg], fold_slot, S
+    p = torch.arange(M, device=dev, dtype=i32)
+    new_run = torch.ones(M, dtype=torch.bool, device=dev)
+    new_run[1:] = sorted_rows[1:] != sorted_rows[:-1]
+    run_start = torch.where(new_run, p, 0).cummax(0).values
+    offset = p - run_start                                   # occurrence number within its run
+    chunk_of = torch.cumsum(offset % chunk == 0, 0, dtype=i32)   # 1 + chunk of each position
+    n_chunks = chunk_of[-1:]
+    chunk_start = _first_at_least(chunk_of, C + 1, first=1).to(i32)
+    first = chunk_start[:C].clamp(max=M - 1).long()
+    chunk_row = sorted_rows[first]
+    lead = offset[first] == 0                                # the first chunk of its run
+    # A run is split iff it is longer than `chunk`: a later chunk exists, or (first chunk)
+    # the position `chunk` further on still holds the same row (the rows are sorted).
+    beyond = (first + chunk).clamp(max=M - 1)
+    longer = (first + chunk < M) & (sorted_rows[beyond] == chunk_row)
+    split = (chunk_start[:C] < M) & (~lead | longer)
+    slots_to = torch.cumsum(split, 0, dtype=i32)             # split chunks up to c, inclusive
+    chunk_slot = torch.where(split, slots_to - 1, -1).to(i32)
+    fold_head = _first_at_least(torch.cumsum(split & lead, 0, dtype=i32), F + 1, first=1)
+    slots_before = torch.cat([slots_to - split.to(i32), slots_to[-1:]])   # [C+1]
+    fold_slot = slots_before[fold_head].to(i32)              # past the real folds: the total S
+    fold_row = chunk_row[fold_head[:F].clamp(max=C - 1)]
+    return sorted_pos, chunk_start, chunk_row, chunk_slot, n_chunks, fold_row, fold_slot, S
+
+
+# Segment-kernel grid: programs x column blocks ~ SEGMENT_BLOCKS_PER_SM per SM (at most one
+# program per possible chunk). Each program walks chunks p, p + P, ... to the device-side count,
+# so the grid needs no count from the host, and no program slot is spent on chunks that the
+# bound allows but the indices do not have (about 1/3 of the bound at T*bag ~ N).
+SEGMENT_BLOCKS_PER_SM = 512
+
+
+@functools.lru_cache(maxsize=None)
+def _sm_count(index: int) -> int:
+    return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def segment_programs(bound: int, n_dblk: int, device: torch.device) -> int:
+    """Programs along the chunk axis of _segment_kernel's grid: min(bound, SMs x
+    SEGMENT_BLOCKS_PER_SM / column blocks); the bound itself off CUDA (the interpreter)."""
+    if device.type != "cuda":
+        return max(1, bound)
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    return max(1, min(bound, triton.cdiv(_sm_count(index) * SEGMENT_BLOCKS_PER_SM, n_dblk)))
 
 
 def launch_segment_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
                             weights: torch.Tensor, buf: torch.Tensor, need_dots: bool,
-                            chunk: Optional[int] = None, config: Optional[dict] = None):
+                            chunk: Optional[int] = None, config: Optional[dict] = None,
+                            programs: Optional[int] = None):
     """buf[r] += sum_{(t,b): idx[t,b]=r} w[t,b] * grad_out[t] (fp32 sums, one RMW per row);
     returns the fp32 weight grads [T, bag] = <grad_out[t], V[idx[t, b]]> if need_dots else None.
 
     grad_out [T, d], values [N, d] (read only for the dots), buf [N, d] any float dtype.
+    No host sync: every size comes from shapes and ``plan_bounds``. programs: the chunk axis of
+    the kernel's grid (default ``segment_programs``; any value gives the same result).
     """
     T, bag = indices.shape
     M, d = indices.numel(), buf.shape[1]
@@ -261,15 +331,16 @@ def launch_segment_backward(grad_out: torch.Tensor, values: torch.Tensor, indice
     if M == 0 or d == 0:
         return torch.zeros(T, bag, dtype=torch.float32, device=dev) if need_dots else None
     plan = _segment_plan(indices, values.shape[0], chunk or SEGMENT_CHUNK)
-    sorted_pos, chunk_start, chunk_row, chunk_slot, fold_row, fold_slot, S = plan
+    sorted_pos, chunk_start, chunk_row, chunk_slot, n_chunks, fold_row, fold_slot, S = plan
     cfg = dict(config or segment_config(d, grad_out.element_size()))
     n_dblk = triton.cdiv(d, cfg["BLOCK_D"])
     dots = torch.empty(n_dblk if need_dots else 1, M, dtype=torch.float32, device=dev)
     partial = torch.empty(max(S, 1), d, dtype=torch.float32, device=dev)
-    _segment_kernel[(chunk_row.numel(), n_dblk)](
+    grid = (programs or segment_programs(chunk_row.numel(), n_dblk, dev), n_dblk)
+    _segment_kernel[grid](
         grad_out, values, weights.contiguous(), sorted_pos, chunk_start, chunk_row, chunk_slot,
-        buf, partial, dots, M, bag, d, grad_out.stride(0), values.stride(0), buf.stride(0),
-        NEED_DOTS=need_dots, **cfg)
+        n_chunks, buf, partial, dots, M, bag, d, grad_out.stride(0), values.stride(0),
+        buf.stride(0), NEED_DOTS=need_dots, **cfg)
     if fold_row.numel():
         fold_d = max(16, min(triton.next_power_of_2(d), 256))
         _fold_kernel[(fold_row.numel(), triton.cdiv(d, fold_d))](

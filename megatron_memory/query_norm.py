@@ -161,14 +161,18 @@ class QueryBatchNorm(torch.nn.Module):
             if group is not None and dist.get_world_size(group) > 1:
                 dist.all_reduce(sums, group=group)
         d = self.running_mean.shape[0]
-        n = float(sums[2 * d])
-        if n > 0:
-            mean = sums[:d] / n
-            var = (sums[d:2 * d] / n - mean * mean).clamp(min=0.0) * (n / max(n - 1.0, 1.0))
-            self.num_updates += 1
-            rate = self.momentum / (1.0 - (1.0 - self.momentum) ** int(self.num_updates))
-            self.running_mean += rate * (mean.float() - self.running_mean)
-            self.running_var += rate * (var.float() - self.running_var)
+        # On the device throughout: a Python number taken from `n` would be a host sync at the
+        # end of every step's backward. A step without tokens (n = 0) changes nothing.
+        n = sums[2 * d]
+        seen = n > 0
+        mean = sums[:d] / n
+        var = (sums[d:2 * d] / n - mean * mean).clamp(min=0.0) * (n / (n - 1.0).clamp(min=1.0))
+        self.num_updates += seen.to(self.num_updates.dtype)
+        # float64 like the Python float it replaces, rounded to float32 once, as a scalar was.
+        decay = (1.0 - self.momentum) ** self.num_updates.to(torch.float64)
+        rate = (self.momentum / (1.0 - decay)).to(torch.float32)
+        for stat, step_value in ((self.running_mean, mean), (self.running_var, var)):
+            stat.copy_(torch.where(seen, stat + rate * (step_value.float() - stat), stat))
         sums.zero_()
 
     def extra_repr(self) -> str:

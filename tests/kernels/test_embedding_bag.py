@@ -202,7 +202,7 @@ def test_sm90_compile_without_spills():
     """Every kernel compiles for H100 at the layer's shapes (d=4096, bag=128, bf16) and at the
     smallest ones (d=1, bag=1: Triton specialises ints equal to 1), without register spills."""
     ptrs = dict(values="bf16", indices="i64", weights="fp32", out="bf16", grad_out="bf16",
-                sorted_pos="i64", chunk_start="i32", chunk_row="i64", chunk_slot="i32",
+                sorted_pos="i64", chunk_start="i32", chunk_row="i64", chunk_slot="i32", n_chunks="i32",
                 buf="fp32", partial="fp32", dots="fp32", fold_row="i64", fold_slot="i32")
     fwd, seg = eb.gather_config(4096, 2, 128), eb.segment_config(4096, 2)
     tiles = lambda cfg: {k: v for k, v in cfg.items() if k != "num_warps"}  # noqa: E731

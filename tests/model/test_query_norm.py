@@ -112,6 +112,28 @@ def test_running_statistics_are_a_bias_corrected_ema():
     torch.testing.assert_close(bn.running_mean, raw / (1 - 0.75 ** 3))
 
 
+def test_a_step_without_tokens_changes_no_statistics():
+    """finish_step decides on the device (no host sync): a step whose tokens were all padding
+    leaves the running statistics and the update count as they were, and the next real step
+    continues the bias-corrected EMA where it stopped."""
+    layer = _layer("batchnorm", query_norm_momentum=0.25)
+    bn = layer.query_bn
+    x1, x2 = torch.randn(5, 2, 32), torch.randn(5, 2, 32) + 1.0
+    layer(x1)
+    bn.finish_step()
+    before = bn.running_mean.clone(), bn.running_var.clone()
+    layer(x2, padding_mask=torch.ones(2, 5, dtype=torch.bool))    # every token padding
+    bn.finish_step()
+    assert int(bn.num_updates) == 1
+    assert torch.equal(bn.running_mean, before[0]) and torch.equal(bn.running_var, before[1])
+    layer(x2)
+    bn.finish_step()
+    m1, m2 = (layer.query(x.view(-1, 32)).detach().mean(0) for x in (x1, x2))
+    raw = 0.75 * (0.25 * m1) + 0.25 * m2
+    assert int(bn.num_updates) == 2
+    torch.testing.assert_close(bn.running_mean, raw / (1 - 0.75 ** 2))
+
+
 def test_statistics_stay_float32_when_the_model_is_cast_to_bf16():
     layer = _layer("batchnorm").bfloat16()
     assert layer.query.weight.dtype == torch.bfloat16 and layer.query_bn.weight.dtype == torch.bfloat16

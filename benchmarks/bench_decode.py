@@ -3,7 +3,7 @@
 
     python3 benchmarks/bench_decode.py [--bases 1.3b 8b] [--batches 1 2 4 ... 256] [--append]
     python3 benchmarks/bench_decode.py --tiny          # CPU, tiny preset, seconds (a check)
-    python3 benchmarks/bench_decode.py --plot decode.csv --png decode.png   # PNG from a CSV
+    python3 benchmarks/bench_decode.py --plot a.csv b.csv --png decode.png   # PNG from CSVs
 
 Models (benchmarks/decode_models.py): the standalone model with random bf16 weights built from
 the preset ``<base>-memory`` (1.3b: d=2048, 22 layers; 8b: d=4096, 32 layers, 8 KV groups;
@@ -19,7 +19,7 @@ captured, or the mode is reported as unavailable for it) and ``eager`` (the Pyth
 standalone model runs it). The floor is the bytes a step must read (weights, the table rows
 and experts it touches; decode_models.step_bytes) over the measured device copy bandwidth.
 
-Writes the markdown report (printed; $OUT/bench_decode.md; RESULTS.md with --append), a CSV and,
+Writes the markdown report (printed; $OUT/bench_decode_<bases>.md; RESULTS.md with --append), a CSV and,
 when matplotlib is importable, a PNG (--csv / --png, default $OUT or build/decode/).
 """
 from __future__ import annotations
@@ -62,11 +62,14 @@ def parse_args(argv):
     ap.add_argument("--modes", nargs="+", default=["graph", "eager"], choices=["graph", "eager"])
     ap.add_argument("--moe-backend", default="auto", choices=["auto", "grouped", "loop"],
                     help="auto: grouped GEMM if it matches the per-expert loop on this device")
+    ap.add_argument("--profile", action="store_true",
+                    help="also list the kernels of one eager batch-1 decode step of dense and Memory+")
     ap.add_argument("--tiny", action="store_true", help="tiny preset on CPU, fp32, a few seconds")
     ap.add_argument("--append", action="store_true", help="append the report to benchmarks/RESULTS.md")
     ap.add_argument("--csv", type=Path, default=None, help="CSV output (default $OUT or build/decode)")
     ap.add_argument("--png", type=Path, default=None, help="PNG output (default next to the CSV)")
-    ap.add_argument("--plot", type=Path, default=None, metavar="CSV", help="only draw --png from CSV")
+    ap.add_argument("--plot", type=Path, nargs="+", default=None, metavar="CSV",
+                    help="only draw --png from these CSVs (one column per base)")
     argv = sys.argv[1:] if argv is None else list(argv)
     if "--tiny" in argv:  # its defaults; flags given still apply
         ap.set_defaults(batches=[1, 2, 4], prompt=8, steps=4, repeats=1, warmup=1, vocab=256,
@@ -80,8 +83,11 @@ def parse_args(argv):
             bad.append(f"--{name} must be >= {lo}, got {getattr(args, name)}")
     if any(b < 1 for b in args.batches):
         bad.append(f"--batches must be positive, got {args.batches}")
-    if args.plot is not None and not args.plot.is_file():
-        bad.append(f"--plot {args.plot}: no such CSV file")
+    missing = [str(f) for f in args.plot or [] if not f.is_file()]
+    if missing:
+        bad.append(f"--plot {missing[0]}: no such CSV file")
+    if args.plot is not None and args.png is None:
+        bad.append("--plot needs --png (where to write the figure)")
     if args.tiny and "graph" in args.modes:
         bad.append("--tiny runs on CPU, where --modes graph (CUDA graphs) is not available")
     if args.plot is None and not args.tiny and not torch.cuda.is_available():
@@ -180,6 +186,27 @@ def measure(model, a: ModelArgs, batch: int, args, modes: list[str], device, dty
     return out
 
 
+@torch.no_grad()
+def profile_step(model, a: ModelArgs, args, device, dtype) -> tuple[int, str]:
+    """(kernels launched by one batch-1 decode step, top-15 table by device time) from the torch
+    profiler, after the prefill and a warm-up step."""
+    from torch.profiler import ProfilerActivity, profile
+
+    cache = StaticKVCache(a, 1, -(-(args.prompt + 2) // 16) * 16, device, dtype)
+    pos = torch.zeros((), dtype=torch.int64, device=device)
+    tok = decode_step(model, torch.zeros(1, args.prompt, dtype=torch.int64, device=device), pos,
+                      cache).argmax(-1, keepdim=True)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
+    decode_step(model, tok, pos.fill_(args.prompt), cache)  # warm-up: compiles, caches
+    with profile(activities=acts) as prof:
+        decode_step(model, tok, pos, cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+    events = [e for e in prof.events() if e.device_type.name == "CUDA"] if device.type == "cuda" else []
+    sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
+    return len(events), prof.key_averages().table(sort_by=sort, row_limit=15)
+
+
 def capture(one, pos, args):
     """one() captured in a CUDA graph after warm-up on a side stream; returns its replay."""
     side = torch.cuda.Stream()
@@ -199,10 +226,14 @@ def run_base(base: str, args, device, dtype, bandwidth: float, backend: str) -> 
     """Measure the three models of one base: (report text, CSV rows)."""
     a = model_args(base, args.vocab)
     experts, f = moe_experts(a)
-    rows, times, counts = [], {}, {}
+    rows, times, counts, profiles = [], {}, {}, []
     for kind in MODELS:
         model = build(a, kind, device, dtype, backend=backend)
         counts[kind] = param_count(model)
+        if args.profile and kind != "moe":
+            kernels, table = profile_step(model, a, args, device, dtype)
+            profiles.append(f"\n{LABELS[kind]}, batch 1, eager: {kernels} kernels per decode step\n\n"
+                            f"```\n{table}\n```\n")
         modes = [m for m in args.modes if not (m == "graph" and kind == "moe" and backend == "loop")]
         for b in args.batches:
             try:
@@ -238,7 +269,7 @@ def run_base(base: str, args, device, dtype, bandwidth: float, backend: str) -> 
         text += md_table(["batch", "dense ms", "Memory+ ms", "MoE ms", "Memory+/dense", "MoE/dense",
                           "Memory+/MoE", "floor dense", "floor Memory+", "floor MoE", "KV GB"],
                          [table_row(times, mode, b, rows, base) for b in args.batches])
-    return text, rows
+    return text + "".join(profiles), rows
 
 
 def billions(n: int) -> str:
@@ -267,7 +298,7 @@ def write_csv(path: Path, rows: list) -> None:
         w.writerows(rows)
 
 
-def plot(csv_path: Path, png: Path) -> bool:
+def plot(csv_paths: list[Path], png: Path) -> bool:
     """Latency per token vs batch (log-log) and the ratio to dense, one column per base; False
     when matplotlib is missing (the CSV stays; run --plot here)."""
     try:
@@ -276,8 +307,10 @@ def plot(csv_path: Path, png: Path) -> bool:
         import matplotlib.pyplot as plt
     except ImportError:
         return False
-    with open(csv_path) as f:
-        rows = [r for r in csv.DictReader(f)]
+    rows = []
+    for path in csv_paths:
+        with open(path) as f:
+            rows += list(csv.DictReader(f))
     bases = list(dict.fromkeys(r["base"] for r in rows))
     fig, axes = plt.subplots(2, len(bases), figsize=(6 * len(bases), 8), squeeze=False)
     colors = {"dense": "tab:blue", "memory": "tab:green", "moe": "tab:red"}
@@ -335,10 +368,10 @@ def main(argv=None) -> int:
         part, base_rows = run_base(base, args, device, dtype, bandwidth, backend)
         text, rows = text + part, rows + base_rows
     write_csv(args.csv, rows)
-    drawn = plot(args.csv, args.png)
+    drawn = plot([args.csv], args.png)
     text += f"\nCSV {args.csv.name}" + (f", PNG {args.png.name}" if drawn else
                                          " (no matplotlib here: draw it with --plot)") + ".\n"
-    emit("bench_decode", text, args.append)
+    emit("bench_decode_" + "_".join(args.bases), text, args.append)
     return 0
 
 

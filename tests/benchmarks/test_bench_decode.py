@@ -29,6 +29,8 @@ def test_tiny_run_reports_three_models(tmp_path, capsys, monkeypatch):
     assert {(r["model"], int(r["batch"])) for r in rows} == {(m, b) for m in dm.MODELS for b in (1, 2, 4)}
     assert all(float(r["ms_per_token"]) > 0 and float(r["step_gb"]) > 0 for r in rows)
     assert (tmp_path / "d.png").stat().st_size > 0
+    assert bench_decode.main(["--plot", str(tmp_path / "d.csv"), "--png", str(tmp_path / "p.png")]) == 0
+    assert (tmp_path / "p.png").stat().st_size > 0
 
 
 @pytest.mark.parametrize("base", ["tiny", "1.3b", "8b"])

@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import weakref
 from pathlib import Path
 from typing import Iterator, Optional
 
@@ -50,6 +51,28 @@ def product_key_search_reference(query: torch.Tensor, keys: torch.Tensor, k: int
     scores, flat = (top_s[:, :, 0, :, None] + top_s[:, :, 1, None, :]).flatten(-2).topk(k, dim=-1)
     i1 = top_i[:, :, 0].gather(-1, torch.div(flat, k, rounding_mode="floor"))
     return scores, i1 * n + top_i[:, :, 1].gather(-1, flat % k)
+
+
+def _cached(owner: nn.Module, name: str, sources: tuple, make):
+    """make() once per version of the ``sources`` tensors, unless autograd must reach them.
+
+    At inference the QK-normed keys, the query norm's scale and the dtype casts of small weights
+    are the same every decode step; recomputing them costs a batch-1 step more bytes (2*H*n*half
+    fp32 keys written and read) and kernel launches than its lookup. The result is the same
+    tensor make() returns, so numerics do not change. A source's identity (weak reference), data
+    pointer and version counter (bumped by every in-place write, e.g. load_state_dict) name the
+    entry; when a source needs its gradient (training) nothing is cached."""
+    if ((torch.is_grad_enabled() and any(t.requires_grad for t in sources))
+            or any(t.is_inference() for t in sources)):  # these carry no version counter
+        return make()
+    cache = owner.__dict__.setdefault("_inference_cache", {})
+    hit = cache.get(name)
+    if hit is not None and all(ref() is t and ptr == t.data_ptr() and ver == t._version
+                               for (ref, ptr, ver), t in zip(hit[0], sources)):
+        return hit[1]
+    value = make()
+    cache[name] = (tuple((weakref.ref(t), t.data_ptr(), t._version) for t in sources), value)
+    return value
 
 
 try:  # the package's dispatch: Triton on CUDA, its reference elsewhere
@@ -218,13 +241,23 @@ class QueryStats(nn.Module):
         self.register_buffer("running_var", torch.ones(dim, dtype=torch.float32))
         self.register_buffer("num_updates", torch.zeros((), dtype=torch.int64))  # training state
 
+    def constants(self, acc: torch.dtype) -> tuple:
+        """(mean,) for center, (mean, scale, bias) for batchnorm, in dtype acc."""
+        mean = self.running_mean.to(acc)
+        if self.mode == "center":
+            return (mean,)
+        scale = torch.rsqrt(self.running_var.to(acc) + self.eps) * self.weight.to(acc)
+        return mean, scale, self.bias.to(acc)
+
     def forward(self, q: torch.Tensor) -> torch.Tensor:
         acc = _acc(q)
-        q = q.to(acc) - self.running_mean.to(acc)
+        sources = (self.running_mean,) if self.mode == "center" else (
+            self.running_mean, self.running_var, self.weight, self.bias)
+        consts = _cached(self, f"constants/{acc}", sources, lambda: self.constants(acc))
+        q = q.to(acc) - consts[0]
         if self.mode == "center":
             return q
-        scale = torch.rsqrt(self.running_var.to(acc) + self.eps) * self.weight.to(acc)
-        return q * scale + self.bias.to(acc)
+        return q * consts[1] + consts[2]
 
 
 class Memory(nn.Module):
@@ -245,6 +278,10 @@ class Memory(nn.Module):
             self.w1 = nn.Linear(a.hidden_size, a.memory_v_dim, bias=True)
             self.w2 = nn.Linear(a.memory_v_dim, a.hidden_size, bias=True)
 
+    def normed_keys(self, acc: torch.dtype) -> torch.Tensor:
+        """QK-normed keys [H, 2, n, half] in dtype acc, scaled by 1/sqrt(half) as the layer's."""
+        return F.rms_norm(self.keys.to(acc), (self.half,), eps=self.eps) * self.half ** -0.5
+
     def forward(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """x [b, s, d], values [N, v] -> [b, s, d]."""
         flat = x.reshape(-1, x.shape[-1])
@@ -254,9 +291,11 @@ class Memory(nn.Module):
         q = q.view(flat.shape[0], self.heads, 2, self.half)
         keys = self.keys
         if self.qk_norm:
-            acc, gain = _acc(q), self.query_norm.weight.view(self.heads, 2, self.half)
-            q = F.rms_norm(q.to(acc), (self.half,), eps=self.eps) * gain.to(acc)
-            keys = F.rms_norm(keys.to(acc), (self.half,), eps=self.eps) * self.half ** -0.5
+            acc, gain = _acc(q), self.query_norm.weight
+            gain = _cached(self, f"gain/{acc}", (gain,),
+                           lambda: gain.view(self.heads, 2, self.half).to(acc))
+            q = F.rms_norm(q.to(acc), (self.half,), eps=self.eps) * gain
+            keys = _cached(self, f"keys/{acc}", (keys,), lambda: self.normed_keys(acc))
         scores, indices = product_key_search(q, keys, self.k)
         weights = torch.softmax(scores.to(_acc(scores)), dim=-1)
         y = embedding_bag(values, indices.flatten(1), weights.flatten(1)).to(flat.dtype)

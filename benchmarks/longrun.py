@@ -63,7 +63,7 @@ def make_plan(tiny: bool) -> Plan:
         # phase 1 stops Memory+ by its deadline (~150 of 300 steps) and phase 2 finishes; 20k-token
         # key-usage spans so that several complete
         plan = Plan({"memory": "tiny", "dense": "tiny-dense"}, steps=300, micro_batch=2,
-                    global_batch=4, lr=3e-3, log_interval=10, eval_interval=50, budget_s=200,
+                    global_batch=4, lr=3e-3, log_interval=10, eval_interval=50, budget_s=240,
                     reserve_s=80, startup_s=20, memory_share=0.2, eval_limit=64,
                     extra=["--eval-iters", "2", "--key-usage-span-tokens", "20000"], device="cpu")
     else:

@@ -71,11 +71,12 @@ class MemoryGPTModel(GPTModel):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (),
                            metadata: Optional[dict] = None):
-        """Memory and dense layers have different parameters, so layers are keyed one by one
-        (``decoder.layers.<i>.``) instead of stacked along a layer axis."""
+        """Layers are keyed one by one (``decoder.layers.<i>.``) instead of stacked along a layer
+        axis: memory and dense layers have different parameters, and a model without memory
+        layers is keyed the same way so that one name mapping (hf_format) serves every
+        checkpoint (stacked, a dense model's layers were missing from its export)."""
         metadata = dict(metadata or {})
-        if self.memory_config.resolved_layers(self.config.num_layers):
-            metadata["non_homogeneous_layers"] = True
+        metadata["non_homogeneous_layers"] = True
         return super().sharded_state_dict(prefix, sharded_offsets, metadata)
 
     def memory_layers(self) -> list[MemoryPlus]:

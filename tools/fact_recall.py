@@ -3,7 +3,7 @@
 
     # facts.jsonl (training documents, optionally mixed into another jsonl) + questions.jsonl
     python -m megatron_memory.tools.fact_recall generate --out data/facts --entities 20000 \\
-        [--mix-with data/doctext/text.jsonl] [--seed 0]
+        [--per-fact 3] [--qa-share 0.5] [--mix-with data/doctext/text.jsonl] [--seed 0]
     # exact-match recall of an exported checkpoint (megatron_memory.standalone)
     python -m megatron_memory.tools.fact_recall evaluate --checkpoint exported/ \\
         --questions data/facts/questions.jsonl [--limit 2000] [--device cuda]
@@ -13,6 +13,14 @@ each entity's facts are stated in several training templates, in varied order. T
 use a held-out template per attribute that never occurs in the training text, so recall needs the
 fact, not the sentence. A question counts as recalled when the greedy continuation of its prompt
 starts with the answer's tokens (exact match).
+
+``--qa-share F`` also puts the answered questions of a share F of the entities into the training
+text: a model never shown the question format cannot be asked anything, however well it stored
+the facts (Allen-Zhu & Li 2023, "Physics of Language Models 3.1": extraction of held-out people's
+facts works once some people's QA pairs are in pre-training). questions.jsonl then lists only the
+other entities, whose facts the training text states but never asks. cloze.jsonl probes every
+fact format-free: a training statement cut before its value ("Kari Tozelan was born in" ->
+" Kalanvi"), i.e. plain memorisation.
 """
 from __future__ import annotations
 
@@ -80,6 +88,50 @@ def statements(entities: list[dict], per_fact: int, seed: int) -> list[str]:
     return docs
 
 
+
+
+def _cloze_templates() -> dict[str, list[str]]:
+    """Training templates that end in their value and whose text before "{v}" is no other
+    template's beginning ("{n} was born in" could go on "the year ..."): unambiguous prompts."""
+    every = [t for train, _ in ATTRIBUTES.values() for t in train]
+    out = {}
+    for attr, (train, _) in ATTRIBUTES.items():
+        out[attr] = [t for t in train if t.endswith(" {v}.") and not any(
+            o != t and o.startswith(t[:-len(" {v}.")]) for o in every)]
+    return out
+
+
+CLOZE = _cloze_templates()
+
+
+def qa_split(entities: list[dict], share: float, seed: int) -> tuple[list[dict], list[dict]]:
+    """(entities whose QA pairs are trained on, held-out entities), a random ``share`` of them
+    in the first list (deterministic)."""
+    order = list(range(len(entities)))
+    random.Random(seed + 3).shuffle(order)
+    trained = set(order[:round(share * len(entities))])
+    return ([e for i, e in enumerate(entities) if i in trained],
+            [e for i, e in enumerate(entities) if i not in trained])
+
+
+def qa_documents(entities: list[dict], seed: int) -> list[str]:
+    """Training documents of answered questions, one entity's four per document (shuffled)."""
+    pairs = [f"{q['prompt']}{q['answer']}." for q in questions(entities)]
+    per = len(ATTRIBUTES)
+    docs = [" ".join(pairs[i:i + per]) for i in range(0, len(pairs), per)]
+    random.Random(seed + 4).shuffle(docs)
+    return docs
+
+
+def cloze(entities: list[dict], seed: int) -> list[dict]:
+    """Format-free memorisation probes: one per fact, a training template cut before its value
+    (same keys as ``questions``)."""
+    rng = random.Random(seed + 5)
+    return [{"prompt": rng.choice(CLOZE[attr])[:-len(" {v}.")].format(n=e["n"]),
+             "answer": " " + e[attr], "attribute": attr, "entity": e["n"]}
+            for e in entities for attr in ATTRIBUTES]
+
+
 def questions(entities: list[dict]) -> list[dict]:
     """Held-out prompts: {"prompt", "answer" (with its leading space), "attribute", "entity"}."""
     return [{"prompt": q.format(n=e["n"]), "answer": " " + e[attr], "attribute": attr,
@@ -116,15 +168,19 @@ def _read_jsonl(path: Path) -> list[dict]:
 def cmd_generate(args) -> int:
     ents = make_entities(args.entities, args.seed)
     docs = statements(ents, args.per_fact, args.seed)
+    qa_ents, held_out = qa_split(ents, args.qa_share, args.seed)
+    docs += qa_documents(qa_ents, args.seed)
     if args.mix_with:
         docs = mix(docs, (d["text"] for d in _read_jsonl(args.mix_with)), args.seed)
     args.out.mkdir(parents=True, exist_ok=True)
     with open(args.out / "facts.jsonl", "w") as f:
         f.writelines(json.dumps({"text": d}) + "\n" for d in docs)
-    with open(args.out / "questions.jsonl", "w") as f:
-        f.writelines(json.dumps(q) + "\n" for q in questions(ents))
-    print(f"wrote {args.out}/facts.jsonl ({len(docs):,} documents) and questions.jsonl "
-          f"({len(ents) * len(ATTRIBUTES):,} questions)")
+    for name, items in (("questions", questions(held_out)), ("cloze", cloze(ents, args.seed))):
+        with open(args.out / f"{name}.jsonl", "w") as f:
+            f.writelines(json.dumps(q) + "\n" for q in items)
+    print(f"wrote {args.out}/facts.jsonl ({len(docs):,} documents; answered questions of "
+          f"{len(qa_ents):,} entities), questions.jsonl ({len(held_out) * len(ATTRIBUTES):,} "
+          f"questions of the other entities) and cloze.jsonl ({len(ents) * len(ATTRIBUTES):,})")
     return 0
 
 
@@ -157,6 +213,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     g.add_argument("--out", type=Path, required=True)
     g.add_argument("--entities", type=int, default=20000)
     g.add_argument("--per-fact", type=int, default=3, help="training statements per fact")
+    g.add_argument("--qa-share", type=float, default=0.0,
+                   help="share of entities whose answered questions are training text (teaches the "
+                        "question format; questions.jsonl keeps the others)")
     g.add_argument("--mix-with", type=Path, help="jsonl of other documents to mix the facts into")
     g.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("evaluate", help="exact-match recall of an exported checkpoint")
@@ -169,6 +228,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     if args.cmd == "generate":
         if args.entities < 1 or args.per_fact < 1:
             print("error: --entities and --per-fact must be >= 1", file=sys.stderr)
+            return 2
+        if not 0 <= args.qa_share < 1:
+            print("error: --qa-share must be in [0, 1) (some entities must stay held out)", file=sys.stderr)
             return 2
         if args.mix_with and not args.mix_with.is_file():
             print(f"error: --mix-with {args.mix_with} not found", file=sys.stderr)

@@ -115,3 +115,22 @@ def test_old_checkpoints_export_with_the_model_they_had(converted):
     assert checkpoint.saved_run_config(old).memory.query_norm == QueryNorm.NONE
     assert checkpoint.saved_run_config(common).memory.query_norm == \
         common["run_config"]["memory"]["query_norm"]
+
+
+def test_dense_model_exports_every_layer(tmp_path):
+    """A model without memory layers: every layer's weights reach the export and come back."""
+    ckpt = tmp_path / "ckpt"
+    run_ranks(1, workers.train, workers.tiny_config(steps=1, save=str(ckpt), **{"memory.layers": []}),
+              str(tmp_path / "train.json"), tp=0)
+    assert main(["to-hf", str(ckpt), str(tmp_path / "hf")]) == 0
+    from safetensors import safe_open  # function-local: only this test reads the export itself
+
+    with safe_open(str(tmp_path / "hf" / "model.safetensors"), "pt") as f:
+        names = set(f.keys())
+    assert {f"model.layers.{i}.mlp.down_proj.weight" for i in range(4)} <= names
+    assert main(["to-megatron", str(tmp_path / "hf"), str(tmp_path / "back")]) == 0
+    src = dict(megatron_tensors(checkpoint.resolve(ckpt)))
+    back = dict(megatron_tensors(checkpoint.resolve(tmp_path / "back")))
+    assert set(src) == set(back) and "decoder.layers.3.mlp.linear_fc2.weight" in src
+    for name, t in src.items():
+        assert torch.equal(back[name], t), name

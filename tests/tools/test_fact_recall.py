@@ -50,3 +50,23 @@ def test_exact_match_recall():
     res = fr.recall(items, wrong_city, tokenize, batch=7)
     assert res["n"] == 24 and res["by_attribute"]["city"] == 0.0 and res["by_attribute"]["year"] == 1.0
     assert res["recall"] == 0.75
+
+
+def test_qa_share_trains_the_question_format_on_some_entities_and_holds_out_the_rest(tmp_path):
+    assert fr.main(["generate", "--out", str(tmp_path), "--entities", "40", "--qa-share", "0.5"]) == 0
+    text = " ".join(json.loads(line)["text"] for line in (tmp_path / "facts.jsonl").read_text().splitlines())
+    held = [json.loads(line) for line in (tmp_path / "questions.jsonl").read_text().splitlines()]
+    assert len(held) == 20 * len(fr.ATTRIBUTES)
+    for q in held:  # held-out entities: facts stated, never asked
+        assert q["prompt"] not in text and q["entity"] in text
+    trained = {e["n"] for e in fr.make_entities(40, seed=0)} - {q["entity"] for q in held}
+    assert len(trained) == 20
+    for q in fr.questions([e for e in fr.make_entities(40, seed=0) if e["n"] in trained]):
+        assert q["prompt"] + q["answer"] + "." in text  # answered questions are training text
+    probes = [json.loads(line) for line in (tmp_path / "cloze.jsonl").read_text().splitlines()]
+    assert len(probes) == 40 * len(fr.ATTRIBUTES)
+    for p in probes:  # a training template cut before its value (unambiguous), of a stated fact
+        cut = [t[:-len(" {v}.")].format(n=p["entity"]) for t in fr.CLOZE[p["attribute"]]]
+        assert p["prompt"] in cut and not p["prompt"].endswith("born in")
+        assert f"{p['entity']} " in text and p["answer"] in text
+    assert fr.main(["generate", "--out", str(tmp_path / "x"), "--qa-share", "1"]) == 2

@@ -1,0 +1,23 @@
+#!/usr/bin/env bash
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+# 134M dense vs Memory+ long run (issue 14), one device call per phase on ONE warm machine:
+#   bash benchmarks/device_longrun.sh 1     # train both from step 0; checkpoints in /tmp/longrun
+#   bash benchmarks/device_longrun.sh 2     # resume both to the end, export, fact recall, summary
+# Needs build/longrun-data (bash benchmarks/longrun_data.sh) and .whl carried; writes to $OUT.
+# The ~11 GB Memory+ checkpoint cannot come back through $OUT nor be carried: phase 2 must run on
+# the machine phase 1 left warm (without /tmp/longrun it says so and starts over).
+# LONGRUN_TINY=1: tiny models on CPU with this checkout's Python ($PYTHON), a pipeline check.
+set -u
+export LONGRUN_T0=$(date +%s)   # the time budget counts from here (setup included)
+PHASE=${1:?usage: device_longrun.sh 1|2}
+OUT=${OUT:?set OUT to the folder for the results}
+if [ "${LONGRUN_TINY:-0}" != 1 ]; then
+  source benchmarks/device_speed_setup.sh || exit 1
+  nvidia-smi --query-gpu=memory.used,memory.total --format=csv,noheader
+  df -h /tmp | tail -1
+fi
+export PYTHONUNBUFFERED=1
+${PYTHON:-python3} benchmarks/longrun.py --phase "$PHASE" --out "$OUT"
+rc=$?
+[ "${LONGRUN_TINY:-0}" != 1 ] && { du -sh /tmp/longrun/ckpt/* 2>/dev/null; df -h /tmp | tail -1; }
+exit $rc

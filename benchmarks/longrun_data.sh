@@ -1,0 +1,31 @@
+#!/usr/bin/env bash
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+# Data of the 134M dense vs Memory+ long run (issue 14; benchmarks/device_longrun.sh), built on CPU:
+#   bash benchmarks/longrun_data.sh            # -> build/longrun-data (what the device call carries)
+# Natural text: the pinned doc sdists of tools/build_text_corpus.py (4.66M tokens, its 8192-token
+# BPE). Facts: 10,000 made-up entities x 4 attributes, each fact stated 4 times (--per-fact 4), and
+# the answered questions of half of them (--qa-share 0.5: teaches the question format); the other
+# half's questions are the held-out recall test. Sizes: statements ~284 tokens per entity, QA
+# ~105 per QA entity -> ~3.4M fact tokens; corpus C ~ 8.0M tokens.
+# Why these counts: a run of S=600 steps x 64 x 2048 = 78.6M tokens sees the corpus 78.6/8.0 ~ 9.8
+# times, so each fact is stated 4 x 9.8 ~ 39 times (and each trained QA pair seen ~10 times):
+# enough exposures for a 134M model to start storing facts (Allen-Zhu & Li 3.3: ~100 exposures
+# to reach capacity), few enough that neither model has saturated, so a memory advantage can
+# show. More entities would dilute the exposures; fewer would make the facts a small share of
+# the tokens. The text is repeated ~10 times too: compare validation loss, not only training loss.
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-.venv/bin/python}
+SRC=${LONGRUN_SRC:-build/longrun-src}
+OUT=${LONGRUN_DATA:-build/longrun-data}
+if [ -e "$OUT/train_document.bin" ]; then echo "error: $OUT already holds the data" >&2; exit 2; fi
+[ -e "$SRC/text/text_document.bin" ] || $PY -m megatron_memory.tools.build_text_corpus --out "$SRC/text"
+rm -rf "$SRC/facts"
+$PY -m megatron_memory.tools.fact_recall generate --out "$SRC/facts" --entities 10000 --per-fact 4 \
+  --qa-share 0.5 --mix-with "$SRC/text/text.jsonl" --seed 0
+mkdir -p "$OUT"
+$PY -m megatron_memory.tools.preprocess_data --input "$SRC/facts/facts.jsonl" \
+  --tokenizer "$SRC/text/tokenizer.json" --output-prefix "$OUT/train_document"
+cp "$SRC/text/tokenizer.json" "$SRC/text/manifest.json" "$SRC/facts/questions.jsonl" "$SRC/facts/cloze.jsonl" "$OUT/"
+(cd "$OUT" && sha256sum train_document.bin train_document.idx tokenizer.json questions.jsonl cloze.jsonl > SHA256SUMS)
+du -sh "$OUT"; cat "$OUT/SHA256SUMS"

@@ -20,7 +20,7 @@ python3 -m megatron_memory.tools.memory_calculator --world-size 4 --gpu-gib "$GI
     --preset 8b-memory $BATCH > "$OUT/layout.txt" || { cat "$OUT/layout.txt"; exit 1; }
 LAYOUT=$(sed -n 's/^pick: //p' "$OUT/layout.txt")
 echo "card ${GIB} GiB; calculator's layout: $LAYOUT"; cat "$OUT/layout.txt"
-COMMON="$BATCH --warmup-steps 2 --log-interval 1 --vocab-size 32000 --tensorboard-dir '' --eval-iters 0"
+COMMON="$BATCH --warmup-steps 2 --log-interval 1 --vocab-size 32000 --tensorboard-dir= --eval-iters 0"
 df -h /tmp | tail -1
 if [ "$PHASE" = train ]; then
     rm -rf "$CK"

@@ -18,6 +18,7 @@ import datetime
 import os
 import re
 import shlex
+import signal
 import subprocess
 import sys
 import time
@@ -26,12 +27,49 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def run_one(launcher: str, gpus: int, flags: list[str], log: Path) -> dict:
+def _descendants(pid: int) -> list[int]:
+    """Every process below ``pid`` (from /proc): torchrun's agent starts each rank in a session
+    of its own, so killing the launcher's process group does not reach the ranks."""
+    children: dict[int, list[int]] = {}
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()
+        except OSError:  # the process ended meanwhile
+            continue
+        children.setdefault(int(fields[1]), []).append(int(stat.parent.name))
+    out, todo = [], [pid]
+    while todo:
+        kids = children.get(todo.pop(), [])
+        out += kids
+        todo += kids
+    return out
+
+
+def _kill_tree(pid: int) -> None:
+    for p in [pid, *_descendants(pid)]:  # collected first: a killed parent's children move away
+        try:
+            os.kill(p, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+
+
+def run_one(launcher: str, gpus: int, flags: list[str], log: Path, timeout: float) -> dict:
+    """One training run through the project's launcher. Its output goes to ``log`` as it comes
+    (a run cut short keeps what it printed); past ``timeout`` seconds the launcher and every
+    process below it (each rank) is killed, so no orphaned rank keeps holding GPU memory."""
     cmd = [sys.executable, "-m", "megatron_memory.launch.run", launcher, "--nproc-per-node", str(gpus), "--", *flags]
     t0 = time.time()
-    proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
-    log.write_text(shlex.join(cmd) + "\n" + proc.stdout + proc.stderr)
-    out = proc.stdout
+    with open(log, "w") as f:
+        f.write(shlex.join(cmd) + "\n")
+        f.flush()
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, text=True)
+        try:
+            proc.wait(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            _kill_tree(proc.pid)
+            proc.wait()
+            f.write(f"\nbench_training: killed after {timeout:.0f} s\n")
+    out = log.read_text()
     res = {"rc": proc.returncode, "wall": time.time() - t0}
     if m := re.search(r"\(([\d,]+) tok/s after step 3\)", out):
         res["tok_s"] = float(m.group(1).replace(",", ""))
@@ -41,8 +79,10 @@ def run_one(launcher: str, gpus: int, flags: list[str], log: Path) -> dict:
     if m := re.search(r"loss\s+([\d.]+) \(first 5 steps\) -> ([\d.]+)", out):
         res["loss"] = (float(m.group(1)), float(m.group(2)))
     res["peak"] = re.findall(r"stage (\d+): ([\d.]+) GiB \(calculator ([\d.]+)\)", out)
+    if m := re.search(r"^saved \S+ in ([\d.]+) s", out, re.M):
+        res["save_s"] = float(m.group(1))
     if proc.returncode:
-        res["error"] = (proc.stderr.strip().splitlines() or ["?"])[-1][:160]
+        res["error"] = ([line for line in out.splitlines() if line.strip()] or ["?"])[-1][:160]
     return res
 
 
@@ -54,6 +94,8 @@ def main() -> int:
     ap.add_argument("--common", default="", help="flags added to every run")
     ap.add_argument("--title", default="Memory+ vs dense training")
     ap.add_argument("--append", action="store_true")
+    ap.add_argument("--run-timeout", type=float, default=1e9,
+                    help="seconds per run before its launcher and ranks are killed")
     a = ap.parse_args()
     out_dir = Path(os.environ.get("OUT", "/tmp"))
     results = {}
@@ -61,7 +103,8 @@ def main() -> int:
         name, flags = spec.split(":", 1)
         flags = shlex.split(flags) + shlex.split(a.common)
         print(f"== {name}: {' '.join(flags)}", flush=True)
-        results[name] = run_one(a.launcher, a.gpus, flags, out_dir / f"train_{name}.log")
+        results[name] = run_one(a.launcher, a.gpus, flags, out_dir / f"train_{name}.log",
+                                 a.run_timeout)
         print(f"   {results[name]}", flush=True)
     import torch
 

@@ -5,9 +5,11 @@
 # machine (the ~160 GB checkpoint stays in /tmp between them):
 #   bash benchmarks/device_4gpu.sh train    # dense, then Memory+ with a save after its last step
 #   bash benchmarks/device_4gpu.sh resume   # Memory+ resumed from that checkpoint for 3 steps
+#   bash benchmarks/device_4gpu.sh profile  # both models, 8 steps, step 6 profiled (no save):
+#                                           # the step-time breakdown behind the Memory+/dense ratio
 # Reports land in $OUT (bench_training.md, train_*.log, layout.txt, resume.log, ckpt.txt).
 set -u
-PHASE=${1:?train or resume}
+PHASE=${1:?train, resume or profile}
 source benchmarks/device_speed_setup.sh || exit 1
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
@@ -22,7 +24,14 @@ LAYOUT=$(sed -n 's/^pick: //p' "$OUT/layout.txt")
 echo "card ${GIB} GiB; calculator's layout: $LAYOUT"; cat "$OUT/layout.txt"
 COMMON="$BATCH --warmup-steps 2 --log-interval 1 --vocab-size 32000 --tensorboard-dir= --eval-iters 0"
 df -h /tmp | tail -1
-if [ "$PHASE" = train ]; then
+if [ "$PHASE" = profile ]; then
+    python3 benchmarks/bench_training.py --gpus 4 --run-timeout 200 \
+        --title "Full-depth 8B, micro-batch 4 x 2048, global 64, calculator layout, step 6 profiled" \
+        --run "8b-dense:--preset 8b-dense $LAYOUT --steps 8 --profile-step 6" \
+        --run "8b-memory:--preset 8b-memory $LAYOUT --steps 8 --profile-step 6" \
+        --common "$COMMON" 2>&1 | tail -8
+    for m in dense memory; do grep -h -A28 "profile of step" "$OUT/train_8b-$m.log" | head -30; done
+elif [ "$PHASE" = train ]; then
     rm -rf "$CK"
     # per-run limits kill a run with all its ranks (the dense run takes ~60 s, Memory+ with its
     # ~130 GiB save ~450 s on the 4 x H200 machine of run 10); the output streams into $OUT

@@ -1,6 +1,7 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
-"""The fast attention path trains like the reference on CPU: 20 steps of the tiny Memory+ GPT
-with SDPA core attention and with Megatron's local attention give overlapping loss curves;
+"""The fast paths train like the reference on CPU: 20 steps of the tiny Memory+ GPT with SDPA core
+attention and with Megatron's local attention give overlapping loss curves, and so do torch's
+fused AdamW (the default) and its foreach implementation (Megatron's own choice);
 --profile-step prints the profiled step's op table and leaves that step out of the timings.
 (Overlapped communication vs synchronous: tests/parallel/test_overlap.py.)"""
 from __future__ import annotations
@@ -15,14 +16,15 @@ from tests.parallel.dist_utils import run_ranks
 STEPS = 20
 
 
-def _train_both(out_file: str) -> None:
+def _train_all(out_file: str) -> None:
     from megatron_memory.training import Trainer
 
     out = {}
-    for attention in ("local", "sdpa"):
+    for attention in ("local", "sdpa", "foreach-adam"):
         lines = []
-        cfg = workers.tiny_config(steps=STEPS, **{"model.attention": attention,
-                                                  "train.profile_step": 3 if attention == "sdpa" else None})
+        changes = {"train.fused_adam": False} if attention == "foreach-adam" else {
+            "model.attention": attention, "train.profile_step": 3 if attention == "sdpa" else None}
+        cfg = workers.tiny_config(steps=STEPS, **changes)
         trainer = Trainer(cfg, log=lines.append)
         hist = trainer.fit()
         trainer.close()
@@ -31,12 +33,15 @@ def _train_both(out_file: str) -> None:
     json.dump(out, open(out_file, "w"))
 
 
-def test_sdpa_loss_curve_overlaps_local_attention(tmp_path):
-    run_ranks(1, _train_both, str(tmp_path / "runs.json"), tp=0)
+def test_fast_paths_overlap_reference_loss_curves(tmp_path):
+    run_ranks(1, _train_all, str(tmp_path / "runs.json"), tp=0)
     runs = json.load(open(tmp_path / "runs.json"))
     ref, fast = torch.tensor(runs["local"]["losses"]), torch.tensor(runs["sdpa"]["losses"])
     assert len(fast) == STEPS and ref[-5:].mean() < ref[:5].mean() - 1.0  # it learns
     # Same math up to fp32 summation order: the curves agree far inside step-to-step noise.
     torch.testing.assert_close(fast, ref, rtol=0, atol=2e-3)
+    # fused vs foreach AdamW: the same update up to rounding
+    foreach = torch.tensor(runs["foreach-adam"]["losses"])
+    torch.testing.assert_close(fast, foreach, rtol=0, atol=2e-3)
     assert "profile of step 3" in runs["sdpa"]["log"] and "Self CPU" in runs["sdpa"]["log"]
     assert runs["sdpa"]["timed_steps"] == STEPS - 1 and runs["local"]["timed_steps"] == STEPS

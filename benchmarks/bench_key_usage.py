@@ -3,9 +3,12 @@
 
     python benchmarks/bench_key_usage.py --width 512 --warmup 2 25 --norms none batchnorm center \\
         --steps 100 --out /tmp/ku512.jsonl [--append]
+    # 8B width on one GPU, natural text (bash benchmarks/device_key_usage.sh)
+    python benchmarks/bench_key_usage.py --width 4096 --seq-length 2048 \\
+        --data-prefix build/longrun-data/train_document --tokenizer build/longrun-data/tokenizer.json
 
 Each (norm, warm-up) pair trains a fresh model in its own process (Megatron keeps global state)
-on the embedded corpus and writes one JSON line: the per-window key-usage log of every memory
+on the embedded corpus (or --data-prefix / --tokenizer) and writes one JSON line: the per-window key-usage log of every memory
 layer and the losses. The table printed (and appended to benchmarks/RESULTS.md with --append)
 gives, per layer, used/effective % in the last window and the mean effective usage over the
 second half of the run, the input shared share at the end, and the final training loss (mean of
@@ -27,6 +30,9 @@ SIZES = {
     128: (6, 4, [1, 3, 5], 64, 4, 8, 64, 4, 3e-3),
     512: (6, 8, [1, 3, 5], 64, 4, 8, 64, 4, 3e-3),
     2048: (4, 16, [1, 3], 256, 4, 32, 512, 1, 3e-4),
+    # the 8B preset's width and memory (4 heads x top-32, k_dim 512) on one GPU: 724 keys =
+    # 2^19 values, as the resume benchmark, so table + fp32 Adam state (~36 GiB) fit an 80 GB card
+    4096: (4, 32, [1, 3], 724, 4, 32, 512, 4, 1e-4),
 }
 
 
@@ -40,13 +46,14 @@ def worker(args) -> None:
     layers, heads, mem, n_keys, mh, k, k_dim, mb, lr = SIZES[args.width]
     cfg = RunConfig(
         model=ModelConfig(num_layers=layers, hidden_size=args.width, num_attention_heads=heads,
-                          seq_length=128),
+                          seq_length=args.seq_length),
         memory=MemoryConfig(layers=mem, n_keys=n_keys, heads=mh, k=k, k_dim=k_dim,
                             query_norm=args.norms[0]),
         train=TrainConfig(steps=args.steps, micro_batch_size=mb, lr=lr, min_lr=lr / 10,
                           warmup_steps=args.warmup[0], log_interval=args.log_interval,
                           eval_iters=2, tensorboard_dir=args.tensorboard or "", seed=args.seed),
-        data=DataConfig())
+        data=DataConfig(data_path=[args.data_prefix] if args.data_prefix else None,
+                        tokenizer=args.tokenizer))
     trainer = Trainer(cfg, log=lambda s: print(s, file=sys.stderr, flush=True))
     hist = trainer.fit()
     trainer.close()
@@ -55,6 +62,12 @@ def worker(args) -> None:
     print(json.dumps({"width": args.width, "norm": args.norms[0], "warmup": args.warmup[0],
                       "steps": args.steps, "losses": hist.losses, "valid_loss": hist.valid_loss,
                       "seconds": hist.seconds, "usage": usage}), flush=True)
+
+
+def _device() -> str:
+    import torch  # local: only the RESULTS heading needs it; the driver stays light
+
+    return torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
 
 
 def summarise(run: dict) -> str:
@@ -87,11 +100,16 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=100)
     p.add_argument("--log-interval", type=int, default=5)
     p.add_argument("--seed", type=int, default=1234)
+    p.add_argument("--seq-length", type=int, default=128)
+    p.add_argument("--data-prefix", default=None, help="indexed dataset (default: embedded corpus)")
+    p.add_argument("--tokenizer", default=None, help="its tokenizer.json (with --data-prefix)")
     p.add_argument("--tensorboard", default=None, help="(worker) event directory")
     p.add_argument("--out", default=None, help="JSON lines of every run (appended)")
     p.add_argument("--append", action="store_true", help="append the table to benchmarks/RESULTS.md")
     p.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
     args = p.parse_args()
+    if bool(args.data_prefix) != bool(args.tokenizer):
+        p.error("--data-prefix and --tokenizer go together")
     if args.worker:
         worker(args)
         return 0
@@ -100,7 +118,9 @@ def main() -> int:
         for norm in args.norms:
             cmd = [sys.executable, __file__, "--worker", "--width", str(args.width), "--norms", norm,
                    "--warmup", str(warmup), "--steps", str(args.steps), "--seed", str(args.seed),
-                   "--log-interval", str(args.log_interval)]
+                   "--log-interval", str(args.log_interval), "--seq-length", str(args.seq_length)]
+            cmd += ["--data-prefix", args.data_prefix] if args.data_prefix else []
+            cmd += ["--tokenizer", args.tokenizer] if args.tokenizer else []
             proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
             if proc.returncode:
                 print(proc.stderr[-3000:], file=sys.stderr)
@@ -115,7 +135,7 @@ def main() -> int:
     print(table)
     if args.append:
         with open(ROOT / "benchmarks" / "RESULTS.md", "a") as f:
-            f.write(f"\n\n## Key usage by query norm, d={args.width} (CPU, "
+            f.write(f"\n\n## Key usage by query norm, d={args.width} ({_device()}, "
                     f"{datetime.date.today()})\n\n{table}\n")
     return 0
 

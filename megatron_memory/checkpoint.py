@@ -102,6 +102,8 @@ def architecture(cfg: RunConfig, vocab_size: int) -> dict:
                      "memory.qk_norm": mem.qk_norm, "memory.plus": mem.plus})
         if str(mem.query_norm) != "none":  # absent before query norms existed: old ones still load
             arch["memory.query_norm"] = str(mem.query_norm)
+    if m.transformer_impl != "local":  # TE's fused norms name their weights differently
+        arch["model.transformer_impl"] = m.transformer_impl
     return arch
 
 

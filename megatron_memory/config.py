@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import enum
+import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
@@ -155,6 +156,11 @@ class ModelConfig:
                                           "default: one per head (multi-head attention)")
     attention: str = opt("sdpa", "core attention: 'sdpa' (torch scaled_dot_product_attention: "
                          "flash / cuDNN kernels on GPU) or 'local' (Megatron's unfused reference)")
+    transformer_impl: str = opt("local", "dense layers from Megatron's 'local' spec (runs on CPU "
+                                "and any GPU) or its 'transformer_engine' spec (TE's fused "
+                                "norm+linear and attention kernels; needs CUDA and an "
+                                "importable transformer_engine; memory layers get their own "
+                                "TE norm, as the TE spec fuses the pre-MLP norm into FC1)")
     ffn_hidden_size: Optional[int] = opt(None, "SwiGLU inner width of the dense FFNs; default "
                                          "multiple of 256 near 8/3 d (the Llama rule)")
     seq_length: int = opt(128, "tokens per sample")
@@ -186,6 +192,14 @@ class ModelConfig:
                               f"divide model.num_attention_heads={self.num_attention_heads}")
         if self.attention not in ("sdpa", "local"):
             raise ConfigError(f"model.attention={self.attention!r}: choose 'sdpa' or 'local'")
+        if self.transformer_impl not in ("local", "transformer_engine"):
+            raise ConfigError(f"model.transformer_impl={self.transformer_impl!r}: choose 'local' "
+                              "or 'transformer_engine'")
+        if (self.transformer_impl == "transformer_engine"
+                and importlib.util.find_spec("transformer_engine") is None):
+            raise ConfigError("model.transformer_impl='transformer_engine' needs Transformer "
+                              "Engine (pip install transformer-engine[pytorch], CUDA only); it is "
+                              "not importable here: use 'local'")
 
 
 @dataclass

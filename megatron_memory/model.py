@@ -41,14 +41,15 @@ class MemoryGPTModel(GPTModel):
 
     def __init__(self, config: TransformerConfig, memory_config: MemoryConfig, vocab_size: int,
                  max_sequence_length: int, pre_process: bool = True, post_process: bool = True,
-                 vp_stage: Optional[int] = None, attention: str = "sdpa", **gpt_kwargs):
+                 vp_stage: Optional[int] = None, attention: str = "sdpa",
+                 transformer_impl: str = "local", **gpt_kwargs):
         memory_config.validate(config.num_layers, config.hidden_size,
                                config.tensor_model_parallel_size)
         mem = set(memory_config.resolved_layers(config.num_layers))
         local_memory = [i for i in local_layer_ids(config, vp_stage) if i in mem]
         values = build_values(config, memory_config) if local_memory else None
         spec = memory_gpt_block_spec(config, memory_config, values, vp_stage=vp_stage,
-                                     attention=attention)
+                                     attention=attention, impl=transformer_impl)
         gpt_kwargs.setdefault("position_embedding_type", "rope")
         super().__init__(config=config, transformer_layer_spec=spec, vocab_size=vocab_size,
                          max_sequence_length=max_sequence_length, pre_process=pre_process,

@@ -172,6 +172,9 @@ class Trainer:
         self.bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else torch.cuda.is_available()
         if self.bf16 and not torch.cuda.is_available():
             raise ConfigError("train.bf16 needs CUDA; on CPU train in fp32 (--no-bf16)")
+        if cfg.model.transformer_impl == "transformer_engine" and self.device.type != "cuda":
+            raise ConfigError("model.transformer_impl='transformer_engine' needs CUDA; on CPU "
+                              "use 'local'")
         self.dist_opt = (cfg.train.distributed_optimizer if cfg.train.distributed_optimizer is not None
                          else self.dp > 1)
         gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * self.dp
@@ -221,7 +224,8 @@ class Trainer:
                                max_sequence_length=cfg.model.seq_length,
                                pre_process=ps.is_pipeline_first_stage(),
                                post_process=ps.is_pipeline_last_stage(),
-                               rotary_base=cfg.model.rope_base, attention=cfg.model.attention)
+                               rotary_base=cfg.model.rope_base, attention=cfg.model.attention,
+                               transformer_impl=cfg.model.transformer_impl)
         model.to(self.device)
         for layer in model.memory_layers():  # see TrainConfig.recompute_activations
             layer_module = next(m for m in model.decoder.layers if m.mlp is layer)

@@ -23,6 +23,7 @@ ORDER = [
     "megatron_memory.configs",
     "megatron_memory.configs.presets",
     "megatron_memory.kernels.reference",
+    "megatron_memory.kernels.segment_plan",    # the segment backward's plan (torch only)
     "megatron_memory.kernels.triton_embedding_bag",
     "megatron_memory.kernels.triton_product_key",
     "megatron_memory.kernels.bf16_search",

@@ -1,7 +1,7 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """The segment backward's plan and launch without host syncs (CPU).
 
-``_segment_plan`` sizes every array by ``plan_bounds`` and keeps the counts on the device; these
+``segment_plan`` (kernels/segment_plan.py) sizes every array by ``plan_bounds`` and keeps the counts on the device; these
 tests check that its real entries equal the host-side plan it replaced (runs from
 ``unique_consecutive``, split runs from ``nonzero``: the same chunks in the same order, so the
 same sums), that the entries past the real counts are inert, that the bounds hold and are
@@ -17,6 +17,7 @@ import contextlib
 import pytest
 import torch
 
+from megatron_memory.kernels import segment_plan as sp
 from megatron_memory.kernels import triton_embedding_bag as eb
 from megatron_memory.kernels.reference import embedding_bag_reference
 from tests.kernels.test_embedding_bag import run_interpreted
@@ -90,11 +91,11 @@ CASES = {  # name -> (indices [T, bag], n_rows, chunk)
 def test_plan_equals_host_plan_without_host_values(name):
     idx, n_rows, chunk = CASES[name](torch.Generator().manual_seed(len(name)))
     with no_host_values():
-        plan = eb._segment_plan(idx, n_rows, chunk)
+        plan = sp.segment_plan(idx, n_rows, chunk)
     sorted_pos, chunk_start, chunk_row, chunk_slot, n_chunks, fold_row, fold_slot, S = plan
     want_start, want_row, want_slot, want_fold_row, want_fold_slot, want_S = host_plan(idx, chunk)
     M, C, F = idx.numel(), want_row.numel(), want_fold_row.numel()
-    C_max, F_max, S_max = eb.plan_bounds(M, n_rows, chunk)
+    C_max, F_max, S_max = sp.plan_bounds(M, n_rows, chunk)
     assert C <= C_max and F <= F_max and want_S <= S_max == S
     assert chunk_row.numel() == C_max and fold_row.numel() == F_max
     assert int(n_chunks) == C and n_chunks.dtype == torch.int32
@@ -117,14 +118,14 @@ def test_the_guard_catches_the_host_plan():
 
 def test_bounds_hold_and_are_reached():
     """C is reached by distinct rows, F and S by runs of chunk + 1; a few hand-counted values."""
-    assert eb.plan_bounds(1 << 20, 1 << 20, 512) == (1 << 20, 2044, 4088)   # T=8192, 4 x 32
-    assert eb.plan_bounds(10, 1, 4) == (3, 1, 3)          # one row: ceil(10 / 4) chunks, all split
-    assert eb.plan_bounds(7, 100, 512) == (7, 0, 0)       # nothing can split
+    assert sp.plan_bounds(1 << 20, 1 << 20, 512) == (1 << 20, 2044, 4088)   # T=8192, 4 x 32
+    assert sp.plan_bounds(10, 1, 4) == (3, 1, 3)          # one row: ceil(10 / 4) chunks, all split
+    assert sp.plan_bounds(7, 100, 512) == (7, 0, 0)       # nothing can split
     gen = torch.Generator().manual_seed(0)
     for idx, n_rows, chunk in (CASES["distinct"](gen), CASES["runs-chunk+1"](gen)):
         _, _, _, fold_row, fold_slot, S = host_plan(idx, chunk)
-        C_max, F_max, S_max = eb.plan_bounds(idx.numel(), n_rows, chunk)
-        real = (eb._segment_plan(idx, n_rows, chunk)[4].item(), fold_row.numel(), S)
+        C_max, F_max, S_max = sp.plan_bounds(idx.numel(), n_rows, chunk)
+        real = (sp.segment_plan(idx, n_rows, chunk)[4].item(), fold_row.numel(), S)
         if fold_row.numel():
             assert real[1:] == (F_max, S_max), (real, F_max, S_max)
         else:
@@ -147,14 +148,14 @@ def interpreter_segment_launch():
     Vr = V.double().requires_grad_()
     wr = w.double().requires_grad_()
     embedding_bag_reference(Vr, idx, wr).backward(g.double())
-    real_bounds = eb.plan_bounds
+    real_bounds = sp.plan_bounds
     results = []
     for programs, slack in ((None, 0), (1, 0), (2, 0), (5, 0), (None, 7), (3, 7)):
         # A looser bound than the real one: more padding chunks, folds and partial rows.
-        eb.plan_bounds = lambda M, n, c, s=slack: tuple(b + s for b in real_bounds(M, n, c))
+        sp.plan_bounds = lambda M, n, c, s=slack: tuple(b + s for b in real_bounds(M, n, c))
         buf = torch.zeros(N, d)
         dots = eb.launch_segment_backward(g, V, idx, w, buf, True, chunk=chunk, programs=programs)
-        eb.plan_bounds = real_bounds
+        sp.plan_bounds = real_bounds
         results.append((buf, dots))
         assert (buf.double() - Vr.grad).abs().max() <= 1e-5 * Vr.grad.abs().max()
         assert (dots.double() - wr.grad).abs().max() <= 1e-5 * wr.grad.abs().max()

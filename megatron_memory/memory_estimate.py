@@ -3,7 +3,7 @@
 and activations, for every pipeline stage of a TP x PP x DP layout (``estimate``).
 
 The numbers model how this project trains (Megatron DDP with fp32 grad buffers, Megatron
-mixed-precision optimizer over torch's foreach AdamW, local GPT spec, fused Triton lookup):
+mixed-precision optimizer over torch's fused AdamW, local GPT spec, fused Triton lookup):
 
   bf16: weights 2 B/param, grad buffer 4 B, fp32 master + Adam m, v 12 B (/DP with the
   distributed optimizer); fp32 (CPU): 4 + 4 + 8. No optimizer-step temporary is counted: on the
@@ -17,6 +17,14 @@ mixed-precision optimizer over torch's foreach AdamW, local GPT spec, fused Trit
   e*T*3h/t_sp (memory layers are never recomputed). 1F1B keeps min(M, pp - stage) micro-batches
   of activations on a stage; the last stage adds the logits (e + 4 fp32 bytes per vocab entry
   and token).
+
+  Checkpoint save (``save_peak``): with the distributed optimizer, megatron-core's
+  fully-reshardable save all-gathers the data-parallel group's optimizer state onto every rank
+  (NCCL, its default), so a rank briefly holds DP x its shard. The blocks freed by the
+  activations are not reused for those buffers in practice, so the save peak is the training
+  peak plus (DP - 1) x the optimizer shard: on 4 x H200 (RESULTS.md run 10, TP=2, DP=2, 8B
+  Memory+) the ranks held 104.5 GiB while saving, against 78.2 GiB in training and 106.8 GiB
+  predicted this way.
 """
 from __future__ import annotations
 
@@ -39,10 +47,15 @@ class StageMemory:
     grads: float
     optimizer: float
     activations: float
+    save_extra: float = 0.0    # what a checkpoint save adds (module docstring)
 
     @property
     def total(self) -> float:
         return self.weights + self.grads + self.optimizer + self.activations
+
+    @property
+    def save_peak(self) -> float:
+        return self.total + self.save_extra
 
 
 def _layer_params(cfg: RunConfig, memory: bool, tp: int) -> tuple[int, int]:
@@ -114,8 +127,10 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True
         acts = _activations(cfg, layers, mem, t.micro_batch_size, tp, e) * min(micro, pp - stage)
         if stage == pp - 1:
             acts += t.micro_batch_size * cfg.model.seq_length * vocab_size / tp * (e + 4)
+        optimizer = params * b_o / opt_div
         out.append(StageMemory(stage, layers, sorted(mem.intersection(layers)), sharded + replicated,
-                               table, params * b_w, params * b_g, params * b_o / opt_div, acts))
+                               table, params * b_w, params * b_g, optimizer, acts,
+                               save_extra=optimizer * (dp - 1) if dist_opt else 0.0))
     return out
 
 
@@ -126,7 +141,7 @@ class Layout:
     tp: int
     pp: int
     dp: int
-    peak: float  # bytes per GPU
+    peak: float  # bytes per GPU: the larger of training and checkpoint-save peaks
     fits: bool
 
     def flags(self) -> list[str]:
@@ -140,7 +155,8 @@ class Layout:
 def layouts(cfg: RunConfig, world_size: int, vocab_size: int, gpu_bytes: float,
             headroom: float = 0.1, max_tp: int = 8, bf16: bool = True) -> list[Layout]:
     """Every valid TP x PP layout of ``world_size`` GPUs for ``cfg`` (TP <= ``max_tp``: one
-    node's NVLink domain), best first: fitting ones (peak <= (1 - headroom) x card, the rest for
+    node's NVLink domain), best first: fitting ones (peak, training or checkpoint save, whichever
+    is larger, <= (1 - headroom) x card, the rest for
     the CUDA context, NCCL buffers and allocator slack) before the others, then fewest
     model-parallel ranks (the most data parallelism), then the shallower pipeline (fewer bubbles
     and stages; TP inside a node costs less at these sizes), then the lower peak."""
@@ -150,7 +166,7 @@ def layouts(cfg: RunConfig, world_size: int, vocab_size: int, gpu_bytes: float,
             trial = copy.deepcopy(cfg)
             trial.parallel.tp, trial.parallel.pp, trial.parallel.sequence_parallel = tp, pp, tp > 1
             try:
-                peak = max(s.total for s in estimate(trial, world_size, vocab_size, bf16))
+                peak = max(s.save_peak for s in estimate(trial, world_size, vocab_size, bf16))
             except ConfigError:  # heads, groups, layers or the batch do not divide
                 continue
             out.append(Layout(tp, pp, world_size // (tp * pp), peak, peak <= (1 - headroom) * gpu_bytes))

@@ -22,15 +22,16 @@ from megatron_memory.memory_estimate import GIB, Layout, StageMemory, estimate, 
 
 def format_table(rows: list[StageMemory], gpu_gib: float) -> str:
     head = (f"{'stage':>5} {'layers':>9} {'memory':>10} {'params/GPU':>12} {'table/GPU':>11} "
-            f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total GiB':>9}")
+            f"{'weights':>8} {'grads':>8} {'optim':>8} {'activ':>8} {'total GiB':>9} {'at save':>8}")
     lines = [head, "-" * len(head)]
     for r in rows:
         span = f"{r.layers[0]}-{r.layers[-1]}" if r.layers else "-"
-        flag = "  OVER" if r.total / GIB > gpu_gib else ""
+        flag = ("  OVER" if r.total / GIB > gpu_gib else
+                "  OVER AT SAVE" if r.save_peak / GIB > gpu_gib else "")
         lines.append(f"{r.stage:>5} {span:>9} {str(r.memory_layers or '-'):>10} "
                      f"{r.dense_params / 1e9:>11.2f}B {r.table_params / 1e9:>10.2f}B "
                      f"{r.weights / GIB:>8.1f} {r.grads / GIB:>8.1f} {r.optimizer / GIB:>8.1f} "
-                     f"{r.activations / GIB:>8.1f} {r.total / GIB:>9.1f}{flag}")
+                     f"{r.activations / GIB:>8.1f} {r.total / GIB:>9.1f} {r.save_peak / GIB:>8.1f}{flag}")
     return "\n".join(lines)
 
 

@@ -305,17 +305,23 @@ def _prune(root: Path, keep_last: Optional[int], keep: int) -> None:
             shutil.rmtree(iteration_dir(root, it), ignore_errors=True)
 
 
+def verify_integrity(target: Path) -> None:
+    """Check the checkpoint's files against its SHA-256 manifest, when it has one (collective
+    under torch.distributed); a damaged or missing file is one CheckpointError naming it."""
+    if (target / MANIFEST).is_file():
+        try:
+            verify_manifest(target)
+        except IntegrityError as err:
+            raise CheckpointError(f"checkpoint {err}") from err
+
+
 def load(trainer, target: Path, common: dict) -> int:
     """Restore the model and, for a training checkpoint, the optimizer, LR schedule, data
     position and (same layout only) RNG states. Returns the iteration to continue from."""
     full = common.get("iteration", 0) > 0 and common.get("scheduler") is not None
     same_layout = common.get("layout") == _layout()
     sd = _state_dict(trainer, is_loading=True, with_optimizer=full, with_rng=full and same_layout)
-    if (target / MANIFEST).is_file():
-        try:
-            verify_manifest(target)
-        except IntegrityError as err:
-            raise CheckpointError(f"checkpoint {err}") from err
+    verify_integrity(target)
     try:  # RETURN_UNEXPECTED: what this model asks for and the checkpoint lacks comes back listed
         state, _, lacking = dist_checkpointing.load(sd, str(target),
                                                     strict=StrictHandling.RETURN_UNEXPECTED)

@@ -28,10 +28,9 @@ mixed-precision optimizer over torch's fused AdamW, local GPT spec, fused Triton
 """
 from __future__ import annotations
 
-import copy
 from dataclasses import dataclass
 
-from megatron_memory.config import ConfigError, RunConfig
+from megatron_memory.config import ConfigError, RunConfig, replace
 
 GIB = 1024 ** 3
 
@@ -163,8 +162,8 @@ def layouts(cfg: RunConfig, world_size: int, vocab_size: int, gpu_bytes: float,
     out = []
     for tp in (t for t in range(1, min(max_tp, world_size) + 1) if world_size % t == 0):
         for pp in (p for p in range(1, world_size // tp + 1) if (world_size // tp) % p == 0):
-            trial = copy.deepcopy(cfg)
-            trial.parallel.tp, trial.parallel.pp, trial.parallel.sequence_parallel = tp, pp, tp > 1
+            trial = replace(cfg, **{"parallel.tp": tp, "parallel.pp": pp,
+                                    "parallel.sequence_parallel": tp > 1})
             try:
                 peak = max(s.save_peak for s in estimate(trial, world_size, vocab_size, bf16))
             except ConfigError:  # heads, groups, layers or the batch do not divide

@@ -51,7 +51,7 @@ from megatron_memory.hf_format import (
     run_config_from_hf,
     write_hf_folder,
 )
-from megatron_memory.integrity import MANIFEST, IntegrityError, verify_manifest, write_manifest
+from megatron_memory.integrity import write_manifest
 from megatron_memory.standalone import weight_files
 
 COMMON_KEY = "common_state/shard_0_1"  # where megatron-core's torch_dist format keeps common state
@@ -100,20 +100,12 @@ def _weights_bytes(target: Path) -> tuple[int, torch.dtype]:
     return total, weights[0].properties.dtype
 
 
-def _verify(target: Path) -> None:
-    if (target / MANIFEST).is_file():
-        try:
-            verify_manifest(target)
-        except IntegrityError as err:  # one line naming the damaged files
-            raise checkpoint.CheckpointError(str(err)) from err
-
-
 def to_hf(ckpt: str, out: str, tokenizer: Optional[str] = None, max_shard_bytes: int = 5 * 10**9,
           verify: bool = True) -> Path:
     """Export the model weights of a Megatron checkpoint into an HF-style folder."""
     target, common = checkpoint.peek(ckpt)
     if verify:
-        _verify(target)
+        checkpoint.verify_integrity(target)
     cfg = checkpoint.saved_run_config(common)
     vocab = common["architecture"]["model.vocab_size"]
     tok_path = tokenizer or cfg.data.tokenizer or data.ensure_default_data()[1]

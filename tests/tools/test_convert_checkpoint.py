@@ -134,3 +134,22 @@ def test_dense_model_exports_every_layer(tmp_path):
     assert set(src) == set(back) and "decoder.layers.3.mlp.linear_fc2.weight" in src
     for name, t in src.items():
         assert torch.equal(back[name], t), name
+
+
+def test_damaged_checkpoint_is_named_before_export(tmp_path, converted, capsys):
+    """to-hf checks the checkpoint's SHA-256 manifest first: a changed byte is one line naming
+    the file, and nothing is written; --no-verify skips the check."""
+    import shutil
+
+    src = checkpoint.resolve(converted / "ckpt")
+    damaged = tmp_path / "iter_0000001"
+    shutil.copytree(src, damaged)
+    shard = sorted(damaged.glob("*.distcp"))[0]
+    data = bytearray(shard.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    shard.write_bytes(bytes(data))
+    assert main(["to-hf", str(damaged), str(tmp_path / "hf")]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and f"{shard.name}: hash mismatch" in err[0] and str(damaged) in err[0]
+    assert not (tmp_path / "hf").exists()
+    assert main(["to-hf", str(damaged), str(tmp_path / "hf"), "--no-verify"]) == 0

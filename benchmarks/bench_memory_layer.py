@@ -168,7 +168,7 @@ def profile_layer(layer, x, top: int = 14):
     return rows
 
 
-def bench_width(d: int, T: int, rep_ms: int, smoke: bool, profile: bool):
+def bench_width(d: int, T: int, rep_ms: int, smoke: bool, profile: bool, top: int = 14):
     torch.manual_seed(0)
     layer, values = build(d, smoke)
     x = torch.randn(T, d, device=device(), dtype=torch.bfloat16).requires_grad_()
@@ -183,7 +183,7 @@ def bench_width(d: int, T: int, rep_ms: int, smoke: bool, profile: bool):
     kernels.SEARCH_BACKEND = "bf16"
     new = time_parts(layer, values, x, rep_ms)
     prec = search_precision(layer, x, rep_ms) if not smoke else []
-    prof = profile_layer(layer, x) if profile and not smoke else []
+    prof = profile_layer(layer, x, top) if profile and not smoke else []
     del layer, values, x
     free_memory()
 
@@ -207,6 +207,7 @@ def main() -> int:
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter check)")
     ap.add_argument("--profile", action="store_true", help="kernel-time breakdown of the layer")
     ap.add_argument("--widths", type=int, nargs="+", default=[2048, 4096])
+    ap.add_argument("--top", type=int, default=14, help="kernels listed by --profile")
     args = ap.parse_args()
     if args.smoke:
         from tests.kernels.test_embedding_bag import install_interpreter_shim
@@ -217,7 +218,7 @@ def main() -> int:
     widths, T = ((64,), 32) if args.smoke else (tuple(args.widths), 8192)
     rows, prec, prof = [], [], []
     for d in widths:
-        r, p, f = bench_width(d, T, args.rep_ms, args.smoke, args.profile)
+        r, p, f = bench_width(d, T, args.rep_ms, args.smoke, args.profile, args.top)
         rows += r
         prec += p
         prof += f

@@ -52,9 +52,11 @@ def segment_plan(indices: torch.Tensor, n_rows: int, chunk: int):
     i32 = torch.int32
     sorted_rows, sorted_pos = torch.sort(flat, stable=True)  # stable: fixed summation order
     p = torch.arange(M, device=dev, dtype=i32)
-    new_run = torch.ones(M, dtype=torch.bool, device=dev)
-    new_run[1:] = sorted_rows[1:] != sorted_rows[:-1]
-    run_start = torch.where(new_run, p, 0).cummax(0).values
+    # Each position's run starts at the first occurrence of its row: a binary search of the
+    # sorted rows for themselves. (A cummax over the run heads gives the same, but torch's
+    # cummax is a scan with indices: 2.6 ms at M = 2^20 on an H100, 1/4 of a d=768 layer's
+    # forward+backward, against ~0.1 ms for the search.)
+    run_start = torch.searchsorted(sorted_rows, sorted_rows).to(i32)
     offset = p - run_start                                   # occurrence number within its run
     chunk_of = torch.cumsum(offset % chunk == 0, 0, dtype=i32)   # 1 + chunk of each position
     n_chunks = chunk_of[-1:]

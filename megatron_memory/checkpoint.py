@@ -39,6 +39,8 @@ import torch.distributed.checkpoint as dcp
 from megatron.core import dist_checkpointing
 from megatron.core import parallel_state as ps
 from megatron.core.dist_checkpointing.mapping import ShardedObject
+from megatron.core.dist_checkpointing.serialization import get_default_save_sharded_strategy
+from megatron.core.dist_checkpointing.strategies.fully_parallel import FullyParallelSaveStrategyWrapper
 from megatron.core.dist_checkpointing.validation import StrictHandling
 from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
@@ -163,6 +165,37 @@ def peek(path: str | os.PathLike) -> tuple[Path, dict]:
     return target, common
 
 
+def saved_distributed_optimizer(common: dict) -> Optional[bool]:
+    """Whether a training checkpoint's optimizer state was written by megatron-core's distributed
+    optimizer (None for a weights-only checkpoint). Older checkpoints do not record it: then the
+    saving run's setting, where it was unset the default (DP > 1), decides."""
+    if common.get("iteration", 0) == 0 or common.get("scheduler") is None:
+        return None
+    if "distributed_optimizer" in common:
+        return bool(common["distributed_optimizer"])
+    chosen = common.get("run_config", {}).get("train", {}).get("distributed_optimizer")
+    return bool(chosen) if chosen is not None else common.get("layout", {}).get("dp", 1) > 1
+
+
+def optimizer_kind_for(common: dict, requested: Optional[bool], finetune: bool, where: Path,
+                       dp: int) -> bool:
+    """The optimizer a run resuming ``common`` must build. The two kinds store their state in
+    formats megatron-core 0.19 cannot load into each other, so unset (``requested`` None) follows
+    the checkpoint at any DP (the distributed optimizer runs at DP=1 too); a contrary explicit
+    choice is one clear error before anything is built. --finetune loads weights only: free."""
+    saved = None if finetune else saved_distributed_optimizer(common)
+    if saved is None:
+        return requested if requested is not None else dp > 1
+    if requested is None or requested == saved:
+        return saved
+    kind = "distributed" if saved else "non-distributed"
+    raise CheckpointError(
+        f"checkpoint {where} holds the optimizer state of the {kind} optimizer, which megatron-core "
+        f"cannot load into the {'non-distributed' if saved else 'distributed'} one: drop "
+        f"--{'no-' if not requested else ''}use-distributed-optimizer (the run then keeps the "
+        f"checkpoint's kind), or pass --finetune to start a fresh optimizer from its weights")
+
+
 def _first_line(err: BaseException) -> str:
     text = str(err).strip() or type(err).__name__
     return " ".join(text.split("\n")[:4])
@@ -254,6 +287,7 @@ def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = Tru
                "consumed_samples": iteration * trainer.global_batch,
                "scheduler": trainer.scheduler.state_dict() if iteration > 0 else None,
                "architecture": architecture(cfg, trainer.vocab_size), "layout": _layout(),
+               "distributed_optimizer": trainer.dist_opt,
                "run_config": dataclasses.asdict(cfg)})
 
     def publish() -> None:
@@ -270,17 +304,31 @@ def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = Tru
         if integrity:
             write_manifest(partial)
 
+    strategy = save_strategy(cfg.train.fully_parallel_save)
     if async_queue is None:
-        dist_checkpointing.save(sd, str(partial))
+        dist_checkpointing.save(sd, str(partial), strategy)
         manifest()
         publish()
     else:
-        request = dist_checkpointing.save(sd, str(partial), async_sharded_save=True,
+        request = dist_checkpointing.save(sd, str(partial), strategy, async_sharded_save=True,
                                           async_strategy="mcore")
         request.add_finalize_fn(manifest)
         request.add_finalize_fn(publish)
         async_queue.schedule_async_request(request)
     return final
+
+
+def save_strategy(fully_parallel: bool):
+    """megatron-core's torch_dist save strategy; with ``fully_parallel`` and DP > 1 wrapped so
+    that each tensor the DP ranks hold in common is written by one of them, balanced by size,
+    instead of all by DP rank 0. Why: run 10's 130 GiB 8B checkpoint took ~450 s to save at DP=2
+    with DP rank 0 writing everything (0.27 GiB/s on a disk that loads at 0.8 GiB/s). Same format
+    either way (only which rank wrote which file differs): any layout loads either."""
+    strategy = get_default_save_sharded_strategy()
+    group = ps.get_data_parallel_group(with_context_parallel=True)
+    if fully_parallel and group.size() > 1:
+        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
+    return strategy
 
 
 def write_tracker(root: Path, iteration: int) -> None:

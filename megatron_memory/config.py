@@ -287,12 +287,17 @@ class TrainConfig:
     keep_last: Optional[int] = opt(None, "keep only the newest K checkpoints in --save (default: all)")
     load: Optional[str] = opt(None, "checkpoint to start from: a --save directory (its latest "
                               "iteration) or one iter_* directory; resumes model, optimizer, LR "
-                              "schedule, data position and RNG; TP/PP/DP may differ")
+                              "schedule, data position and RNG; TP/PP/DP may differ (the optimizer "
+                              "kind, distributed or not, follows the checkpoint)")
     finetune: bool = opt(False, "with --load: take only the weights, start at step 0 with a fresh "
                          "optimizer and schedule")
     exit_interval: Optional[int] = opt(None, "stop (after saving) once the step is a multiple of this")
     checkpoint_integrity: bool = opt(True, "write SHA-256 hashes of every checkpoint file and check "
                                      "them on load (one extra read pass over the files)")
+    fully_parallel_save: bool = opt(True, "spread the writes of what DP ranks hold in common (the "
+                                    "weights, the gathered optimizer state) over the DP ranks "
+                                    "(megatron-core's FullyParallelSaveStrategyWrapper, as Megatron-"
+                                    "LM's --ckpt-fully-parallel-save); off: DP rank 0 writes it all")
     async_save: bool = opt(False, "write checkpoints in the background (megatron-core async "
                            "strategy): training goes on while the files are written; the tracker "
                            "moves once every rank has finished")

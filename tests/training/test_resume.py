@@ -4,7 +4,9 @@
 Exact: 2N steps straight vs N steps, SIGKILL after the save, resume, N more — the second half's
 losses and grad norms are bit-identical, at TP=1, TP=2, PP=2 (table copies) and DP=2 with the
 distributed optimizer. Reshard: a TP=2 x PP=2 checkpoint continues at TP=1 and the reverse; the
-next step's loss equals the saving layout's own next step within fp32 tolerance.
+next step's loss equals the saving layout's own next step within fp32 tolerance. DP=2 <-> DP=1
+continues exactly, the optimizer kind following the checkpoint; a DP=2 save is written by both DP
+ranks (fully parallel save).
 """
 from __future__ import annotations
 
@@ -26,8 +28,13 @@ LAYOUTS = {  # name: (world, tp, pp, micro-batch per DP rank); global batch 8 ev
 }
 
 
+# Layouts only loaded into: DP=2 <-> DP=1 with the same micro-batches (the query BatchNorm's
+# statistics are per micro-batch, so only then is the next loss comparable exactly).
+TARGETS = {"tp1mb2": (1, 1, 1, 2), "dp2mb4": (2, 1, 1, 4)}
+
+
 def _cfg(name, **train):
-    world, tp, pp, mbs = LAYOUTS.get(name, (4, 2, 2, 4))
+    world, tp, pp, mbs = {**LAYOUTS, **TARGETS}.get(name, (4, 2, 2, 4))
     changes = {f"train.{k}": v for k, v in train.items()}
     return world, workers.tiny_config(tp=tp, pp=pp, dp_batch=mbs, **{"train.global_batch_size": 8},
                                       **changes)
@@ -80,3 +87,56 @@ def test_reshard_continues_the_saved_run(tmp, straight, saved, loaded):
     assert got["losses"][0] == pytest.approx(ref, rel=1e-5)
     # and not trivially: the next step's loss differs from the step before the save
     assert abs(straight[saved]["losses"][N - 1] - ref) > 1e-3
+
+
+def _bytes_per_rank(ckpt) -> dict:
+    """torch_dist data files are __<rank>_<i>.distcp: bytes written per global rank."""
+    out: dict = {}
+    for f in ckpt.glob("__*_*.distcp"):
+        rank = int(f.name[2:].split("_")[0])
+        out[rank] = out.get(rank, 0) + f.stat().st_size
+    return out
+
+
+def test_fully_parallel_save_spreads_writes_over_dp(tmp, straight):
+    """DP=2: the default save has both DP ranks write a real share of the checkpoint (the
+    weights and the gathered optimizer state are held by both); with it off, DP rank 0 writes
+    nearly everything. Either checkpoint continues the run exactly at DP=1."""
+    parallel = _bytes_per_rank(checkpoint.iteration_dir(tmp / "dp2_straight", N))
+    _train(tmp, "dp2", "rank0", steps=2 * N, exit_interval=N, save=str(tmp / "dp2_rank0"),
+           fully_parallel_save=False)
+    rank0 = _bytes_per_rank(checkpoint.iteration_dir(tmp / "dp2_rank0", N))
+    total = sum(parallel.values())
+    assert sum(rank0.values()) == pytest.approx(total, rel=0.05)   # the same content
+    assert min(parallel.get(0, 0), parallel.get(1, 0)) > 0.25 * total
+    assert rank0.get(1, 0) < 0.05 * total
+    ref = straight["dp2"]["losses"][N]
+    for name in ("dp2_straight", "dp2_rank0"):
+        got = _train(tmp, "tp1mb2", f"from_{name}", steps=N + 1,
+                     load=str(checkpoint.iteration_dir(tmp / name, N)))
+        assert got["losses"][0] == pytest.approx(ref, rel=1e-6)
+
+
+def test_dp_change_keeps_the_checkpoints_optimizer_kind(tmp, straight):
+    """A DP=1 run (non-distributed optimizer) continues at DP=2 and a DP=2 run (distributed)
+    at DP=1: unset, the optimizer kind follows the checkpoint, whose state format it is."""
+    got = _train(tmp, "dp2mb4", "from_tp1", steps=N + 1,
+                 load=str(checkpoint.iteration_dir(tmp / "tp1_straight", N)))
+    assert got["losses"][0] == pytest.approx(straight["tp1"]["losses"][N], rel=1e-6)
+    # the DP=2 -> DP=1 direction ran in test_fully_parallel_save_spreads_writes_over_dp
+
+
+def test_contrary_optimizer_kind_is_one_clear_error(tmp, straight):
+    _, common = checkpoint.peek(checkpoint.iteration_dir(tmp / "dp2_straight", N))
+    where = tmp / "dp2_straight"
+    assert checkpoint.saved_distributed_optimizer(common) is True
+    assert checkpoint.optimizer_kind_for(common, None, False, where, dp=1) is True
+    with pytest.raises(checkpoint.CheckpointError, match="drop --no-use-distributed-optimizer"):
+        checkpoint.optimizer_kind_for(common, False, False, where, dp=2)
+    assert checkpoint.optimizer_kind_for(common, False, True, where, dp=2) is False  # finetune
+    _, common = checkpoint.peek(checkpoint.iteration_dir(tmp / "tp1_straight", N))
+    assert checkpoint.saved_distributed_optimizer(common) is False
+    with pytest.raises(checkpoint.CheckpointError, match="non-distributed optimizer"):
+        checkpoint.optimizer_kind_for(common, True, False, where, dp=2)
+    old = {k: v for k, v in common.items() if k != "distributed_optimizer"}   # older checkpoints
+    assert checkpoint.saved_distributed_optimizer(old) is False

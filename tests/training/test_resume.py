@@ -140,3 +140,14 @@ def test_contrary_optimizer_kind_is_one_clear_error(tmp, straight):
         checkpoint.optimizer_kind_for(common, True, False, where, dp=2)
     old = {k: v for k, v in common.items() if k != "distributed_optimizer"}   # older checkpoints
     assert checkpoint.saved_distributed_optimizer(old) is False
+
+
+def test_async_fully_parallel_save_at_dp2_resumes_exactly(tmp, straight):
+    """--async-save with the fully parallel strategy at DP=2: the background save of step N,
+    written by both DP ranks, continues the run bit-identically."""
+    root = tmp / "dp2_async"
+    _train(tmp, "dp2", "async", steps=2 * N, save=str(root), save_interval=N, async_save=True)
+    assert checkpoint.read_tracker(root) == 2 * N and not list(root.glob("*.partial"))
+    assert len(_bytes_per_rank(checkpoint.iteration_dir(root, N))) == 2
+    got = _train(tmp, "dp2", "from_async", steps=2 * N, load=str(checkpoint.iteration_dir(root, N)))
+    assert got["losses"] == straight["dp2"]["losses"][N:]

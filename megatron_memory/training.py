@@ -179,6 +179,7 @@ class Trainer:
                                                        cfg.train.finetune, self.resume[0], self.dp)
                          if self.resume else cfg.train.distributed_optimizer
                          if cfg.train.distributed_optimizer is not None else self.dp > 1)
+        cfg.train.distributed_optimizer = self.dist_opt  # resolved: the memory estimate reads it
         if self.resume and self.dist_opt != (self.dp > 1) and self.rank == 0:
             log(f"optimizer: {'distributed' if self.dist_opt else 'non-distributed'} at DP={self.dp}, "
                 f"the kind checkpoint {self.resume[0].name} was saved with (its state format)")

@@ -130,6 +130,12 @@ def write_report(plan, run, out: Path, phase: int, recall) -> Path:
         d, mm = recall["dense"]["questions"]["recall"], recall["memory"]["questions"]["recall"]
         lines.append(f"\nMemory+ / dense recall: {mm / d:.2f}x" if d else
                      "\nMemory+ / dense recall: dense recalled nothing")
+        # per attribute: 'job' has 15 values, so guessing alone scores ~7%; the others cannot be
+        # guessed, and the ratio must hold on them too
+        by = {m: recall[m]["questions"]["by_attribute"] for m in MODELS}
+        lines.append("by attribute: " + ", ".join(
+            f"{a} {by['memory'][a] / v:.1f}x" if v else f"{a} (dense 0)"
+            for a, v in by["dense"].items()))
         (out / "recall.json").write_text(json.dumps(recall, indent=2) + "\n")
     try:
         pngs = plot_runs([("Memory+", sc["memory"]), ("dense", sc["dense"])], out / "plots")

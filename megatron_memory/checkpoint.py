@@ -331,6 +331,22 @@ def save_strategy(fully_parallel: bool):
     return strategy
 
 
+def check_save_dir(save: str, resume_root: Optional[Path]) -> None:
+    """--save must be empty or new, or the directory this run resumes from (never lose a run)."""
+    path = Path(save)
+    if not path.exists():
+        return
+    if not path.is_dir():
+        raise FileExistsError(f"checkpoint directory {path} is a file; refusing to overwrite")
+    if resume_root is not None and path.resolve() == resume_root.resolve():
+        return
+    if any(path.iterdir()):
+        latest = read_tracker(path)
+        hint = (f" (it holds checkpoints up to step {latest}: resume with --load {path}, or choose "
+                f"another --save)" if latest is not None else "")
+        raise FileExistsError(f"checkpoint directory {path} is not empty; refusing to overwrite{hint}")
+
+
 def write_tracker(root: Path, iteration: int) -> None:
     tmp = root / f".{TRACKER}.tmp"
     with open(tmp, "w") as f:

@@ -10,8 +10,6 @@ from __future__ import annotations
 import contextlib
 import functools
 import os
-import signal
-import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -32,7 +30,7 @@ from megatron.core.transformer.module import Float16Module
 from torch.profiler import ProfilerActivity, profile
 
 from megatron_memory import checkpoint, data, parallel
-from megatron_memory.config import STOP_FILE_ENV, ConfigError, RunConfig, padded_vocab
+from megatron_memory.config import ConfigError, RunConfig, padded_vocab
 from megatron_memory.cpu import install_cpu_shims
 from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
 from megatron_memory.metrics import (
@@ -47,6 +45,7 @@ from megatron_memory.metrics import (
 )
 from megatron_memory.model import MemoryGPTModel, optimizer_overrides
 from megatron_memory.optim import configure_adam
+from megatron_memory.stopping import StopSignals, agreed_stop
 from megatron_memory.tracking import Tracker
 
 
@@ -115,22 +114,6 @@ class History:
         return tokens_per_step * len(times) / max(sum(times), 1e-9)
 
 
-def _check_save_dir(save: str, resume_root: Optional[Path]) -> None:
-    """--save must be empty or new, or the directory this run resumes from (never lose a run)."""
-    path = Path(save)
-    if not path.exists():
-        return
-    if not path.is_dir():
-        raise FileExistsError(f"checkpoint directory {path} is a file; refusing to overwrite")
-    if resume_root is not None and path.resolve() == resume_root.resolve():
-        return
-    if any(path.iterdir()):
-        latest = checkpoint.read_tracker(path)
-        hint = (f" (it holds checkpoints up to step {latest}: resume with --load {path}, or choose "
-                f"another --save)" if latest is not None else "")
-        raise FileExistsError(f"checkpoint directory {path} is not empty; refusing to overwrite{hint}")
-
-
 def _fmt_time(sec: float) -> str:
     sec = int(sec)
     return f"{sec // 3600}:{sec % 3600 // 60:02d}:{sec % 60:02d}" if sec >= 3600 else f"{sec // 60}:{sec % 60:02d}"
@@ -164,7 +147,7 @@ class Trainer:
         if cfg.train.save:
             root = self.resume[0].parent if self.resume and checkpoint.read_tracker(
                 self.resume[0].parent) is not None else None
-            _check_save_dir(cfg.train.save, root)
+            checkpoint.check_save_dir(cfg.train.save, root)
         p = cfg.parallel
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
         self.rank = dist.get_rank()
@@ -360,7 +343,7 @@ class Trainer:
         start = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with _StopSignals() as stop:
+        with StopSignals() as stop:
             for step in range(self.iteration + 1, t.steps + 1):
                 t0 = time.time()
                 profiling = step == t.profile_step
@@ -379,7 +362,7 @@ class Trainer:
                     self._log_progress(step, start, hist)
                 if t.eval_interval and step % t.eval_interval == 0 and step != t.steps:
                     self._log_validation(step, self.evaluate())
-                hist.stopped_by = self._agreed_signal(stop.received)
+                hist.stopped_by = agreed_stop(stop.received, self.device)
                 exiting = hist.stopped_by or (t.exit_interval and step % t.exit_interval == 0)
                 if t.save and (exiting or step == t.steps or (t.save_interval and step % t.save_interval == 0)):
                     hist.saved.append(str(self.save(t.save)))
@@ -472,19 +455,6 @@ class Trainer:
         self.log(f"profile of step {self.iteration} (rank 0):\n"
                  + prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
 
-    def _agreed_signal(self, received: Optional[int]) -> Optional[str]:
-        """Why to stop, if any rank received a stop signal or sees the stop file (collective:
-        all ranks stop after the same step)."""
-        code = received or 0
-        stop_file = os.environ.get(STOP_FILE_ENV)
-        if not code and stop_file and os.path.exists(stop_file):
-            code = _STOP_FILE_CODE
-        flag = torch.tensor([code], dtype=torch.int64, device=self.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        if int(flag) == _STOP_FILE_CODE:
-            return f"stop file {stop_file}"
-        return f"received {signal.Signals(int(flag)).name}" if int(flag) else None
-
     def _log_stop(self, hist: History) -> None:
         if self.rank != 0:
             return
@@ -521,37 +491,7 @@ class Trainer:
         ps.destroy_model_parallel()
 
 
-_STOP_FILE_CODE = 1000  # above every signal number (see config.STOP_FILE_ENV)
-
-
 def _profiler(device: torch.device):
     """torch profiler over CPU ops, and CUDA kernels on a GPU."""
     acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device.type == "cuda" else [])
     return profile(activities=acts)
-
-
-class _StopSignals:
-    """Record SIGTERM (preemption: SLURM, Kubernetes) and SIGINT (Ctrl-C) instead of dying, so
-    the loop can finish its step and save; a second Ctrl-C interrupts at once. Main thread only
-    (Python's rule for signal handlers); elsewhere it records nothing."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGINT)
-
-    def __init__(self):
-        self.received: Optional[int] = None
-        self._previous = {}
-
-    def _handle(self, signum, frame):
-        if self.received == signal.SIGINT and signum == signal.SIGINT:
-            raise KeyboardInterrupt
-        self.received = signum
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            self._previous = {s: signal.signal(s, self._handle) for s in self.SIGNALS}
-        return self
-
-    def __exit__(self, *exc):
-        for s, handler in self._previous.items():
-            signal.signal(s, handler)
-        return False

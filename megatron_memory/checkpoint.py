@@ -177,22 +177,23 @@ def saved_distributed_optimizer(common: dict) -> Optional[bool]:
     return bool(chosen) if chosen is not None else common.get("layout", {}).get("dp", 1) > 1
 
 
-def optimizer_kind_for(common: dict, requested: Optional[bool], finetune: bool, where: Path,
-                       dp: int) -> bool:
-    """The optimizer a run resuming ``common`` must build. The two kinds store their state in
-    formats megatron-core 0.19 cannot load into each other, so unset (``requested`` None) follows
-    the checkpoint at any DP (the distributed optimizer runs at DP=1 too); a contrary explicit
-    choice is one clear error before anything is built. --finetune loads weights only: free."""
-    saved = None if finetune else saved_distributed_optimizer(common)
+def optimizer_kind(requested: Optional[bool], dp: int, resume: Optional[tuple] = None,
+                   finetune: bool = False) -> bool:
+    """Whether a run uses the distributed optimizer: ``requested`` when set, else DP > 1. A run
+    resuming ``resume`` = (directory, common state) keeps the checkpoint's kind: the two kinds
+    store their state in formats megatron-core 0.19 cannot load into each other (the distributed
+    optimizer runs at DP=1 too); a contrary explicit choice is one clear error before anything is
+    built. --finetune loads weights only: free."""
+    saved = saved_distributed_optimizer(resume[1]) if resume and not finetune else None
     if saved is None:
         return requested if requested is not None else dp > 1
     if requested is None or requested == saved:
         return saved
     kind = "distributed" if saved else "non-distributed"
     raise CheckpointError(
-        f"checkpoint {where} holds the optimizer state of the {kind} optimizer, which megatron-core "
-        f"cannot load into the {'non-distributed' if saved else 'distributed'} one: drop "
-        f"--{'no-' if not requested else ''}use-distributed-optimizer (the run then keeps the "
+        f"checkpoint {resume[0]} holds the optimizer state of the {kind} optimizer, which "
+        f"megatron-core cannot load into the {'non-distributed' if saved else 'distributed'} one: "
+        f"drop --{'no-' if not requested else ''}use-distributed-optimizer (the run then keeps the "
         f"checkpoint's kind), or pass --finetune to start a fresh optimizer from its weights")
 
 

@@ -158,10 +158,8 @@ class Trainer:
         if cfg.model.transformer_impl == "transformer_engine" and self.device.type != "cuda":
             raise ConfigError("model.transformer_impl='transformer_engine' needs CUDA; on CPU "
                               "use 'local'")
-        self.dist_opt = (checkpoint.optimizer_kind_for(self.resume[1], cfg.train.distributed_optimizer,
-                                                       cfg.train.finetune, self.resume[0], self.dp)
-                         if self.resume else cfg.train.distributed_optimizer
-                         if cfg.train.distributed_optimizer is not None else self.dp > 1)
+        self.dist_opt = checkpoint.optimizer_kind(cfg.train.distributed_optimizer, self.dp,
+                                                  self.resume, cfg.train.finetune)
         cfg.train.distributed_optimizer = self.dist_opt  # resolved: the memory estimate reads it
         if self.resume and self.dist_opt != (self.dp > 1) and self.rank == 0:
             log(f"optimizer: {'distributed' if self.dist_opt else 'non-distributed'} at DP={self.dp}, "

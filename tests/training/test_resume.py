@@ -127,17 +127,18 @@ def test_dp_change_keeps_the_checkpoints_optimizer_kind(tmp, straight):
 
 
 def test_contrary_optimizer_kind_is_one_clear_error(tmp, straight):
-    _, common = checkpoint.peek(checkpoint.iteration_dir(tmp / "dp2_straight", N))
-    where = tmp / "dp2_straight"
+    resume = checkpoint.peek(checkpoint.iteration_dir(tmp / "dp2_straight", N))
+    common = resume[1]
     assert checkpoint.saved_distributed_optimizer(common) is True
-    assert checkpoint.optimizer_kind_for(common, None, False, where, dp=1) is True
+    assert checkpoint.optimizer_kind(None, dp=1, resume=resume) is True
     with pytest.raises(checkpoint.CheckpointError, match="drop --no-use-distributed-optimizer"):
-        checkpoint.optimizer_kind_for(common, False, False, where, dp=2)
-    assert checkpoint.optimizer_kind_for(common, False, True, where, dp=2) is False  # finetune
-    _, common = checkpoint.peek(checkpoint.iteration_dir(tmp / "tp1_straight", N))
+        checkpoint.optimizer_kind(False, dp=2, resume=resume)
+    assert checkpoint.optimizer_kind(False, dp=2, resume=resume, finetune=True) is False
+    resume = checkpoint.peek(checkpoint.iteration_dir(tmp / "tp1_straight", N))
+    common = resume[1]
     assert checkpoint.saved_distributed_optimizer(common) is False
     with pytest.raises(checkpoint.CheckpointError, match="non-distributed optimizer"):
-        checkpoint.optimizer_kind_for(common, True, False, where, dp=2)
+        checkpoint.optimizer_kind(True, dp=2, resume=resume)
     old = {k: v for k, v in common.items() if k != "distributed_optimizer"}   # older checkpoints
     assert checkpoint.saved_distributed_optimizer(old) is False
 

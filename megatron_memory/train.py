@@ -96,6 +96,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         trainer = Trainer(cfg)
     except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError) as err:
+        _shutdown()
         return _fail(err)
     if dist.get_rank() == 0:
         print(f"built in {time.time() - t0:.1f} s; training {cfg.train.steps} steps "
@@ -104,8 +105,21 @@ def main(argv: Optional[list[str]] = None) -> int:
     if dist.get_rank() == 0:
         print(summary(cfg, trainer, hist), flush=True)
     trainer.close()
-    dist.destroy_process_group()
+    _shutdown()
     return 0
+
+
+def _shutdown() -> None:
+    """Tear down Megatron's groups and the default process group. Left to interpreter exit,
+    the gloo groups' worker threads can be destroyed while still joinable, and the process
+    aborts ("terminate called without an active exception", exit -6) after its error line."""
+    import torch.distributed as dist
+    from megatron.core import parallel_state as ps
+
+    if ps.model_parallel_is_initialized():
+        ps.destroy_model_parallel()
+    if dist.is_initialized():
+        dist.destroy_process_group()
 
 
 if __name__ == "__main__":

@@ -153,3 +153,19 @@ def test_async_save_is_a_consistent_snapshot(tmp_path):
     resumed = train("--steps", "4", "--load", str(root / "iter_0000002"))
     for step in (3, 4):
         assert _step_line(resumed.stdout, step, 4) == _step_line(first.stdout, step, 4)
+
+
+def test_failed_start_tears_down_its_process_groups(saved, tmp_path):
+    """A checkpoint error found after the process groups exist must destroy them before exit:
+    gloo's worker threads left to interpreter shutdown can abort the process (exit -6, seen in
+    CI) after its one error line."""
+    root = _copy(saved, tmp_path)
+    (root / "iter_0000004" / "__0_0.distcp").write_bytes(b"\0" * 64)
+    probe = ("import sys, torch.distributed as dist\n"
+             "from megatron.core import parallel_state as ps\n"
+             "from megatron_memory.train import main\n"
+             "rc = main(sys.argv[1:])\n"
+             "print('rc', rc, 'dist', dist.is_initialized(), 'mp', ps.model_parallel_is_initialized())\n")
+    r = subprocess.run([sys.executable, "-c", probe, *SMALL, "--steps", "6", "--load", str(root)],
+                       cwd=ROOT, capture_output=True, text=True, timeout=600, env=ENV)
+    assert r.returncode == 0 and "rc 2 dist False mp False" in r.stdout, r.stdout + r.stderr[-3000:]

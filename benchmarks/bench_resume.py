@@ -45,6 +45,7 @@ def run_phase(phase: str, ckpt: str, out: str, flags: list[str]) -> None:
         json.dump({"losses": hist.losses, "grad_norms": hist.grad_norms,
                    "value_grad_norms": hist.value_grad_norms, "first_step": hist.first_step,
                    "seconds": trainer.checkpoint_seconds, "steps": t.steps,
+                   "rank0_read_bytes": trainer.checkpoint_bytes_read,
                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"}, open(out, "w"))
     trainer.close()
     dist.destroy_process_group()

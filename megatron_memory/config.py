@@ -298,6 +298,10 @@ class TrainConfig:
                                     "weights, the gathered optimizer state) over the DP ranks "
                                     "(megatron-core's FullyParallelSaveStrategyWrapper, as Megatron-"
                                     "LM's --ckpt-fully-parallel-save); off: DP rank 0 writes it all")
+    fully_parallel_load: bool = opt(True, "read what DP ranks need in common once, spread over the "
+                                    "DP ranks, and broadcast it (megatron-core's FullyParallelLoad"
+                                    "StrategyWrapper, as Megatron-LM's --ckpt-fully-parallel-load); "
+                                    "off: every DP rank reads all it needs from storage")
     async_save: bool = opt(False, "write checkpoints in the background (megatron-core async "
                            "strategy): training goes on while the files are written; the tracker "
                            "moves once every rank has finished")

@@ -141,6 +141,7 @@ class Trainer:
         self.cfg, self.log = cfg, log
         self.iteration = 0
         self.checkpoint_seconds: dict[str, float] = {}  # last load / save, wall seconds
+        self.checkpoint_bytes_read = 0  # tensor bytes this rank read from storage at the last load
         self.async_queue = AsyncCallsQueue() if cfg.train.async_save else None
         # Before any compute: the checkpoint to start from must be readable, --save safe to use.
         self.resume = checkpoint.peek(cfg.train.load) if cfg.train.load else None
@@ -280,7 +281,9 @@ class Trainer:
             self.train_iter.cursor = consumed // per_rank
             what = f"step {self.iteration} (model, optimizer, schedule, data position)"
         if self.rank == 0:
-            self.log(f"loaded {what} from {target} in {self.checkpoint_seconds['load']:.1f} s")
+            share = f", fully parallel over DP={self.dp}" if self.cfg.train.fully_parallel_load and self.dp > 1 else ""
+            self.log(f"loaded {what} from {target} in {self.checkpoint_seconds['load']:.1f} s "
+                     f"(rank 0 read {self.checkpoint_bytes_read / 2**30:.3f} GiB{share})")
 
     def _build_optimizer(self):
         t = self.cfg.train

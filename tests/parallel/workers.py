@@ -32,6 +32,8 @@ def train(cfg, out_file: str) -> None:
 
     trainer = Trainer(cfg, log=lambda line: None)
     hist = trainer.fit()
+    read = [None] * dist.get_world_size()  # checkpoint tensor bytes each rank read at its load
+    dist.all_gather_object(read, trainer.checkpoint_bytes_read)
     if dist.get_rank() == 0:
         # the Adam implementation each param group ended with, and whether each parameter has a
         # step tensor of its own (after a resume too)
@@ -40,7 +42,8 @@ def train(cfg, out_file: str) -> None:
         json.dump({"losses": hist.losses, "grad_norms": hist.grad_norms,
                    "value_grad_norms": hist.value_grad_norms,
                    "fused": [g["fused"] for o in adams for g in o.param_groups],
-                   "own_steps": len({id(t) for t in steps}) == len(steps)}, open(out_file, "w"))
+                   "own_steps": len({id(t) for t in steps}) == len(steps),
+                   "read_bytes": read}, open(out_file, "w"))
     values = trainer.raw_model.memory_values
     if values is not None:
         torch.save({"columns": values.columns, "weight": values.weight.detach().float().clone()},

@@ -117,6 +117,21 @@ def test_fully_parallel_save_spreads_writes_over_dp(tmp, straight):
         assert got["losses"][0] == pytest.approx(ref, rel=1e-6)
 
 
+def test_fully_parallel_load_spreads_reads_over_dp(tmp, straight):
+    """DP=2: by default each DP rank reads a share of what both need (weights, gathered
+    optimizer state) and receives the rest by broadcast; off, each reads all it needs. Both
+    continue the run bit-identically."""
+    ckpt = str(checkpoint.iteration_dir(tmp / "dp2_straight", N))
+    spread = _train(tmp, "dp2", "spread_load", steps=2 * N, load=ckpt)
+    alone = _train(tmp, "dp2", "alone_load", steps=2 * N, load=ckpt, fully_parallel_load=False)
+    for got in (spread, alone):
+        assert got["losses"] == straight["dp2"]["losses"][N:]
+    need = alone["read_bytes"]
+    assert need[0] > 0 and need[0] == need[1]
+    assert sum(spread["read_bytes"]) >= 0.99 * need[0]           # nothing a rank needs is skipped
+    assert max(spread["read_bytes"]) < 0.75 * need[0]            # and the reads are shared
+
+
 def test_dp_change_keeps_the_checkpoints_optimizer_kind(tmp, straight):
     """A DP=1 run (non-distributed optimizer) continues at DP=2 and a DP=2 run (distributed)
     at DP=1: unset, the optimizer kind follows the checkpoint, whose state format it is."""

@@ -168,7 +168,38 @@ def profile_layer(layer, x, top: int = 14):
     return rows
 
 
-def bench_width(d: int, T: int, rep_ms: int, smoke: bool, profile: bool, top: int = 14):
+def time_micro_batches(layer, values, T: int, micro: int, rep_ms: int) -> dict:
+    """ms per micro-batch of ``micro`` layer forward+backward passes on different inputs, with the
+    table gradient added per lookup or folded once at the end (train.defer_table_grad)."""
+    d = layer.config.hidden_size
+    xs = [torch.randn(T, 1, d, device=device(), dtype=torch.bfloat16).requires_grad_()
+          for _ in range(micro)]
+    g = torch.randn(T, 1, d, device=device(), dtype=torch.bfloat16)
+    p = values.weight
+
+    def step():
+        for x in xs:
+            torch.autograd.backward(layer(x)[0], g)
+        if getattr(p, "memory_deferred_grad", None) is not None:
+            p.memory_deferred_grad.fold(p)
+
+    res = {}
+    for name, deferred in ((f"Memory+ layer, {micro} micro-batches: per-lookup main_grad", None),
+                           (f"Memory+ layer, {micro} micro-batches: deferred fold",
+                            kernels.DeferredTableGrad())):
+        p.memory_deferred_grad = deferred
+        try:
+            res[name] = bench_ms(step, rep_ms, grad_to_none=xs) / micro
+        except torch.OutOfMemoryError:
+            res[name] = None
+            print(f"  {name}: OOM", flush=True)
+        p.memory_deferred_grad = None
+        free_memory()
+    return res
+
+
+def bench_width(d: int, T: int, rep_ms: int, smoke: bool, profile: bool, top: int = 14,
+                micro: int = 8):
     torch.manual_seed(0)
     layer, values = build(d, smoke)
     x = torch.randn(T, d, device=device(), dtype=torch.bfloat16).requires_grad_()
@@ -182,6 +213,8 @@ def bench_width(d: int, T: int, rep_ms: int, smoke: bool, profile: bool, top: in
     old = time_parts(layer, values, x, rep_ms)
     kernels.SEARCH_BACKEND = "bf16"
     new = time_parts(layer, values, x, rep_ms)
+    if micro > 1:
+        new.update(time_micro_batches(layer, values, T, micro, rep_ms))
     prec = search_precision(layer, x, rep_ms) if not smoke else []
     prof = profile_layer(layer, x, top) if profile and not smoke else []
     del layer, values, x
@@ -192,8 +225,8 @@ def bench_width(d: int, T: int, rep_ms: int, smoke: bool, profile: bool, top: in
 
     rows = [[d, "dense SwiGLU FFN", "-", f"{t_ffn:.3f}", "-", "1.00"]]
     for name in new:
-        r, t = old[name], new[name]
-        rows.append([d, name, fmt(r), fmt(t), f"{r / t:.2f}x" if r and t else "n/a",
+        r, t = old.get(name), new[name]
+        rows.append([d, name, fmt(r) if name in old else "-", fmt(t), f"{r / t:.2f}x" if r and t else "n/a",
                      f"{t / t_ffn:.2f}" if t else "n/a"])
     for r in rows:
         print("  " + " | ".join(str(c) for c in r), flush=True)
@@ -208,7 +241,12 @@ def main() -> int:
     ap.add_argument("--profile", action="store_true", help="kernel-time breakdown of the layer")
     ap.add_argument("--widths", type=int, nargs="+", default=[2048, 4096])
     ap.add_argument("--top", type=int, default=14, help="kernels listed by --profile")
+    ap.add_argument("--micro-batches", type=int, default=8,
+                    help="also time this many passes per step, table gradient per lookup vs "
+                         "deferred (ms per micro-batch, bf16 search; 1: skip)")
     args = ap.parse_args()
+    if args.micro_batches < 1:
+        ap.error(f"--micro-batches must be >= 1, got {args.micro_batches}")
     if args.smoke:
         from tests.kernels.test_embedding_bag import install_interpreter_shim
 
@@ -218,7 +256,8 @@ def main() -> int:
     widths, T = ((64,), 32) if args.smoke else (tuple(args.widths), 8192)
     rows, prec, prof = [], [], []
     for d in widths:
-        r, p, f = bench_width(d, T, args.rep_ms, args.smoke, args.profile, args.top)
+        r, p, f = bench_width(d, T, args.rep_ms, args.smoke, args.profile, args.top,
+                              2 if args.smoke else args.micro_batches)
         rows += r
         prec += p
         prof += f
@@ -227,7 +266,9 @@ def main() -> int:
     text += ("\nms of forward+backward, Triton lookup with the table grad into fp32 main_grad; "
              "'fp32 search' = the torch fp32 search (the previous default), 'bf16 search' = bf16 "
              "tensor-core scores with fp32 re-scoring (the default now). Last column: bf16-search "
-             "time / dense FFN time.\n\n")
+             "time / dense FFN time. 'micro-batches' rows: ms per micro-batch of that many "
+             "passes on different inputs, the table gradient added per lookup or folded once "
+             "(--defer-table-grad).\n\n")
     text += md_table(["d", "part", "fp32 search ms", "bf16 search ms", "speed-up", "bf16/FFN"], rows)
     if prec:
         text += "\nSearch alone (fp32 QK-normed inputs; sets compared with the fp32 reference):\n\n"

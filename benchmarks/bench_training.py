@@ -7,9 +7,9 @@
 Each --run is NAME:TRAIN FLAGS for ``python -m megatron_memory.train``; common flags (--steps,
 --global-batch-size, ...) go after ``--common``. For each run it prints steady tokens/s (steps
 after the third), MFU, peak memory per pipeline stage next to the memory calculator's
-prediction, and first/last loss; pairs NAME-memory / NAME-dense get a throughput ratio. The
-table goes to stdout, to $OUT/bench_training.md when OUT is set, and to benchmarks/RESULTS.md
-with --append.
+prediction, and first/last loss; NAME-memory[-SUFFIX] runs get their throughput ratio to
+NAME-dense. The table goes to stdout, to $OUT/bench_training.md when OUT is set, and to
+benchmarks/RESULTS.md with --append.
 """
 from __future__ import annotations
 
@@ -118,7 +118,7 @@ def main() -> int:
     for spec in a.run:
         name, flags = spec.split(":", 1)
         r = results[name]
-        dense = results.get(name.replace("memory", "dense")) if "memory" in name else None
+        dense = results.get(name.split("memory")[0] + "dense") if "memory" in name else None
         ratio = (f"{r['tok_s'] / dense['tok_s']:.1%}" if dense and dense.get("tok_s") and r.get("tok_s")
                  else "-")
         peak = ", ".join(f"{s}: {g} ({c})" for s, g, c in r["peak"]) or "-"

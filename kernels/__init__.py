@@ -21,6 +21,7 @@ try:  # Triton is optional: without it every op runs the reference.
     from megatron_memory.kernels import triton_embedding_bag as _triton_bag
     from megatron_memory.kernels import bf16_search as _bf16_search
     from megatron_memory.kernels import triton_product_key as _triton_search
+    from megatron_memory.kernels.triton_embedding_bag import DeferredTableGrad
 
     HAVE_TRITON = True
 except ImportError:

@@ -344,8 +344,9 @@ class _EmbeddingBag(torch.autograd.Function):
     """forward(values [N, d], indices [T, bag], weights [T, bag], deterministic) -> [T, d].
 
     backward: weight grads are returned; the table gradient of a trainable Parameter goes into
-    its main_grad/.grad (None is returned for it), then ``memory_grad_ready_hook()`` runs if set.
-    Any other table that needs a gradient gets a normal dense one.
+    its main_grad/.grad (None is returned for it), then ``memory_grad_ready_hook()`` runs if set;
+    if the Parameter carries a ``memory_deferred_grad`` (DeferredTableGrad), its gradient is only
+    recorded there, for the caller's ``fold()``. Any other table gets a normal dense gradient.
     """
 
     @staticmethod
@@ -363,7 +364,12 @@ class _EmbeddingBag(torch.autograd.Function):
         grad_out = grad_out if grad_out.stride(-1) == 1 else grad_out.contiguous()
         param = ctx.param
         grad_v = grad_w = None
-        if need_v:
+        deferred = getattr(param, "memory_deferred_grad", None) if need_v else None
+        if deferred is not None and _owns_grad(param):  # table gradient later, in one pass
+            deferred.add(grad_out, indices, weights)
+            dots = launch_token_backward(grad_out, values, indices, weights, None, True) \
+                if need_w else None
+        elif need_v:
             owned = _owns_grad(param)
             if owned:
                 buf = _grad_buffer(param)
@@ -384,6 +390,46 @@ class _EmbeddingBag(torch.autograd.Function):
         if need_w:
             grad_w = dots.to(weights.dtype)
         return grad_v, None, grad_w, None
+
+
+class DeferredTableGrad:
+    """The table gradient of many lookups, added to the gradient buffer in one sorted pass.
+
+    Why: every lookup's backward read-modify-writes the fp32 ``main_grad`` rows it touched
+    (16 KB read + 16 KB written per row at d = 4096); with M micro-batches x L memory layers per
+    step sharing one table, the rows touched overlap heavily, so one pass over all of them at
+    the end of the step moves far fewer bytes. Cost: each lookup's output gradient [T, d] (and
+    its indices and weights) stays alive until ``fold()``, plus one concatenated copy during it;
+    the weight gradients are computed at once (token kernel), which reads the gathered rows.
+    ``fold()`` is deterministic, but sums in another order than per-lookup passes (fp32
+    rounding differs in the last bits).
+    """
+
+    def __init__(self):
+        self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+
+    @property
+    def pending(self) -> bool:
+        return bool(self.parts)
+
+    def add(self, grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
+        """Record one lookup's grad_out [T, d], indices and weights [T, bag]."""
+        self.parts.append((grad_out, indices, weights))
+
+    def fold(self, values: torch.nn.Parameter) -> bool:
+        """buf[r] += sum over every recorded (t, b) with idx = r of w * grad_out[t], into the
+        table's main_grad/.grad; True if anything was pending."""
+        if not self.parts:
+            return False
+        grads, idx, w = zip(*self.parts)
+        self.parts = []
+        bag = max(i.shape[1] for i in idx)
+        if any(i.shape[1] != bag for i in idx):
+            raise ValueError(f"DeferredTableGrad: lookups of bag sizes {sorted({i.shape[1] for i in idx})} "
+                             "cannot be folded together")
+        launch_segment_backward(torch.cat(grads), values, torch.cat([i.to(idx[0].dtype) for i in idx]),
+                                torch.cat([x.to(w[0].dtype) for x in w]), _grad_buffer(values), False)
+        return True
 
 
 # --------------------------------------------------------------------------------------------

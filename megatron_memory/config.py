@@ -255,6 +255,11 @@ class TrainConfig:
     overlap_comm: Optional[bool] = opt(None, "overlap the data-parallel gradient reduction with "
                                        "backward (and, with the distributed optimizer, the "
                                        "parameter all-gather with forward); default: on with CUDA")
+    defer_table_grad: bool = opt(False, "add the value table's gradient once per step, in one "
+                                 "sorted pass over every lookup of the step (all micro-batches and "
+                                 "memory layers), instead of one fp32 main_grad read-modify-write "
+                                 "pass per lookup; costs keeping each lookup's output gradient "
+                                 "until the step's gradient reduction (Triton lookups on CUDA)")
     ddp_bucket_size: Optional[int] = opt(None, "parameters per data-parallel communication bucket "
                                          "(Megatron-LM's --ddp-bucket-size); default megatron-core's "
                                          "max(40M, 1M x DP)")

@@ -18,6 +18,11 @@ mixed-precision optimizer over torch's fused AdamW, local GPT spec, fused Triton
   of activations on a stage; the last stage adds the logits (e + 4 fp32 bytes per vocab entry
   and token).
 
+  Deferred table gradient (``train.defer_table_grad``, bf16/CUDA only): every lookup of a step
+  keeps its output gradient [T, v/t] (e bytes) and indices/weights (12 B per token and bag
+  entry) until the fold, which concatenates them (a second copy). Counted as
+  max(activations + stash, 2 x stash), with stash = M x (memory layers) x T*(e*v/t + 12*bag).
+
   Checkpoint save (``save_peak``): with the distributed optimizer, megatron-core's
   fully-reshardable save all-gathers the data-parallel group's optimizer state onto every rank
   (NCCL, its default), so a rank briefly holds DP x its shard. The blocks freed by the
@@ -47,10 +52,12 @@ class StageMemory:
     optimizer: float
     activations: float
     save_extra: float = 0.0    # what a checkpoint save adds (module docstring)
+    deferred: float = 0.0      # the deferred table gradient's stash (module docstring)
 
     @property
     def total(self) -> float:
-        return self.weights + self.grads + self.optimizer + self.activations
+        return (self.weights + self.grads + self.optimizer
+                + max(self.activations + self.deferred, 2 * self.deferred))
 
     @property
     def save_peak(self) -> float:
@@ -127,9 +134,13 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True
         if stage == pp - 1:
             acts += t.micro_batch_size * cfg.model.seq_length * vocab_size / tp * (e + 4)
         optimizer = params * b_o / opt_div
+        tokens = t.micro_batch_size * cfg.model.seq_length
+        deferred = (micro * len(mem.intersection(layers)) * tokens
+                    * (e * v / tp + 12 * cfg.memory.bag_size) if t.defer_table_grad and bf16 else 0.0)
         out.append(StageMemory(stage, layers, sorted(mem.intersection(layers)), sharded + replicated,
                                table, params * b_w, params * b_g, optimizer, acts,
-                               save_extra=optimizer * (dp - 1) if dist_opt else 0.0))
+                               save_extra=optimizer * (dp - 1) if dist_opt else 0.0,
+                               deferred=deferred))
     return out
 
 

@@ -70,6 +70,18 @@ class MemoryDDP(DistributedDataParallel):
     bucket is complete. A returned gradient (CPU reference lookup) takes Megatron's own path.
     """
 
+    def __init__(self, config, ddp_config, module, *args, defer_table_grad: bool = False, **kwargs):
+        super().__init__(config, ddp_config, module, *args, **kwargs)
+        # With defer_table_grad the Triton lookups only record their table gradient
+        # (kernels.DeferredTableGrad); it is added to main_grad in one pass per step, right
+        # before the table's gradient reduction starts (start_grad_sync / finish_grad_sync).
+        self.deferred_tables = []
+        if defer_table_grad and kernels.HAVE_TRITON:  # else the lookups return their gradient
+            for p in self.module.parameters():
+                if getattr(p, "is_memory_value", False) and p.requires_grad:
+                    p.memory_deferred_grad = kernels.DeferredTableGrad()
+                    self.deferred_tables.append(p)
+
     def _make_backward_post_hook(self, param: torch.nn.Parameter):
         ddp_hook = super()._make_backward_post_hook(param)
         if not getattr(param, "is_memory_value", False):
@@ -78,10 +90,33 @@ class MemoryDDP(DistributedDataParallel):
         def hook(*unused):
             if param.grad is not None:  # a returned gradient: Megatron's path adds and clears it
                 return ddp_hook(*unused)
+            if getattr(param, "memory_deferred_grad", None) is not None:  # not complete yet: fold_deferred_grads registers it
+                return
             if self.ddp_config.overlap_grad_reduce and param in self.param_to_bucket_group:
                 self.param_to_bucket_group[param].register_grad_ready(param, self.force_all_reduce)
 
         return hook
+
+    def fold_deferred_grads(self, register: bool) -> None:
+        """Add every recorded table gradient to main_grad; with ``register`` (and overlapped
+        reduction) mark the table ready, which starts its bucket's reduction."""
+        for p in self.deferred_tables:
+            if p.memory_deferred_grad.fold(p) and register and self.ddp_config.overlap_grad_reduce \
+                    and p in self.param_to_bucket_group:
+                self.param_to_bucket_group[p].register_grad_ready(p, self.force_all_reduce)
+
+    def start_grad_sync(self, *unused):
+        self.fold_deferred_grads(register=False)  # every bucket starts here anyway
+        super().start_grad_sync(*unused)
+
+    def finish_grad_sync(self, *args, **kwargs):
+        self.fold_deferred_grads(register=True)
+        super().finish_grad_sync(*args, **kwargs)
+
+    def zero_grad_buffer(self):
+        for p in self.deferred_tables:  # a step that never reached its reduction leaves nothing
+            p.memory_deferred_grad.parts.clear()
+        super().zero_grad_buffer()
 
 
 def tp_world_size() -> int:

@@ -113,6 +113,7 @@ def _shutdown() -> None:
     """Tear down Megatron's groups and the default process group. Left to interpreter exit,
     the gloo groups' worker threads can be destroyed while still joinable, and the process
     aborts ("terminate called without an active exception", exit -6) after its error line."""
+    # Lazy, as in main(): --help and --print-config never load torch or Megatron.
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 

@@ -168,6 +168,64 @@ def test_interpreter_embedding_bag():
         == len(INTERPRETER_CASES)
 
 
+def check_deferred(device, N, d, T, bag, lookups, dtype=torch.float32, seed=0):
+    """``lookups`` lookups into one table with main_grad: per-lookup passes vs one deferred fold
+    (DeferredTableGrad) vs the fp64 reference. Weight grads come back at once either way; the
+    deferred table gradient touches main_grad only in fold(), without the ready hook."""
+    gen = torch.Generator().manual_seed(seed)
+    V = torch.randn(N, d, generator=gen, dtype=torch.float64).to(dtype)
+    cases = [(make_indices(N, T, bag, "dup" if n % 2 else "random", gen),
+              torch.rand(T, bag, generator=gen, dtype=torch.float64),
+              torch.randn(T, d, generator=gen, dtype=torch.float64)) for n in range(lookups)]
+    ref = torch.zeros(N, d, dtype=torch.float64)
+    for idx, w, g in cases:
+        ref.index_add_(0, idx.flatten(), (w[..., None] * g[:, None, :]).reshape(-1, d))
+    pre = torch.randn(N, d, generator=gen, dtype=torch.float64) * ref.std().item()
+    results = {}
+    for mode in ("immediate", "deferred"):
+        table = torch.nn.Parameter(V.to(device, copy=True))
+        table.main_grad = pre.float().to(device)
+        calls = []
+        table.memory_grad_ready_hook = lambda: calls.append(1)  # noqa: B023
+        if mode == "deferred":
+            table.memory_deferred_grad = eb.DeferredTableGrad()
+        wgrads = []
+        for idx, w, g in cases:
+            wt = w.float().to(device).requires_grad_()
+            eb.triton_embedding_bag(table, idx.to(device), wt).backward(g.to(dtype).to(device))
+            wgrads.append(wt.grad)
+        if mode == "deferred":
+            assert torch.equal(table.main_grad.cpu(), pre.float()) and calls == []
+            assert table.memory_deferred_grad.fold(table) and not table.memory_deferred_grad.fold(table)
+        else:
+            assert len(calls) == lookups
+        assert table.grad is None
+        got = table.main_grad.cpu().double() - pre.float().double()
+        assert rel_err(got, ref) <= TOL[dtype], (mode, rel_err(got, ref))
+        results[mode] = (table.main_grad.cpu(), torch.stack(wgrads).cpu())
+    unused = torch.ones(N, dtype=torch.bool)
+    unused[torch.cat([idx.flatten() for idx, _, _ in cases])] = False
+    assert torch.equal(results["deferred"][0][unused], pre.float()[unused])
+    assert rel_err(results["deferred"][0], results["immediate"][0]) <= 1e-6
+    assert rel_err(results["deferred"][1], results["immediate"][1]) <= 1e-6
+    mixed = eb.DeferredTableGrad()
+    mixed.add(torch.zeros(1, d), torch.zeros(1, bag, dtype=torch.int64), torch.zeros(1, bag))
+    mixed.add(torch.zeros(1, d), torch.zeros(1, bag + 1, dtype=torch.int64), torch.zeros(1, bag + 1))
+    with pytest.raises(ValueError, match="bag sizes"):
+        mixed.fold(table)
+
+
+def interpreter_deferred_cases():
+    eb.SEGMENT_CHUNK = 3  # split runs across lookups too
+    check_deferred("cpu", N=53, d=7, T=6, bag=5, lookups=4)
+    check_deferred("cpu", N=9, d=300, T=3, bag=4, lookups=3)
+    return 2
+
+
+def test_interpreter_deferred_table_grad():
+    assert run_interpreted("tests.kernels.test_embedding_bag", "interpreter_deferred_cases") == 2
+
+
 # ------------------------------------------------------------------------------------------
 # CPU: ahead-of-time compilation for sm_90 (Triton's bundled LLVM and ptxas; no GPU needed)
 # ------------------------------------------------------------------------------------------
@@ -316,6 +374,12 @@ def test_gpu_split_hot_rows(monkeypatch, nan_empty):
     monkeypatch.setattr(eb, "SEGMENT_CHUNK", 7)  # many split runs and folds
     for pattern in ("hot", "dup", "random"):
         check_case("cuda", N=50, d=300, T=128, bag=32, pattern=pattern, target="main_grad", seed=5)
+
+
+@requires_cuda
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
+def test_gpu_deferred_table_grad(dtype, nan_empty):
+    check_deferred("cuda", N=5000, d=1000, T=300, bag=128, lookups=6, dtype=dtype, seed=9)
 
 
 @requires_cuda

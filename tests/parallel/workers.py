@@ -51,6 +51,29 @@ def train(cfg, out_file: str) -> None:
     trainer.close()
 
 
+def train_triton_lookup(cfg, out_file: str) -> None:
+    """``train`` with the Triton EmbeddingBag on CPU under Triton's interpreter (the caller sets
+    TRITON_INTERPRET=1 for the ranks): the table gradient goes into Megatron DDP's main_grad by
+    the kernels, per lookup or deferred (train.defer_table_grad). Rank 0 adds the number of
+    deferred folds that found work to the JSON."""
+    from tests.kernels.test_embedding_bag import install_interpreter_shim
+
+    install_interpreter_shim()
+    from megatron_memory import kernels
+    from megatron_memory.kernels import triton_embedding_bag as eb
+
+    kernels.embedding_bag = eb.triton_embedding_bag
+    folds = []
+    real_fold = eb.DeferredTableGrad.fold
+    eb.DeferredTableGrad.fold = lambda self, p: real_fold(self, p) and (folds.append(1) or True)
+    train(cfg, out_file)
+    import torch.distributed as dist
+
+    if dist.get_rank() == 0:
+        result = json.load(open(out_file))
+        json.dump({**result, "folds": len(folds)}, open(out_file, "w"))
+
+
 def save_init(cfg, directory: str) -> None:
     """Save the freshly initialised model: a common start for layouts whose init differs
     (Megatron draws dense weights stage by stage, so a PP=2 init differs from PP=1)."""

@@ -124,3 +124,22 @@ def test_save_peak_counts_the_gathered_optimizer_state(capsys):
                  "--micro-batch-size", "4", "--global-batch-size", "64", "--tp", "2",
                  "--sequence-parallel"]) == 0
     assert capsys.readouterr().out.rstrip().endswith("OVER AT SAVE")  # trains in 80, saves not
+
+
+def test_deferred_table_grad_counts_its_stash():
+    """--defer-table-grad keeps every lookup's output gradient, indices and weights of the step
+    until the fold (plus the fold's concatenated copy): on the stages with memory layers only."""
+    args = ["--preset", "8b-memory", "--micro-batch-size", "4", "--global-batch-size", "64",
+            "--tp", "2", "--pp", "2", "--sequence-parallel"]
+    base = estimate(config_from_args(args)[0], 4, 32000)
+    cfg = config_from_args(args + ["--defer-table-grad"])[0]
+    deferred = estimate(cfg, 4, 32000)
+    micro, tokens = 64 // 4, 4 * 2048           # DP = 1: 16 micro-batches of 8192 tokens
+    v, bag = cfg.memory.value_dim(cfg.model.hidden_size), cfg.memory.bag_size
+    for before, after in zip(base, deferred):
+        stash = micro * len(after.memory_layers) * tokens * (2 * v / 2 + 12 * bag)
+        assert after.deferred == stash
+        assert after.total == before.total - before.activations + max(before.activations + stash,
+                                                                       2 * stash)
+    assert any(s.memory_layers for s in deferred) and deferred[0].deferred > GIB  # 1.4 GiB here
+    assert estimate(cfg, 4, 32000, bf16=False)[0].deferred == 0   # CPU: the reference lookup

@@ -24,6 +24,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import torch  # noqa: E402
+from provenance import revision  # noqa: E402 (benchmarks/ is on sys.path)
 
 from megatron_memory.configs.presets import get_preset  # noqa: E402
 from megatron_memory.hf_format import hf_config, write_hf_folder  # noqa: E402
@@ -102,10 +103,8 @@ def main() -> None:
         seen += 1
     assert seen == len(names)
     shutil.rmtree(work)
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip()
     text = (f"\n## Conversion tool at {a.preset} size (CPU, this machine)\n\n"
-            f"{datetime.datetime.now():%Y-%m-%d %H:%M}; git {sha}; 2-core CPU, 24 GiB; "
+            f"{datetime.datetime.now():%Y-%m-%d %H:%M}; {revision()}; 2-core CPU, 24 GiB; "
             f"`python benchmarks/bench_convert.py --preset {a.preset}`. Synthetic bf16 weights of the "
             f"preset's exact shapes ({len(names)} tensors, {gib:.1f} GiB, largest {largest:.1f} GiB: "
             f"the value table), written in {synth:.0f} s; the round trip is bit-exact.\n\n"

@@ -15,7 +15,6 @@ import argparse
 import datetime
 import os
 import statistics
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -27,6 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_memory.kernels import triton_embedding_bag as eb
+from provenance import revision  # noqa: E402 (benchmarks/ is on sys.path: scripts run from it)
 
 RESULTS = ROOT / "benchmarks" / "RESULTS.md"
 N_SETS = 3  # index sets rotated between calls so L2 never holds the previous call's rows
@@ -58,13 +58,8 @@ def bench_ms(fn, rep_ms: int = 100, grad_to_none=None) -> float:
 def env_header(title: str) -> str:
     import triton
 
-    try:
-        sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                             text=True, timeout=10).stdout.strip() or "unknown"
-    except (OSError, subprocess.SubprocessError):
-        sha = "unknown"
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU (smoke)"
-    return (f"## {title}\n\n{gpu}; {datetime.datetime.now():%Y-%m-%d %H:%M}; git {sha}; "
+    return (f"## {title}\n\n{gpu}; {datetime.datetime.now():%Y-%m-%d %H:%M}; {revision()}; "
             f"torch {torch.__version__}; triton {triton.__version__}\n")
 
 

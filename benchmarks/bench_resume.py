@@ -18,9 +18,10 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
-import subprocess
 import sys
 from pathlib import Path
+
+from provenance import revision  # benchmarks/ is on sys.path: the script runs from it
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -55,12 +56,10 @@ def report(straight: str, first: str, resumed: str, ckpt_gib: float, title: str)
     s, f, r = (json.load(open(p)) for p in (straight, first, resumed))
     n = len(f["losses"])
     same = {key: s[key][n:] == r[key] for key in ("losses", "grad_norms", "value_grad_norms")}
-    sha = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                         text=True).stdout.strip()
     rows = "\n".join(f"| {n + i + 1} | {s['losses'][n + i]:.6f} | {r['losses'][i]:.6f} | "
                      f"{s['grad_norms'][n + i]:.6f} | {r['grad_norms'][i]:.6f} |"
                      for i in range(len(r["losses"])))
-    return (f"\n## {title}\n\n{s['device']} x2; {datetime.date.today()}; git {sha}; "
+    return (f"\n## {title}\n\n{s['device']} x2; {datetime.date.today()}; {revision()}; "
             f"`bash benchmarks/device_resume.sh`.\n\n"
             f"Steps 1-{n} then save and exit; resume to step {s['steps']}. Bit-identical after "
             f"resume: losses {same['losses']}, grad norms {same['grad_norms']}, value grad norms "

@@ -14,14 +14,13 @@ from __future__ import annotations
 import argparse
 import datetime
 import os
-import subprocess
 import sys
-from pathlib import Path
-
 import time
+from pathlib import Path
 
 import torch
 import torch.distributed as dist
+from provenance import revision  # benchmarks/ is on sys.path: the script runs from it
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -131,10 +130,8 @@ def main() -> int:
     comm = bench(comm_only(a.tokens, 128, a.dim, 2))
     if rank == 0:
         name = torch.cuda.get_device_name() if CUDA else "CPU (smoke test)"
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT,
-                                capture_output=True, text=True).stdout.strip() or "unknown"
         table = "\n".join([
-            f"### Memory+ layer, TP=1 vs TP=2 — {name} x2, {datetime.date.today()}, commit {commit}",
+            f"### Memory+ layer, TP=1 vs TP=2 — {name} x2, {datetime.date.today()}, {revision()}",
             "",
             f"d={a.dim}, N={a.n_keys**2}, heads 4 x k 32, bf16, {a.tokens} tokens per rank, "
             "fwd+bwd with fp32 main_grad accumulation (median of 10)",

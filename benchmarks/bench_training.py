@@ -24,6 +24,8 @@ import sys
 import time
 from pathlib import Path
 
+from provenance import revision  # benchmarks/ is on sys.path: the script runs from it
+
 ROOT = Path(__file__).resolve().parents[1]
 
 
@@ -109,9 +111,7 @@ def main() -> int:
     import torch
 
     gpu = torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"
-    commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                            text=True).stdout.strip() or "unknown"
-    lines = [f"### {a.title} — {gpu} x{a.gpus}, {datetime.date.today()}, commit {commit}", "",
+    lines = [f"### {a.title} — {gpu} x{a.gpus}, {datetime.date.today()}, {revision()}", "",
              f"launcher {a.launcher}; common flags `{a.common}`", "",
              "| run | flags | tok/s | vs dense | MFU | peak GiB per stage (calculator) | loss first -> last |",
              "|---|---|---|---|---|---|---|"]

@@ -4,6 +4,7 @@
 #   bash benchmarks/device_longrun.sh 1     # train both from step 0; checkpoints in /tmp/longrun
 #   bash benchmarks/device_longrun.sh 2     # resume both to the end, export, fact recall, summary
 # Needs build/longrun-data (bash benchmarks/longrun_data.sh) and .whl carried; writes to $OUT.
+# LONGRUN_DATA=build/longrun-data-debian: the larger corpus (LONGRUN_DEBIAN=1 longrun_data.sh).
 # The ~11 GB Memory+ checkpoint cannot come back through $OUT nor be carried: phase 2 must run on
 # the machine phase 1 left warm (without /tmp/longrun it says so and starts over).
 # LONGRUN_TINY=1: tiny models on CPU with this checkout's Python ($PYTHON), a pipeline check.
@@ -17,7 +18,7 @@ if [ "${LONGRUN_TINY:-0}" != 1 ]; then
   df -h /tmp | tail -1
 fi
 export PYTHONUNBUFFERED=1
-${PYTHON:-python3} benchmarks/longrun.py --phase "$PHASE" --out "$OUT"
+${PYTHON:-python3} benchmarks/longrun.py --phase "$PHASE" --out "$OUT" ${LONGRUN_DATA:+--data "$LONGRUN_DATA"}
 rc=$?
 [ "${LONGRUN_TINY:-0}" != 1 ] && { du -sh /tmp/longrun/ckpt/* 2>/dev/null; df -h /tmp | tail -1; }
 exit $rc

@@ -13,15 +13,22 @@
 # to reach capacity), few enough that neither model has saturated, so a memory advantage can
 # show. More entities would dilute the exposures; fewer would make the facts a small share of
 # the tokens. The text is repeated ~10 times too: compare validation loss, not only training loss.
+# LONGRUN_DEBIAN=1: the text also takes the Debian documentation packages of build_text_corpus
+# --debian (Linux, Python, Perl, PostgreSQL manuals), into build/longrun-data-debian: a corpus
+# about 3x larger, which a 78.6M-token run repeats ~3 times instead of ~10 (carry that folder
+# and pass LONGRUN_DATA=build/longrun-data-debian to device_longrun.sh). Measured on CPU: 18.16M
+# text tokens (7,849 documents) + the facts. LONGRUN_PER_FACT (default 4) sets how often each fact
+# is stated: with ~3.6 passes instead of ~10, 4 statements give ~15 exposures per fact, not ~39.
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-.venv/bin/python}
-SRC=${LONGRUN_SRC:-build/longrun-src}
-OUT=${LONGRUN_DATA:-build/longrun-data}
+if [ "${LONGRUN_DEBIAN:-0}" = 1 ]; then SUFFIX=-debian; EXTRA=--debian; else SUFFIX=; EXTRA=; fi
+SRC=${LONGRUN_SRC:-build/longrun-src$SUFFIX}
+OUT=${LONGRUN_DATA:-build/longrun-data$SUFFIX}
 if [ -e "$OUT/train_document.bin" ]; then echo "error: $OUT already holds the data" >&2; exit 2; fi
-[ -e "$SRC/text/text_document.bin" ] || $PY -m megatron_memory.tools.build_text_corpus --out "$SRC/text"
+[ -e "$SRC/text/text_document.bin" ] || $PY -m megatron_memory.tools.build_text_corpus --out "$SRC/text" $EXTRA
 rm -rf "$SRC/facts"
-$PY -m megatron_memory.tools.fact_recall generate --out "$SRC/facts" --entities 10000 --per-fact 4 \
+$PY -m megatron_memory.tools.fact_recall generate --out "$SRC/facts" --entities 10000 --per-fact "${LONGRUN_PER_FACT:-4}" \
   --qa-share 0.5 --mix-with "$SRC/text/text.jsonl" --seed 0
 mkdir -p "$OUT"
 $PY -m megatron_memory.tools.preprocess_data --input "$SRC/facts/facts.jsonl" \

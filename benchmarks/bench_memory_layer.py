@@ -226,8 +226,8 @@ def bench_width(d: int, T: int, rep_ms: int, smoke: bool, profile: bool, top: in
     rows = [[d, "dense SwiGLU FFN", "-", f"{t_ffn:.3f}", "-", "1.00"]]
     for name in new:
         r, t = old.get(name), new[name]
-        rows.append([d, name, fmt(r) if name in old else "-", fmt(t), f"{r / t:.2f}x" if r and t else "n/a",
-                     f"{t / t_ffn:.2f}" if t else "n/a"])
+        rows.append([d, name, fmt(r) if name in old else "-", fmt(t),
+                     f"{r / t:.2f}x" if r and t else "n/a", f"{t / t_ffn:.2f}" if t else "n/a"])
     for r in rows:
         print("  " + " | ".join(str(c) for c in r), flush=True)
     return rows, [[d] + r for r in prec], [[d] + r for r in prof]

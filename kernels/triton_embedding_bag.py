@@ -408,10 +408,6 @@ class DeferredTableGrad:
     def __init__(self):
         self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
 
-    @property
-    def pending(self) -> bool:
-        return bool(self.parts)
-
     def add(self, grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
         """Record one lookup's grad_out [T, d], indices and weights [T, bag]."""
         self.parts.append((grad_out, indices, weights))
@@ -423,12 +419,14 @@ class DeferredTableGrad:
             return False
         grads, idx, w = zip(*self.parts)
         self.parts = []
-        bag = max(i.shape[1] for i in idx)
-        if any(i.shape[1] != bag for i in idx):
-            raise ValueError(f"DeferredTableGrad: lookups of bag sizes {sorted({i.shape[1] for i in idx})} "
-                             "cannot be folded together")
-        launch_segment_backward(torch.cat(grads), values, torch.cat([i.to(idx[0].dtype) for i in idx]),
-                                torch.cat([x.to(w[0].dtype) for x in w]), _grad_buffer(values), False)
+        bags = sorted({i.shape[1] for i in idx})
+        if len(bags) > 1:
+            raise ValueError(f"DeferredTableGrad: lookups of bag sizes {bags} cannot be folded "
+                             "together")
+        indices = torch.cat([i.to(idx[0].dtype) for i in idx])
+        weights = torch.cat([x.to(w[0].dtype) for x in w])
+        launch_segment_backward(torch.cat(grads), values, indices, weights, _grad_buffer(values),
+                                False)
         return True
 
 

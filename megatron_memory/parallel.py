@@ -90,8 +90,8 @@ class MemoryDDP(DistributedDataParallel):
         def hook(*unused):
             if param.grad is not None:  # a returned gradient: Megatron's path adds and clears it
                 return ddp_hook(*unused)
-            if getattr(param, "memory_deferred_grad", None) is not None:  # not complete yet: fold_deferred_grads registers it
-                return
+            if getattr(param, "memory_deferred_grad", None) is not None:
+                return  # not complete yet: fold_deferred_grads marks it ready
             if self.ddp_config.overlap_grad_reduce and param in self.param_to_bucket_group:
                 self.param_to_bucket_group[param].register_grad_ready(param, self.force_all_reduce)
 

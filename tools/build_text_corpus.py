@@ -53,10 +53,6 @@ class Source:
     sha256: str
     doc_dirs: tuple[str, ...]  # folders (relative to the archive's top folder) holding the prose
 
-    @property
-    def filename(self) -> str:
-        return f"{self.name}-{self.version}.tar.gz"
-
     def fetch(self, cache: Path) -> Path:
         return download(self, cache)
 
@@ -176,11 +172,16 @@ def download(src: Source, cache: Path) -> Path:
         if proc.returncode or found is None:
             raise RuntimeError(f"pip download of {src.name}=={src.version} failed: "
                                f"{(proc.stderr or proc.stdout).strip()[-500:]}")
-    digest = sha256(found)
-    if digest != src.sha256:
-        raise RuntimeError(f"{found}: SHA-256 {digest} is not the pinned {src.sha256}; "
+    return _pinned(found, src.sha256)
+
+
+def _pinned(path: Path, pin: str) -> Path:
+    """``path``, if its SHA-256 is ``pin``; else one error naming both."""
+    digest = sha256(path)
+    if digest != pin:
+        raise RuntimeError(f"{path}: SHA-256 {digest} is not the pinned {pin}; "
                            "the corpus would not be reproducible")
-    return found
+    return path
 
 
 def _find_sdist(src: Source, cache: Path) -> Optional[Path]:
@@ -204,11 +205,7 @@ def download_deb(src: DebSource, cache: Path) -> Path:
             raise RuntimeError(f"download of {url} failed: {err} (Debian's pool drops a version "
                                "some time after it is superseded: pin the current one)") from err
         os.replace(part, path)
-    digest = sha256(path)
-    if digest != src.sha256:
-        raise RuntimeError(f"{path}: SHA-256 {digest} is not the pinned {src.sha256}; "
-                           "the corpus would not be reproducible")
-    return path
+    return _pinned(path, src.sha256)
 
 
 def deb_data(deb: Path) -> tarfile.TarFile:
@@ -219,7 +216,10 @@ def deb_data(deb: Path) -> tarfile.TarFile:
     pos = 8
     while pos + 60 <= len(raw):
         name = raw[pos:pos + 16].decode("ascii", "replace").strip().rstrip("/")
-        size = int(raw[pos + 48:pos + 58].decode("ascii").strip())
+        field = raw[pos + 48:pos + 58].decode("ascii", "replace").strip()
+        if not field.isdigit():
+            raise RuntimeError(f"{deb}: damaged ar header at byte {pos} (size {field!r})")
+        size = int(field)
         if name.startswith("data.tar"):
             try:
                 return tarfile.open(fileobj=io.BytesIO(raw[pos + 60:pos + 60 + size]), mode="r:*")

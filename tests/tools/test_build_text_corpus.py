@@ -145,3 +145,6 @@ def test_debian_download_is_hash_checked_and_damage_is_named(tmp_path):
     (tmp_path / "empty.deb").write_bytes(b"!<arch>\n")
     with pytest.raises(RuntimeError, match="no data.tar member"):
         btc.deb_data(tmp_path / "empty.deb")
+    (tmp_path / "torn.deb").write_bytes(b"!<arch>\n" + b"debian-binary".ljust(48) + b"garbage!!!`\n")
+    with pytest.raises(RuntimeError, match="damaged ar header at byte 8"):
+        btc.deb_data(tmp_path / "torn.deb")

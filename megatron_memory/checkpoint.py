@@ -330,10 +330,15 @@ def save_strategy(fully_parallel: bool):
     with DP rank 0 writing everything (0.27 GiB/s on a disk that loads at 0.8 GiB/s). Same format
     either way (only which rank wrote which file differs): any layout loads either."""
     strategy = get_default_save_sharded_strategy()
+    group = _parallel_io_group(fully_parallel)
+    return FullyParallelSaveStrategyWrapper(strategy, group) if group is not None else strategy
+
+
+def _parallel_io_group(fully_parallel: bool):
+    """The DP group (with context parallelism) that shares checkpoint reads/writes, or None when
+    off or when DP = 1 (nothing to share)."""
     group = ps.get_data_parallel_group(with_context_parallel=True)
-    if fully_parallel and group.size() > 1:
-        strategy = FullyParallelSaveStrategyWrapper(strategy, group)
-    return strategy
+    return group if fully_parallel and group.size() > 1 else None
 
 
 class _CountingLoadStrategy(TorchDistLoadShardedStrategy):
@@ -357,10 +362,8 @@ def load_strategy(base: TorchDistLoadShardedStrategy, fully_parallel: bool):
     by one of them and broadcast to the others, instead of read by every DP rank (as Megatron-LM's
     --ckpt-fully-parallel-load). Why: run 10's 8B load took 163 s at DP=2 with both ranks reading
     the whole 130 GiB; a shared file system's bandwidth is split, a broadcast over NVLink is not."""
-    group = ps.get_data_parallel_group(with_context_parallel=True)
-    if fully_parallel and group.size() > 1:
-        return FullyParallelLoadStrategyWrapper(base, group)
-    return base
+    group = _parallel_io_group(fully_parallel)
+    return FullyParallelLoadStrategyWrapper(base, group) if group is not None else base
 
 
 def check_save_dir(save: str, resume_root: Optional[Path]) -> None:

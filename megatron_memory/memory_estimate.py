@@ -127,7 +127,8 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True
             sharded += vocab_size * h // tp
         if stage == pp - 1:
             sharded += vocab_size * h // tp + h
-        table = cfg.memory.num_values * v // tp if mem.intersection(layers) else 0
+        here = sorted(mem.intersection(layers))  # this stage's memory layers
+        table = cfg.memory.num_values * v // tp if here else 0
         params = sharded + replicated + table
         opt_div = dp if dist_opt else 1
         acts = _activations(cfg, layers, mem, t.micro_batch_size, tp, e) * min(micro, pp - stage)
@@ -135,9 +136,9 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True
             acts += t.micro_batch_size * cfg.model.seq_length * vocab_size / tp * (e + 4)
         optimizer = params * b_o / opt_div
         tokens = t.micro_batch_size * cfg.model.seq_length
-        deferred = (micro * len(mem.intersection(layers)) * tokens
-                    * (e * v / tp + 12 * cfg.memory.bag_size) if t.defer_table_grad and bf16 else 0.0)
-        out.append(StageMemory(stage, layers, sorted(mem.intersection(layers)), sharded + replicated,
+        deferred = (micro * len(here) * tokens * (e * v / tp + 12 * cfg.memory.bag_size)
+                    if t.defer_table_grad and bf16 else 0.0)
+        out.append(StageMemory(stage, layers, here, sharded + replicated,
                                table, params * b_w, params * b_g, optimizer, acts,
                                save_extra=optimizer * (dp - 1) if dist_opt else 0.0,
                                deferred=deferred))

@@ -282,7 +282,8 @@ class Trainer:
             self.train_iter.cursor = consumed // per_rank
             what = f"step {self.iteration} (model, optimizer, schedule, data position)"
         if self.rank == 0:
-            share = f", fully parallel over DP={self.dp}" if self.cfg.train.fully_parallel_load and self.dp > 1 else ""
+            spread = self.cfg.train.fully_parallel_load and self.dp > 1
+            share = f", fully parallel over DP={self.dp}" if spread else ""
             self.log(f"loaded {what} from {target} in {self.checkpoint_seconds['load']:.1f} s "
                      f"(rank 0 read {self.checkpoint_bytes_read / 2**30:.3f} GiB{share})")
 

@@ -7,6 +7,8 @@
 # LONGRUN_DATA=build/longrun-data-debian: the larger corpus (LONGRUN_DEBIAN=1 longrun_data.sh).
 # The ~11 GB Memory+ checkpoint cannot come back through $OUT nor be carried: phase 2 must run on
 # the machine phase 1 left warm (without /tmp/longrun it says so and starts over).
+# LONGRUN_GPUS=2: each model data-parallel on 2 GPUs (same batch and schedule): on a 4-GPU machine
+# the whole 600-step run and its recall fit one call, beside another job on the other 2 GPUs.
 # LONGRUN_TINY=1: tiny models on CPU with this checkout's Python ($PYTHON), a pipeline check.
 set -u
 export LONGRUN_T0=$(date +%s)   # the time budget counts from here (setup included)

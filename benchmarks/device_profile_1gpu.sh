@@ -12,7 +12,7 @@ OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 timeout 260 python3 benchmarks/bench_memory_layer.py --profile --top 24 --rep-ms 100 \
     --widths 768 2048 4096 > "$OUT/layer.txt" 2>&1
 echo "layer bench rc=$?"; grep -v "^  " "$OUT/layer.txt" | tail -110
-DATA=build/longrun-data
+DATA=${LONGRUN_DATA:-build/longrun-data}  # the long run's data (either corpus)
 python3 benchmarks/bench_training.py --gpus 1 --run-timeout 150 \
     --title "134M, micro-batch 16 x 2048, global 64, step 6 profiled" \
     --run "134m-memory:--preset 134m-memory" --run "134m-dense:--preset 134m-dense" \

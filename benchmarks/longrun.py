@@ -55,6 +55,7 @@ class Plan:
     eval_limit: int          # questions (and cloze probes) scored per model
     extra: list              # extra training flags
     device: str              # for the recall evaluation
+    gpus: int = 1            # data-parallel ranks per training process (torchrun when > 1)
 
 
 def make_plan(tiny: bool) -> Plan:
@@ -82,7 +83,7 @@ def make_plan(tiny: bool) -> Plan:
                     extra=["--eval-iters", "4"], device="cuda")
     for name, cast in (("steps", int), ("micro_batch", int), ("global_batch", int), ("lr", float),
                        ("budget_s", float), ("reserve_s", float), ("memory_share", float),
-                       ("eval_limit", int)):
+                       ("eval_limit", int), ("gpus", int)):
         if env(f"LONGRUN_{name.upper()}"):
             setattr(plan, name, cast(env(f"LONGRUN_{name.upper()}")))
     return plan
@@ -107,7 +108,11 @@ class Run:
 
 
 def train_command(plan: Plan, run: Run, model: str, exit_at: int | None) -> list[str]:
-    cmd = [sys.executable, "-m", "megatron_memory.train", "--preset", plan.presets[model],
+    # Several GPUs: data parallel through the project's launcher (same global batch and schedule,
+    # so the run is the same run, only faster); one GPU or CPU: a plain process.
+    launch = ([sys.executable, "-m", "megatron_memory.launch.run", "torchrun", "--nproc-per-node",
+               str(plan.gpus), "--"] if plan.gpus > 1 else [sys.executable, "-m", "megatron_memory.train"])
+    cmd = [*launch, "--preset", plan.presets[model],
            "--data-path", str(run.data / "train_document"),
            "--tokenizer", str(run.data / "tokenizer.json"), "--cache-dir", str(run.state / "cache"),
            "--steps", str(plan.steps), "--micro-batch-size", str(plan.micro_batch),
@@ -237,11 +242,17 @@ def main() -> int:
         shutil.rmtree(args.state, ignore_errors=True)
     run.logs.mkdir(parents=True, exist_ok=True)
     train_phase(plan, run, args.phase, t0)
-    recall = evaluate(plan, run) if args.phase == 2 else None
     # Function-local: the summary imports the plot tool's event reader (tensorboard).
     sys.path.insert(0, str(ROOT / "benchmarks"))
     from longrun_report import write_report
 
+    # Phase 1 evaluates too when both models finished the schedule (several GPUs per model); the
+    # training summary is written first, so a call cut off while evaluating keeps it, and phase 2
+    # (both already at the end) then only evaluates.
+    recall = None
+    if args.phase == 2 or all(run.step(m) >= plan.steps for m in MODELS):
+        write_report(plan, run, args.out, args.phase, None)
+        recall = evaluate(plan, run)
     write_report(plan, run, args.out, args.phase, recall)
     print(f"[longrun] phase {args.phase} done in {time.time() - t0:.0f} s", flush=True)
     return 0

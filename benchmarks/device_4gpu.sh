@@ -52,7 +52,7 @@ elif [ "$PHASE" = all ]; then
         --common "$COMMON" 2>&1 | tail -12
     grep -h "^saved\|stopping" "$OUT"/train_8b-memory.log | tail -2
     du -sb "$CK" 2>/dev/null | awk '{printf "checkpoint %.1f GiB\n", $1 / 2^30}' | tee "$OUT/ckpt.txt"
-    left=$(( 575 - ($(date +%s) - T0) ))
+    left=$(( 555 - ($(date +%s) - T0) ))
     echo "resume with ${left} s left"
     if [ -f "$CK/latest_checkpointed_iteration.txt" ] && [ "$left" -gt 90 ]; then
         timeout "$left" python3 -m megatron_memory.launch.run torchrun --nproc-per-node 4 -- \

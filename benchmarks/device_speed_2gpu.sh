@@ -13,8 +13,8 @@ for size in ${@:-4 1}; do
   case $size in 4) set -- 4 32 ;; 1) set -- 1 8 ;; *) echo "micro-batch $size: choose 4 or 1"; exit 2 ;; esac
   timeout 400 python3 benchmarks/bench_training.py --gpus 2 \
     --title "8B width (GQA 8), 12 layers, TP=2+SP, micro-batch $1 x 2048, global $2" \
-    --run "mb$1-memory:--preset 8b-memory $BODY --micro-batch-size $1 --global-batch-size $2 --profile-step 9" \
-    --run "mb$1-memory-deferred:--preset 8b-memory $BODY --micro-batch-size $1 --global-batch-size $2 --defer-table-grad --profile-step 9" \
+    --run "mb$1-memory:--preset 8b-memory --memory-layers 2 6 10 $BODY --micro-batch-size $1 --global-batch-size $2 --profile-step 9" \
+    --run "mb$1-memory-deferred:--preset 8b-memory --memory-layers 2 6 10 $BODY --micro-batch-size $1 --global-batch-size $2 --defer-table-grad --profile-step 9" \
     --run "mb$1-dense:--preset 8b-dense $BODY --micro-batch-size $1 --global-batch-size $2 --profile-step 9" \
     --common "$COMMON" 2>&1 | tail -8
   [ -n "${OUT:-}" ] && [ -f "$OUT/bench_training.md" ] && mv "$OUT/bench_training.md" "$OUT/bench_training_mb$1.md"

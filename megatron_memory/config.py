@@ -259,7 +259,9 @@ class TrainConfig:
                                  "sorted pass over every lookup of the step (all micro-batches and "
                                  "memory layers), instead of one fp32 main_grad read-modify-write "
                                  "pass per lookup; costs keeping each lookup's output gradient "
-                                 "until the step's gradient reduction (Triton lookups on CUDA)")
+                                 "until the step's gradient reduction (Triton lookups on CUDA); off "
+                                 "by default: slower in whole training steps on H100 "
+                                 "(benchmarks/RESULTS.md run 18)")
     ddp_bucket_size: Optional[int] = opt(None, "parameters per data-parallel communication bucket "
                                          "(Megatron-LM's --ddp-bucket-size); default megatron-core's "
                                          "max(40M, 1M x DP)")

@@ -119,6 +119,7 @@ def test_numbers(capsys):
     assert "train.eval_iters and train.eval_interval must be >= 0" in run(capsys, "--eval-interval", "-1")
     assert "train.global_batch_size must be >= 1" in run(capsys, "--global-batch-size", "0")
     assert "train.steps and train.micro_batch_size must be >= 1" in run(capsys, "--train-iters", "0")
+    assert "train.checkpoint_write_threads must be >= 1, got 0" in run(capsys, "--checkpoint-write-threads", "0")
     assert "invalid int value: 'x'" in run(capsys, "--seq-length", "x")
 
 

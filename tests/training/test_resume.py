@@ -117,6 +117,29 @@ def test_fully_parallel_save_spreads_writes_over_dp(tmp, straight):
         assert got["losses"][0] == pytest.approx(ref, rel=1e-6)
 
 
+def _files_per_rank(ckpt) -> dict:
+    out: dict = {}
+    for f in ckpt.glob("__*_*.distcp"):
+        rank = int(f.name[2:].split("_")[0])
+        out[rank] = out.get(rank, 0) + 1
+    return out
+
+
+def test_write_threads_split_a_ranks_files_and_resume_exactly(tmp, straight):
+    """The default save writes each rank's share with 4 threads, one file each; one thread
+    writes one file of the same content. Both continue the run bit-identically."""
+    threaded = checkpoint.iteration_dir(tmp / "tp1_straight", N)
+    assert _files_per_rank(threaded) == {0: 4}
+    _train(tmp, "tp1", "one_thread", steps=2 * N, exit_interval=N, save=str(tmp / "tp1_one_thread"),
+           checkpoint_write_threads=1)
+    single = checkpoint.iteration_dir(tmp / "tp1_one_thread", N)
+    assert _files_per_rank(single) == {0: 1}
+    assert _bytes_per_rank(single)[0] == pytest.approx(_bytes_per_rank(threaded)[0], rel=0.01)
+    for ckpt in (threaded, single):
+        got = _train(tmp, "tp1", f"from_{ckpt.parent.name}", steps=2 * N, load=str(ckpt))
+        assert got["losses"] == straight["tp1"]["losses"][N:]
+
+
 def test_fully_parallel_load_spreads_reads_over_dp(tmp, straight):
     """DP=2: by default each DP rank reads a share of what both need (weights, gathered
     optimizer state) and receives the rest by broadcast; off, each reads all it needs. Both

@@ -10,7 +10,9 @@
 # console to /tmp/jobs/NAME/console.log, and is killed with its process group after LIMIT_S.
 # Single-node launches use torchrun --standalone (a free port each), so jobs do not collide.
 # Everything comes back as $OUT/jobs.tgz (a call returns at most 8 files); each console's tail is
-# printed. Timings measured this way share the host's CPUs and PCIe: compare within a job only.
+# printed. Timings measured this way share the host's CPUs and PCIe: compare within a job only,
+# and run launch-bound ones (micro-batch 1 training steps) alone: in run 18 the same dense
+# micro-batch-1 run gave 11,984 and 33,647 tok/s beside a long run on the other GPUs.
 set -u
 LIMIT=${1:?usage: device_jobs.sh LIMIT_S "GPUS NAME COMMAND" ...}; shift
 source benchmarks/device_speed_setup.sh || exit 1

@@ -456,7 +456,7 @@ class Trainer:
             return
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         self.log(f"profile of step {self.iteration} (rank 0):\n"
-                 + prof.key_averages().table(sort_by=key, row_limit=30, max_name_column_width=60))
+                 + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
 
     def _log_stop(self, hist: History) -> None:
         if self.rank != 0:

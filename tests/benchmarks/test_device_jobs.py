@@ -1,0 +1,58 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""The device-side helpers on CPU: device_jobs.sh runs jobs side by side, each with its own GPUs
+and OUT, kills a job past the limit with its whole process group and returns one tarball; the
+long run's training command uses the project's launcher when a model takes several GPUs."""
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "benchmarks"))
+import longrun  # noqa: E402
+
+
+def _alive(marker: str) -> bool:
+    return subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0
+
+
+def test_jobs_run_side_by_side_and_the_limit_kills_a_whole_job(tmp_path):
+    (tmp_path / "benchmarks").mkdir()
+    shutil.copy(ROOT / "benchmarks" / "device_jobs.sh", tmp_path / "benchmarks")
+    # the device setup (wheels, nvidia-smi) replaced by a line the output must show
+    (tmp_path / "benchmarks" / "device_speed_setup.sh").write_text("echo setup done\n")
+    out = tmp_path / "out"
+    quick = 'echo "gpus=$CUDA_VISIBLE_DEVICES out=$OUT" > $OUT/result.txt; echo quick done'
+    stuck = "bash -c 'sleep 4567 & sleep 4568'"  # a child that outlives its parent shell
+    t0 = time.time()
+    proc = subprocess.run(["bash", "benchmarks/device_jobs.sh", "6", f"0,1 quick {quick}",
+                           f"2 stuck {stuck}"], cwd=tmp_path, capture_output=True, text=True,
+                          env={**os.environ, "OUT": str(out)})
+    assert proc.returncode == 0, proc.stderr
+    assert time.time() - t0 < 30
+    assert "setup done" in proc.stdout and "quick done" in proc.stdout
+    assert "job stuck: killed at the 6 s limit" in proc.stdout
+    time.sleep(0.5)
+    assert not _alive("sleep 456[78]")
+    with tarfile.open(out / "jobs.tgz") as tar:
+        names = set(tar.getnames())
+        result = tar.extractfile("./quick/result.txt").read().decode()
+    assert {"./quick/console.log", "./stuck/console.log"} <= names
+    assert result.strip() == "gpus=0,1 out=/tmp/jobs/quick"
+
+
+def test_long_run_trains_through_the_launcher_on_several_gpus(tmp_path):
+    plan = longrun.make_plan(tiny=True)
+    run = longrun.Run(tmp_path / "state", tmp_path / "data")
+    one = longrun.train_command(plan, run, "memory", exit_at=None)
+    assert one[1:3] == ["-m", "megatron_memory.train"]
+    plan.gpus = 2
+    two = longrun.train_command(plan, run, "memory", exit_at=7)
+    assert two[1:7] == ["-m", "megatron_memory.launch.run", "torchrun", "--nproc-per-node", "2",
+                        "--"]
+    assert two[7:] == one[3:] + ["--exit-interval", "7"]  # the same training flags

@@ -30,6 +30,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from typing import Optional
 
 from megatron_memory.configs.presets import get_preset
 
@@ -128,9 +129,26 @@ def train_command(plan: Plan, run: Run, model: str, exit_at: int | None) -> list
     return cmd
 
 
-def train(plan: Plan, run: Run, model: str, phase: int, deadline: float, exit_at=None) -> dict:
+# A run this close to its target at its deadline finishes instead of stopping (if it can before
+# the hard deadline): run 18's phase 1 stopped Memory+ at step 593 of 600, and the next call spent
+# 140 s of device time (start-up, load, save) on the last 7 steps.
+FINISH_S = 30
+
+
+def extension(step: int, target: int, step_s: Optional[float], now: float, hard: float) -> float:
+    """Seconds to let a run go on past its deadline: its remaining steps' time (plus 5 s) when
+    that is at most FINISH_S and ends before ``hard``; else 0 (stop now)."""
+    if step_s is None or step >= target:
+        return 0.0
+    need = (target - step) * step_s + 5.0
+    return need if need <= FINISH_S and now + need < hard else 0.0
+
+
+def train(plan: Plan, run: Run, model: str, phase: int, deadline: float, exit_at=None,
+          hard: Optional[float] = None) -> dict:
     """Train ``model`` until the run's end, step ``exit_at`` or ``deadline`` (epoch seconds: the
-    stop file appears, the trainer saves and exits). Returns what the phase did."""
+    stop file appears, the trainer saves and exits; a run a few steps from its end at the deadline
+    finishes if that ends before ``hard``, see ``extension``). Returns what the phase did."""
     start_step = run.step(model)
     target = exit_at or plan.steps
     if start_step >= target:
@@ -139,24 +157,41 @@ def train(plan: Plan, run: Run, model: str, phase: int, deadline: float, exit_at
     stop = run.state / f"stop.{model}"
     stop.unlink(missing_ok=True)
     env = {**os.environ, "MEGATRON_MEMORY_STOP_FILE": str(stop)}
-    timer = threading.Timer(max(0.0, deadline - time.time()), stop.touch)
-    timer.daemon = True
+    seen = {"step": start_step, "t": None, "step_s": None}  # from the progress lines
+
+    def at_deadline():
+        more = extension(seen["step"], target, seen["step_s"], time.time(), hard or deadline)
+        if more:
+            print(f"[longrun] {model}: step {seen['step']} of {target} at the deadline: finishing "
+                  f"(~{more:.0f} s)", flush=True)
+        timers.append(threading.Timer(more, stop.touch))
+        timers[-1].daemon = True
+        timers[-1].start()
+
+    timers = [threading.Timer(max(0.0, deadline - time.time()), at_deadline)]
+    timers[0].daemon = True
     log = run.logs / f"{model}.phase{phase}.log"
     cmd = train_command(plan, run, model, exit_at)
     print(f"[longrun] {model}: step {start_step} -> {target}, stop at "
           f"{time.strftime('%H:%M:%S', time.localtime(deadline))}\n  {' '.join(cmd)}", flush=True)
     t0 = time.time()
-    timer.start()
+    timers[0].start()
     with open(log, "w") as f:
         proc = subprocess.Popen(cmd, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, text=True)
         for line in proc.stdout:
             f.write(line)
+            if m := re.match(r"step\s+(\d+)/", line):
+                now, step = time.time(), int(m.group(1))
+                if seen["t"] is not None and step > seen["step"]:
+                    seen["step_s"] = (now - seen["t"]) / (step - seen["step"])
+                seen.update(step=step, t=now)
             if re.match(r"(step |built |loaded |saved |stopping |error|Traceback)", line) or \
                     "Error" in line:
                 print(f"  [{model}] {line.rstrip()[:220]}", flush=True)
     proc.wait()
-    timer.cancel()
+    for t in list(timers):  # the deadline's and an extension's
+        t.cancel()
     seconds = time.time() - t0
     if proc.returncode:
         sys.exit(f"[longrun] {model} training failed (exit {proc.returncode}); log: {log}")
@@ -184,7 +219,7 @@ def train_phase(plan: Plan, run: Run, phase: int, t0: float) -> dict:
         share = prev["memory"] / (prev["memory"] + prev["dense"])  # equal steps take this share
     mem_deadline = time.time() + plan.startup_s + share * window
     hard = t0 + plan.budget_s - reserve - 10
-    done = {"memory": train(plan, run, "memory", phase, mem_deadline)}
+    done = {"memory": train(plan, run, "memory", phase, mem_deadline, hard=hard)}
     target = run.step("memory")
     done["dense"] = train(plan, run, "dense", phase, hard, exit_at=target)
     meta.setdefault("phases", []).append({"phase": phase, **done})

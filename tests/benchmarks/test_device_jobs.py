@@ -1,7 +1,8 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """The device-side helpers on CPU: device_jobs.sh runs jobs side by side, each with its own GPUs
 and OUT, kills a job past the limit with its whole process group and returns one tarball; the
-long run's training command uses the project's launcher when a model takes several GPUs."""
+long run's training command uses the project's launcher when a model takes several GPUs, and a
+run a few steps from its end at its deadline finishes instead of stopping."""
 from __future__ import annotations
 
 import os
@@ -56,3 +57,12 @@ def test_long_run_trains_through_the_launcher_on_several_gpus(tmp_path):
     assert two[1:7] == ["-m", "megatron_memory.launch.run", "torchrun", "--nproc-per-node", "2",
                         "--"]
     assert two[7:] == one[3:] + ["--exit-interval", "7"]  # the same training flags
+
+
+def test_a_run_near_its_end_finishes_past_its_deadline():
+    ext = longrun.extension
+    assert ext(593, 600, 0.5, now=100.0, hard=200.0) == 8.5            # 7 steps: finish
+    assert ext(500, 600, 0.5, now=100.0, hard=200.0) == 0.0            # 55 s > FINISH_S: stop
+    assert ext(593, 600, 0.5, now=195.0, hard=200.0) == 0.0            # past the hard deadline
+    assert ext(593, 600, None, now=100.0, hard=200.0) == 0.0           # no rate seen yet
+    assert ext(600, 600, 0.5, now=100.0, hard=200.0) == 0.0            # already done

@@ -35,6 +35,26 @@ LAYOUT=$(sed -n 's/^pick: //p' "$OUT/layout.txt")
 echo "card ${GIB} GiB; calculator's layout: $LAYOUT"; cat "$OUT/layout.txt"
 COMMON="$BATCH --warmup-steps 2 --log-interval 1 --vocab-size 32000 --tensorboard-dir= --eval-iters 0"
 df -h /tmp | tail -1
+# Dense and Memory+ (which saves after step $STEPS into $CK); $1: per-run limit, $2: title
+# suffix, $3: the dense run's extra flags.
+train_and_save() {
+    python3 benchmarks/bench_training.py --gpus 4 --run-timeout "$1" \
+        --title "Full-depth 8B, micro-batch 4 x 2048, global 64, calculator layout$2" \
+        --run "8b-dense:--preset 8b-dense $LAYOUT --steps $STEPS $3" \
+        --run "8b-memory:--preset 8b-memory $LAYOUT --steps $((STEPS + 3)) --exit-interval $STEPS --save $CK" \
+        --common "$COMMON" 2>&1 | tail -12
+    grep -h "^saved\|stopping" "$OUT"/train_8b-memory.log | tail -2
+    du -sb "$CK" 2>/dev/null | awk '{printf "checkpoint %.1f GiB\n", $1 / 2^30}' | tee "$OUT/ckpt.txt"
+}
+# Memory+ resumed from $CK for 3 steps; $1: time limit, then extra training flags.
+resume() {
+    local limit=$1; shift
+    timeout "$limit" python3 -m megatron_memory.launch.run torchrun --nproc-per-node 4 -- \
+        --preset 8b-memory $LAYOUT --steps $((STEPS + 3)) --load $CK "$@" $COMMON > "$OUT/resume.log" 2>&1
+    echo "resume rc=$?"
+    grep -h "loaded\|^step\|peak mem\|tok/s\|MFU\|rror" "$OUT/resume.log" | tail -12
+    rm -rf "$CK"
+}
 if [ "$PHASE" = profile ]; then
     python3 benchmarks/bench_training.py --gpus 4 --run-timeout 200 \
         --title "Full-depth 8B, micro-batch 4 x 2048, global 64, calculator layout, step 6 profiled" \
@@ -45,20 +65,11 @@ if [ "$PHASE" = profile ]; then
     for m in dense memory memory-deferred; do grep -h -A28 "profile of step" "$OUT/train_8b-$m.log" | head -30; done
 elif [ "$PHASE" = all ]; then
     T0=$(date +%s); rm -rf "$CK"
-    python3 benchmarks/bench_training.py --gpus 4 --run-timeout 240 \
-        --title "Full-depth 8B, micro-batch 4 x 2048, global 64, calculator layout (dense step 9 profiled; Memory+ saves, its resume profiles step 12)" \
-        --run "8b-dense:--preset 8b-dense $LAYOUT --steps $STEPS --profile-step 9" \
-        --run "8b-memory:--preset 8b-memory $LAYOUT --steps $((STEPS + 3)) --exit-interval $STEPS --save $CK" \
-        --common "$COMMON" 2>&1 | tail -12
-    grep -h "^saved\|stopping" "$OUT"/train_8b-memory.log | tail -2
-    du -sb "$CK" 2>/dev/null | awk '{printf "checkpoint %.1f GiB\n", $1 / 2^30}' | tee "$OUT/ckpt.txt"
+    train_and_save 240 " (dense step 9 profiled; Memory+ saves, its resume profiles step 12)" "--profile-step 9"
     left=$(( 555 - ($(date +%s) - T0) ))
     echo "resume with ${left} s left"
     if [ -f "$CK/latest_checkpointed_iteration.txt" ] && [ "$left" -gt 90 ]; then
-        timeout "$left" python3 -m megatron_memory.launch.run torchrun --nproc-per-node 4 -- \
-            --preset 8b-memory $LAYOUT --steps $((STEPS + 3)) --load $CK --profile-step 12 $COMMON > "$OUT/resume.log" 2>&1
-        echo "resume rc=$?"
-        grep -h "loaded\|^step\|peak mem\|tok/s\|rror" "$OUT/resume.log" | tail -8
+        resume "$left" --profile-step 12
     fi
     rm -rf "$CK"
     dd if=/dev/zero of=/tmp/ddtest bs=1M count=2048 oflag=direct 2>&1 | tail -1; rm -f /tmp/ddtest
@@ -67,19 +78,9 @@ elif [ "$PHASE" = train ]; then
     rm -rf "$CK"
     # per-run limits kill a run with all its ranks (the dense run takes ~60 s, Memory+ with its
     # ~130 GiB save ~450 s on the 4 x H200 machine of run 10); the output streams into $OUT
-    python3 benchmarks/bench_training.py --gpus 4 --run-timeout 480 \
-        --title "Full-depth 8B, micro-batch 4 x 2048, global 64, calculator layout" \
-        --run "8b-dense:--preset 8b-dense $LAYOUT --steps $STEPS" \
-        --run "8b-memory:--preset 8b-memory $LAYOUT --steps $((STEPS + 3)) --exit-interval $STEPS --save $CK" \
-        --common "$COMMON" 2>&1 | tail -12
-    grep -h "^saved\|stopping" "$OUT"/train_8b-memory.log | tail -2
-    du -sb "$CK" 2>/dev/null | awk '{printf "checkpoint %.1f GiB\n", $1 / 2^30}' | tee "$OUT/ckpt.txt"
+    train_and_save 480 "" ""
     ls "$CK"/iter_*/ 2>/dev/null | wc -l | xargs echo "files:" | tee -a "$OUT/ckpt.txt"
 else
     [ -f "$CK/latest_checkpointed_iteration.txt" ] || { echo "no checkpoint in $CK (the machine was not kept warm): run the train phase first"; exit 1; }
-    timeout 560 python3 -m megatron_memory.launch.run torchrun --nproc-per-node 4 -- \
-        --preset 8b-memory $LAYOUT --steps $((STEPS + 3)) --load $CK $COMMON > "$OUT/resume.log" 2>&1
-    echo "rc=$?"
-    grep -h "loaded\|^step\|peak mem\|tok/s\|MFU\|rror" "$OUT/resume.log" | tail -12
-    rm -rf "$CK"
+    resume 560
 fi

@@ -3,7 +3,6 @@
 its time limit is killed with every rank (no orphan keeps running) and its log is kept."""
 from __future__ import annotations
 
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -11,13 +10,10 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import bench_training  # noqa: E402
+from tests.benchmarks.procs import alive  # noqa: E402
 
 TINY = ["--preset", "tiny", "--num-layers", "2", "--memory-layers", "1", "--tensorboard-dir=",
         "--eval-iters", "0", "--log-interval", "1", "--micro-batch-size", "2"]
-
-
-def _alive(marker: str) -> bool:
-    return subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0
 
 
 def test_finished_run_is_parsed(tmp_path):
@@ -36,4 +32,4 @@ def test_timeout_kills_every_rank_and_keeps_the_log(tmp_path):
     log = (tmp_path / "cut.log").read_text()
     assert "killed after 25 s" in log and "megatron_memory.launch.run" in log.splitlines()[0]
     time.sleep(1)
-    assert not _alive("seed 987654")
+    assert not alive("seed 987654")

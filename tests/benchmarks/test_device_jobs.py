@@ -16,10 +16,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "benchmarks"))
 import longrun  # noqa: E402
-
-
-def _alive(marker: str) -> bool:
-    return subprocess.run(["pgrep", "-f", marker], capture_output=True).returncode == 0
+from tests.benchmarks.procs import alive  # noqa: E402
 
 
 def test_jobs_run_side_by_side_and_the_limit_kills_a_whole_job(tmp_path):
@@ -39,7 +36,7 @@ def test_jobs_run_side_by_side_and_the_limit_kills_a_whole_job(tmp_path):
     assert "setup done" in proc.stdout and "quick done" in proc.stdout
     assert "job stuck: killed at the 6 s limit" in proc.stdout
     time.sleep(0.5)
-    assert not _alive("sleep 456[78]")
+    assert not alive("sleep 456[78]")
     with tarfile.open(out / "jobs.tgz") as tar:
         names = set(tar.getnames())
         result = tar.extractfile("./quick/result.txt").read().decode()

@@ -89,13 +89,21 @@ def test_reshard_continues_the_saved_run(tmp, straight, saved, loaded):
     assert abs(straight[saved]["losses"][N - 1] - ref) > 1e-3
 
 
-def _bytes_per_rank(ckpt) -> dict:
-    """torch_dist data files are __<rank>_<i>.distcp: bytes written per global rank."""
+def _per_rank(ckpt, measure) -> dict:
+    """torch_dist data files are __<rank>_<i>.distcp: sum of measure(file) per global rank."""
     out: dict = {}
     for f in ckpt.glob("__*_*.distcp"):
         rank = int(f.name[2:].split("_")[0])
-        out[rank] = out.get(rank, 0) + f.stat().st_size
+        out[rank] = out.get(rank, 0) + measure(f)
     return out
+
+
+def _bytes_per_rank(ckpt) -> dict:
+    return _per_rank(ckpt, lambda f: f.stat().st_size)
+
+
+def _files_per_rank(ckpt) -> dict:
+    return _per_rank(ckpt, lambda f: 1)
 
 
 def test_fully_parallel_save_spreads_writes_over_dp(tmp, straight):
@@ -115,14 +123,6 @@ def test_fully_parallel_save_spreads_writes_over_dp(tmp, straight):
         got = _train(tmp, "tp1mb2", f"from_{name}", steps=N + 1,
                      load=str(checkpoint.iteration_dir(tmp / name, N)))
         assert got["losses"][0] == pytest.approx(ref, rel=1e-6)
-
-
-def _files_per_rank(ckpt) -> dict:
-    out: dict = {}
-    for f in ckpt.glob("__*_*.distcp"):
-        rank = int(f.name[2:].split("_")[0])
-        out[rank] = out.get(rank, 0) + 1
-    return out
 
 
 def test_write_threads_split_a_ranks_files_and_resume_exactly(tmp, straight):

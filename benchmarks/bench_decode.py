@@ -62,6 +62,10 @@ def parse_args(argv):
     ap.add_argument("--modes", nargs="+", default=["graph", "eager"], choices=["graph", "eager"])
     ap.add_argument("--moe-backend", default="auto", choices=["auto", "grouped", "loop"],
                     help="auto: grouped GEMM if it matches the per-expert loop on this device")
+    ap.add_argument("--memory-path", default="fused", choices=["fused", "unfused"],
+                    help="unfused: Memory+ decodes as before run 19 (serial candidate re-scoring "
+                         "+ torch.topk, the query norm as six torch kernels, keys cast to bf16 "
+                         "every step), for a before/after in the same call")
     ap.add_argument("--profile", action="store_true",
                     help="also list the kernels of one eager batch-1 decode step of dense and Memory+")
     ap.add_argument("--tiny", action="store_true", help="tiny preset on CPU, fp32, a few seconds")
@@ -98,6 +102,17 @@ def parse_args(argv):
     args.csv = args.csv or out / ("decode_tiny.csv" if args.tiny else "decode.csv")
     args.png = args.png or args.csv.with_suffix(".png")
     return args
+
+
+def use_unfused_memory_path() -> None:
+    """Route this process's Memory+ decode through the pre-fusion path (--memory-path unfused)."""
+    from megatron_memory import standalone
+    from megatron_memory.kernels import bf16_search
+
+    search = standalone.product_key_search
+    bf16_search.RESCORE = "loop"
+    standalone.fused_query_prologue = None
+    standalone.product_key_search = lambda q, keys, k, keys_bf16=None: search(q, keys, k)
 
 
 def model_args(base: str, vocab: int) -> ModelArgs:
@@ -356,13 +371,16 @@ def main(argv=None) -> int:
         return 0 if ok else 2
     device = torch.device("cpu" if args.tiny else "cuda")
     dtype = torch.float32 if args.tiny else torch.bfloat16
+    if args.memory_path == "unfused":
+        use_unfused_memory_path()
     bandwidth = copy_gbps(50, 1 << 24 if args.tiny else 1 << 30)
     backend, note = choose_moe_backend(args.moe_backend, device, dtype)
     print(f"copy bandwidth {bandwidth:.0f} GB/s; {note}", flush=True)
     text = env_header("Decode latency: dense vs Memory+ vs MoE (bench_decode.py)")
     text += (f"\nOne card, {dtype}, random weights; prompt {args.prompt} tokens prefilled, then "
              f"{args.steps} greedy decode steps timed (median of {args.repeats}), static KV cache. "
-             f"Copy bandwidth {bandwidth:.0f} GB/s (read+write). {note}.\n")
+             f"Copy bandwidth {bandwidth:.0f} GB/s (read+write). {note}. Memory+ decode path: "
+             f"{args.memory_path}.\n")
     rows = []
     for base in args.bases:
         part, base_rows = run_base(base, args, device, dtype, bandwidth, backend)

@@ -11,6 +11,7 @@ into its ``main_grad`` (or ``.grad``) and returns None to autograd for it (kerne
 from __future__ import annotations
 
 import os
+from typing import Optional
 
 import torch
 
@@ -21,6 +22,7 @@ try:  # Triton is optional: without it every op runs the reference.
     from megatron_memory.kernels import triton_embedding_bag as _triton_bag
     from megatron_memory.kernels import bf16_search as _bf16_search
     from megatron_memory.kernels import triton_product_key as _triton_search
+    from megatron_memory.kernels import query_prologue as _prologue
     from megatron_memory.kernels.triton_embedding_bag import DeferredTableGrad
 
     HAVE_TRITON = True
@@ -56,10 +58,24 @@ def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     return embedding_bag_reference(values, indices, weights)
 
 
-def product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int):
-    """Top-k product keys: query [T, H, 2, half], keys [H, 2, n, half] -> (scores, indices) [T, H, k]."""
+def product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int, *,
+                       keys_bf16: Optional[torch.Tensor] = None):
+    """Top-k product keys: query [T, H, 2, half], keys [H, 2, n, half] -> (scores, indices) [T, H, k].
+    keys_bf16: optional cached ``keys.to(torch.bfloat16)`` for the bf16 search (inference);
+    the other backends do not need it."""
     if use_triton(query) and SEARCH_BACKEND == "bf16":
-        return _bf16_search.bf16_product_key_search(query, keys, k)
+        return _bf16_search.bf16_product_key_search(query, keys, k, keys_bf16=keys_bf16)
     if use_triton(query) and SEARCH_BACKEND == "triton":
         return _triton_search.triton_product_key_search(query, keys, k)
     return product_key_search_reference(query, keys, k)
+
+
+def fused_query_prologue(q: torch.Tensor, gain: torch.Tensor, eps: float, half: int, norm: str = "none",
+                         mean=None, scale=None, shift=None) -> Optional[torch.Tensor]:
+    """Inference only: the query's running-statistics norm, QK-norm and gain in one Triton kernel
+    (kernels/query_prologue.py), q [T, H*2*half] -> [T, H, 2, half] fp32. None when Triton does not
+    serve q (CPU, reference forced) or autograd must reach an input: the caller runs its torch ops."""
+    tensors = [t for t in (q, gain, mean, scale, shift) if t is not None]
+    if not use_triton(q) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+        return None
+    return _prologue.triton_query_prologue(q, gain, eps, half, norm, mean, scale, shift)

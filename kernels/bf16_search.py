@@ -10,8 +10,10 @@ Forward (no [T, H, 2, n] float32 tensor, no host sync):
   2. candidates: per (t, h, half) the top K1 = k + margin sub-keys of the bf16 scores
      (``_select_kernel``: a threshold found by bisection in registers, one read of the scores). bf16 rounding (inputs and output) moves a score by ~1e-2 at the layer's
      scale, a few ranks at most near the k-th, so the fp32 top-k lies inside the K1 candidates.
-  3. exact fp32 re-scoring of the 2H*T*K1 candidates (``_rescore_kernel``: gathered key rows
-     from L2, fp32 dot over the half width), the top-k of those per half, sorted.
+  3. exact fp32 re-scoring of the 2H*T*K1 candidates and the top-k of those per half, sorted
+     (``_rescore_topk_kernel``: one program per (token, head, half) gathers its K1 key rows at
+     once and sorts in registers; RESCORE = "loop" runs the earlier ``_rescore_kernel``, a
+     serial loop over the K1 candidates, then torch.topk and the padding copies).
   4. the product step of the fused search (``triton_product_key._candidates_kernel``): only
      rank pairs with (a+1)(b+1) <= k can reach the top-k of the sums; it also returns the ranks.
 Backward: dscores flows to s1[a] and s2[b]; summed per rank ([T, H, 2, k], tiny) and scattered
@@ -21,12 +23,15 @@ training). No sort, no atomics, no host sync.
 """
 from __future__ import annotations
 
+from typing import Optional
+
 import torch
 import triton
 import triton.language as tl
 
 from megatron_memory.kernels.reference import product_key_search_reference
-from megatron_memory.kernels.triton_product_key import _candidates_kernel, _check, _pairs, candidates_block
+from megatron_memory.kernels.triton_product_key import (_candidates_kernel, _check, _pack, _pairs, _unpack,
+                                                        candidates_block)
 
 # Extra bf16 candidates per half beyond k (K1 = k + RESCORE_MARGIN). At the layer's scale
 # (unit-RMS queries, keys scaled 1/sqrt(half)) bf16 moves a score by < 0.02; 16 extra ranks
@@ -35,6 +40,11 @@ RESCORE_MARGIN = 16
 # How the K1 candidates are picked from the bf16 scores: "threshold" (``_select_kernel``: one pass,
 # bisection on the K1-th largest value in registers) or "topk" (torch.topk, radix select).
 SELECT = "threshold"
+# How the candidates are re-scored. "fused" (``_rescore_topk_kernel``): gather, fp32 dot and
+# top-k in one kernel with every candidate row load in flight at once; a decode step (T = 1)
+# takes one launch where "loop" took ~38 us of dependent loads plus ~6 small torch kernels
+# (H100 profile, benchmarks/RESULTS.md run 12). "loop": ``_rescore_kernel`` + torch.topk.
+RESCORE = "fused"
 
 
 @triton.jit
@@ -102,17 +112,70 @@ def _rescore_kernel(q, keys, cand, out, T, half, K1,
         tl.store(out + row + j, tl.sum(qt * kr, axis=1), mask=tmask)
 
 
-def _per_half_topk(query, keys, k: int, margin: int):
+@triton.jit
+def _rescore_topk_kernel(q, keys, cand, top_s, top_i, T, half, K1, k,
+                         stride_qt, stride_qh, stride_qc, stride_kh, stride_kc, stride_kn,
+                         K_PAD: tl.constexpr, K1_PAD: tl.constexpr, BLOCK_D: tl.constexpr):
+    """Program (token t, h*2 + c): the exact fp32 scores <q[t, h, c], K[h, c, cand[hc, t, j]]>
+    of the K1 candidates, their top k sorted descending (ties: larger sub-key id first, as the
+    fused search) into top_s / top_i[t, h, c, :k]; slots k..K_PAD-1 are written as zeros.
+
+    All K1 key rows are gathered per column block at once ([K1_PAD, BLOCK_D] loads in flight),
+    so a decode step's latency is a few L2/HBM round trips, not K1 of them."""
+    t = tl.program_id(0).to(tl.int64)
+    hc = tl.program_id(1)
+    h = hc // 2
+    c = hc % 2
+    js = tl.arange(0, K1_PAD)
+    jmask = js < K1
+    ids = tl.load(cand + (hc * T + t) * K1 + js, mask=jmask, other=0)            # int64
+    q_row = q + t * stride_qt + h * stride_qh + c * stride_qc
+    k_rows = keys + h * stride_kh + c * stride_kc + ids[:, None] * stride_kn
+    acc = tl.zeros([K1_PAD], dtype=tl.float32)
+    for d0 in range(0, half, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dmask = ds < half
+        qv = tl.load(q_row + ds, mask=dmask, other=0.0).to(tl.float32)
+        kv = tl.load(k_rows + ds[None, :], mask=jmask[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(kv * qv[None, :], axis=1)
+    key = tl.where(jmask, _pack(acc, ids), -9223372036854775808)                # below any real
+    s, i = _unpack(tl.topk(key, K_PAD))
+    ks = tl.arange(0, K_PAD)
+    keep = ks < k
+    out = (t * tl.num_programs(1) + hc) * K_PAD + ks
+    tl.store(top_s + out, tl.where(keep, s, 0.0))
+    tl.store(top_i + out, tl.where(keep, i, 0))
+
+
+def rescore_config(half: int) -> dict:
+    """_rescore_topk_kernel tiles: [K1_PAD, BLOCK_D] gathered fp32 values and their int64
+    addresses live in registers; 64 columns per block keep K1_PAD = 64 free of spills (sm_90,
+    4 warps; tests/kernels/test_bf16_search.py compiles it)."""
+    return dict(BLOCK_D=max(16, min(64, triton.next_power_of_2(half))), num_warps=4)
+
+
+def _per_half_topk(query, keys, k: int, margin: int, kb=None):
     """-> top_s [T, H, 2, K_PAD] fp32, top_i [T, H, 2, K_PAD] int32 (first k sorted, rest
-    unused), qb [2H, T, half] bf16, kb [2H, n, half] bf16 (kept for the backward)."""
+    unused), qb [2H, T, half] bf16, kb [2H, n, half] bf16 (kept for the backward; given kb,
+    the bf16 keys already cast, e.g. by an inference model that caches them, it is used as is)."""
     T, H, _, half = query.shape
     n = keys.shape[2]
     k1 = min(n, k + margin)
+    k_pad = max(2, triton.next_power_of_2(k))
     qb = query.to(torch.bfloat16).permute(1, 2, 0, 3).reshape(2 * H, T, half)
-    kb = keys.to(torch.bfloat16).reshape(2 * H, n, half)
+    kb = keys.to(torch.bfloat16).reshape(2 * H, n, half) if kb is None else kb.view(2 * H, n, half)
     approx = torch.bmm(qb, kb.transpose(1, 2))                          # [2H, T, n] bf16
     cand = _candidates(approx, k1)                                      # [2H, T, K1] int64
     del approx
+    if RESCORE == "fused":
+        top_s = torch.empty(T, H, 2, k_pad, dtype=torch.float32, device=query.device)
+        top_i = torch.empty(T, H, 2, k_pad, dtype=torch.int32, device=query.device)
+        _rescore_topk_kernel[(T, 2 * H)](
+            query, keys, cand, top_s, top_i, T, half, k1, k, query.stride(0), query.stride(1),
+            query.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), K_PAD=k_pad,
+            K1_PAD=max(k_pad, triton.next_power_of_2(k1)), **rescore_config(half))
+        return top_s, top_i, qb, kb
     exact = torch.empty(2 * H, T, k1, dtype=torch.float32, device=query.device)
     block_t = 16
     _rescore_kernel[(triton.cdiv(T, block_t), 2 * H)](
@@ -120,7 +183,6 @@ def _per_half_topk(query, keys, k: int, margin: int):
         keys.stride(0), keys.stride(1), keys.stride(2), BLOCK_T=block_t,
         BLOCK_D=triton.next_power_of_2(half), num_warps=4)
     best, pos = exact.topk(k, dim=-1)                                   # [2H, T, k] sorted
-    k_pad = max(2, triton.next_power_of_2(k))
     top_s = torch.zeros(T, H, 2, k_pad, dtype=torch.float32, device=query.device)
     top_i = torch.zeros(T, H, 2, k_pad, dtype=torch.int32, device=query.device)
     top_s[..., :k] = best.view(H, 2, T, k).permute(2, 0, 1, 3)
@@ -128,7 +190,7 @@ def _per_half_topk(query, keys, k: int, margin: int):
     return top_s, top_i, qb, kb
 
 
-def bf16_search_forward(query, keys, k: int, margin: int = RESCORE_MARGIN):
+def bf16_search_forward(query, keys, k: int, margin: int = RESCORE_MARGIN, kb=None):
     """-> scores [T, H, k] fp32, indices [T, H, k] int64, and for the backward: per-half ids
     top_i [T, H, 2, K_PAD] int32, ranks [T, H, k] int32 (a * K_PAD + b), qb, kb."""
     T, H, _, half = query.shape
@@ -137,7 +199,7 @@ def bf16_search_forward(query, keys, k: int, margin: int = RESCORE_MARGIN):
     scores = torch.empty(T, H, k, dtype=torch.float32, device=dev)
     indices = torch.empty(T, H, k, dtype=torch.int64, device=dev)
     ranks = torch.empty(T, H, k, dtype=torch.int32, device=dev)
-    top_s, top_i, qb, kb = _per_half_topk(query, keys, k, margin)
+    top_s, top_i, qb, kb = _per_half_topk(query, keys, k, margin, kb)
     k_pad = top_s.shape[-1]
     pa, pb, P = _pairs(k, k_pad, dev)
     block_r = candidates_block(P)
@@ -171,11 +233,12 @@ def bf16_search_backward(grad_scores, top_i, ranks, qb, kb, need_q: bool, need_k
 
 
 class _Bf16Search(torch.autograd.Function):
-    """forward(query, keys, k, margin) -> (scores, indices); gradients reach query and keys."""
+    """forward(query, keys, k, margin, keys_bf16) -> (scores, indices); gradients reach query
+    and keys."""
 
     @staticmethod
-    def forward(ctx, query, keys, k, margin):
-        scores, indices, top_i, ranks, qb, kb = bf16_search_forward(query, keys, k, margin)
+    def forward(ctx, query, keys, k, margin, keys_bf16):
+        scores, indices, top_i, ranks, qb, kb = bf16_search_forward(query, keys, k, margin, keys_bf16)
         ctx.save_for_backward(top_i, ranks, qb, kb)
         ctx.dtypes = (query.dtype, keys.dtype)
         ctx.mark_non_differentiable(indices)
@@ -189,16 +252,25 @@ class _Bf16Search(torch.autograd.Function):
         dq, dk = bf16_search_backward(grad_scores, top_i, ranks, qb, kb, need_q, need_k)
         q_dtype, k_dtype = ctx.dtypes
         return (None if dq is None else dq.to(q_dtype), None if dk is None else dk.to(k_dtype),
-                None, None)
+                None, None, None)
 
 
 def bf16_product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int,
-                            margin: int = RESCORE_MARGIN):
+                            margin: int = RESCORE_MARGIN, keys_bf16: Optional[torch.Tensor] = None):
     """Top-k product keys (same contract as ``triton_product_key_search``); bf16 tensor-core
-    scores, candidates re-scored in fp32 from the inputs as given. fp64 runs the reference."""
+    scores, candidates re-scored in fp32 from the inputs as given. fp64 runs the reference.
+
+    keys_bf16: optional ``keys.to(torch.bfloat16)`` made once by the caller (an inference model
+    whose keys do not change); saves the cast, a read of the fp32 keys, on every call."""
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
         raise ValueError(f"product_key_search: margin must be an int >= 0, got {margin!r}")
+    if keys_bf16 is not None and (keys_bf16.dtype != torch.bfloat16 or keys_bf16.shape != keys.shape
+                                  or keys_bf16.device != keys.device):
+        raise ValueError(f"product_key_search: keys_bf16 must be bf16 {tuple(keys.shape)} on "
+                         f"{keys.device} (keys cast to bfloat16), got {keys_bf16.dtype} "
+                         f"{tuple(keys_bf16.shape)} on {keys_bf16.device}")
     _check(query, keys, k)
     if torch.float64 in (query.dtype, keys.dtype):
         return product_key_search_reference(query, keys, k)
-    return _Bf16Search.apply(query.contiguous(), keys.contiguous(), k, margin)
+    return _Bf16Search.apply(query.contiguous(), keys.contiguous(), k, margin,
+                             None if keys_bf16 is None else keys_bf16.contiguous())

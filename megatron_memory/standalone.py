@@ -42,9 +42,10 @@ def embedding_bag_reference(values: torch.Tensor, indices: torch.Tensor, weights
     return torch.einsum("tb,tbd->td", weights.to(_acc(values)), rows).to(values.dtype)
 
 
-def product_key_search_reference(query: torch.Tensor, keys: torch.Tensor, k: int):
+def product_key_search_reference(query: torch.Tensor, keys: torch.Tensor, k: int, keys_bf16=None):
     """query [T, H, 2, half], keys [H, 2, n, half] -> scores, indices [T, H, k] (i * n + j):
-    exact, since the best k sums s1[i] + s2[j] have i, j within each half's top-k."""
+    exact, since the best k sums s1[i] + s2[j] have i, j within each half's top-k. keys_bf16
+    (the package's bf16 search takes a cached cast of the keys) is not needed here."""
     n = keys.shape[2]
     s = torch.einsum("thcd,hcnd->thcn", query.to(_acc(query)), keys.to(_acc(query)))
     top_s, top_i = s.topk(k, dim=-1)
@@ -76,9 +77,10 @@ def _cached(owner: nn.Module, name: str, sources: tuple, make):
 
 
 try:  # the package's dispatch: Triton on CUDA, its reference elsewhere
-    from megatron_memory.kernels import embedding_bag, product_key_search
+    from megatron_memory.kernels import embedding_bag, fused_query_prologue, product_key_search
 except ImportError:  # this file alone in an exported folder
     embedding_bag, product_key_search = embedding_bag_reference, product_key_search_reference
+    fused_query_prologue = None
 
 
 @dataclasses.dataclass
@@ -249,11 +251,15 @@ class QueryStats(nn.Module):
         scale = torch.rsqrt(self.running_var.to(acc) + self.eps) * self.weight.to(acc)
         return mean, scale, self.bias.to(acc)
 
-    def forward(self, q: torch.Tensor) -> torch.Tensor:
-        acc = _acc(q)
+    def cached_constants(self, acc: torch.dtype) -> tuple:
+        """constants(acc), made once per version of the statistics and weights at inference."""
         sources = (self.running_mean,) if self.mode == "center" else (
             self.running_mean, self.running_var, self.weight, self.bias)
-        consts = _cached(self, f"constants/{acc}", sources, lambda: self.constants(acc))
+        return _cached(self, f"constants/{acc}", sources, lambda: self.constants(acc))
+
+    def forward(self, q: torch.Tensor) -> torch.Tensor:
+        acc = _acc(q)
+        consts = self.cached_constants(acc)
         q = q.to(acc) - consts[0]
         if self.mode == "center":
             return q
@@ -282,21 +288,41 @@ class Memory(nn.Module):
         """QK-normed keys [H, 2, n, half] in dtype acc, scaled by 1/sqrt(half) as the layer's."""
         return F.rms_norm(self.keys.to(acc), (self.half,), eps=self.eps) * self.half ** -0.5
 
+    def normed_query(self, q: torch.Tensor) -> torch.Tensor:
+        """Query projection output [T, H*k_dim] -> running-statistics norm, QK-norm and gain,
+        [T, H, 2, half] in fp32 (fp64 for fp64 models). On CUDA at inference one fused Triton
+        kernel (kernels/query_prologue.py) replaces the torch ops below."""
+        acc, gain = _acc(q), self.query_norm.weight
+        bn = self.query_bn
+        if fused_query_prologue is not None and acc == torch.float32 and q.is_cuda:
+            flat_gain = _cached(self, "gain/flat", (gain,), lambda: gain.to(acc))
+            consts = bn.cached_constants(acc) if bn is not None else ()
+            out = fused_query_prologue(q, flat_gain, self.eps, self.half,
+                                       bn.mode if bn is not None else "none", *consts)
+            if out is not None:
+                return out
+        if bn is not None:
+            q = bn(q)
+        q = q.view(q.shape[0], self.heads, 2, self.half)
+        gain = _cached(self, f"gain/{acc}", (gain,), lambda: gain.view(self.heads, 2, self.half).to(acc))
+        return F.rms_norm(q.to(acc), (self.half,), eps=self.eps) * gain
+
     def forward(self, x: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
         """x [b, s, d], values [N, v] -> [b, s, d]."""
         flat = x.reshape(-1, x.shape[-1])
         q = self.query(flat)
-        if self.query_bn is not None:  # without QK-norm the search sees the model's dtype
-            q = self.query_bn(q) if self.qk_norm else self.query_bn(q).to(q.dtype)
-        q = q.view(flat.shape[0], self.heads, 2, self.half)
-        keys = self.keys
+        keys, keys_bf16 = self.keys, None
         if self.qk_norm:
-            acc, gain = _acc(q), self.query_norm.weight
-            gain = _cached(self, f"gain/{acc}", (gain,),
-                           lambda: gain.view(self.heads, 2, self.half).to(acc))
-            q = F.rms_norm(q.to(acc), (self.half,), eps=self.eps) * gain
+            q = self.normed_query(q)
+            acc = q.dtype
             keys = _cached(self, f"keys/{acc}", (keys,), lambda: self.normed_keys(acc))
-        scores, indices = product_key_search(q, keys, self.k)
+            if keys.is_cuda and not keys.requires_grad:  # the bf16 search's cast, made once
+                keys_bf16 = _cached(self, "keys/bf16", (self.keys,), lambda: keys.to(torch.bfloat16))
+        else:  # without QK-norm the search sees the model's dtype
+            if self.query_bn is not None:
+                q = self.query_bn(q).to(q.dtype)
+            q = q.view(flat.shape[0], self.heads, 2, self.half)
+        scores, indices = product_key_search(q, keys, self.k, keys_bf16=keys_bf16)
         weights = torch.softmax(scores.to(_acc(scores)), dim=-1)
         y = embedding_bag(values, indices.flatten(1), weights.flatten(1)).to(flat.dtype)
         out = self.w2(y * F.silu(self.w1(flat))) if self.plus else y

@@ -28,7 +28,8 @@ def layer_like(T, H, n, half, seed):
     return q, K
 
 
-def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN, exact_sets=True):
+def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN, exact_sets=True,
+                      rescore="fused", cast_keys=False):
     """exact_sets: every row selects the fp32 reference's set. Large shapes hold rows whose k-th
     and (k+1)-th scores differ by less than fp32 rounding, where two fp32 searches (torch's
     einsum vs the fused Triton one: 99.997% equal at T=8192) already disagree; there every row
@@ -37,7 +38,12 @@ def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN
     dscores = torch.randn(T, H, k, generator=torch.Generator().manual_seed(seed + 1))
     want_s, want_i = product_key_search_reference(q, K, k)                # fp32 search
     qt, Kt = q.to(device, copy=True).requires_grad_(), K.to(device, copy=True).requires_grad_()
-    scores, idx = bs.bf16_product_key_search(qt, Kt, k, margin)
+    kb = Kt.detach().to(torch.bfloat16) if cast_keys else None
+    bs.RESCORE = rescore
+    try:
+        scores, idx = bs.bf16_product_key_search(qt, Kt, k, margin, keys_bf16=kb)
+    finally:
+        bs.RESCORE = "fused"
     assert scores.dtype == torch.float32 and idx.dtype == torch.int64 and scores.shape == (T, H, k)
     assert torch.all(scores[..., :-1] >= scores[..., 1:]), "scores not descending"
     got_i = idx.cpu()
@@ -62,6 +68,9 @@ INTERPRETER_CASES = [
     dict(T=40, H=2, n=64, half=16, k=8),
     dict(T=9, H=3, n=37, half=24, k=5),          # odd sizes, k not a power of two
     dict(T=5, H=1, n=6, half=4, k=4, margin=8),  # K1 capped at n
+    dict(T=1, H=2, n=100, half=80, k=7, cast_keys=True),  # a decode step; 2 column blocks
+    dict(T=9, H=3, n=37, half=24, k=5, rescore="loop"),   # the serial re-scoring kernel
+    dict(T=5, H=1, n=6, half=4, k=4, margin=8, rescore="loop", cast_keys=True),
 ]
 
 
@@ -104,6 +113,11 @@ def test_sm90_compile_without_spills():
     regs, spills = sm90_compile(bs._rescore_kernel, dict(q="fp32", keys="fp32", cand="i64", out="fp32"),
                                 dict(BLOCK_T=16, BLOCK_D=256), 4)
     assert spills == 0, f"rescore: {regs} registers, {spills} B spilled"
+    cfg = bs.rescore_config(256)
+    regs, spills = sm90_compile(bs._rescore_topk_kernel, dict(
+        q="fp32", keys="fp32", cand="i64", top_s="fp32", top_i="i32"),
+        dict(K_PAD=32, K1_PAD=64, BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"])
+    assert spills == 0, f"fused rescore: {regs} registers, {spills} B spilled"
     P = pk._pairs(32, 32, torch.device("cpu"))[2]
     ptrs = dict(top_s="fp32", top_i="i32", pair_a="i32", pair_b="i32", scores="fp32",
                 indices="i64", ranks="i32")
@@ -118,12 +132,38 @@ def test_bad_margin_raises():
         bs.bf16_product_key_search(q, K, 2, -1)
 
 
+@pytest.mark.parametrize("bad", ["fp32", "shape"])
+def test_bad_keys_bf16_raises(bad):
+    q, K = layer_like(2, 1, 8, 4, 0)
+    kb = K if bad == "fp32" else K[:, :, :4].to(torch.bfloat16)
+    with pytest.raises(ValueError, match="keys_bf16 must be bf16"):
+        bs.bf16_product_key_search(q, K, 2, keys_bf16=kb)
+
+
 @requires_cuda
 @pytest.mark.parametrize("T,H,n,half,k,exact", [
     (512, 4, 1024, 256, 32, True), (300, 2, 256, 64, 16, True), (64, 4, 128, 128, 37, True),
     (8192, 4, 1024, 256, 32, False)])
 def test_gpu_matches_fp32_reference(T, H, n, half, k, exact):
     check_bf16_search("cuda", T, H, n, half, k, seed=T + n, exact_sets=exact)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T", [1, 3, 256, 8192])
+def test_gpu_fused_rescore_matches_loop(T):
+    """The fused re-scoring returns the serial kernel's per-half lists bit for bit (same fp32
+    candidates; ties, absent at these shapes, aside), from decode steps to a training batch."""
+    q, K = layer_like(T, 4, 1024, 256, T)
+    q, K = q.cuda(), K.cuda()
+    out = {}
+    for mode in ("loop", "fused"):
+        bs.RESCORE = mode
+        try:
+            out[mode] = bs.bf16_search_forward(q, K, 32)
+        finally:
+            bs.RESCORE = "fused"
+    for a, b in zip(out["loop"][:4], out["fused"][:4]):   # scores, indices, top_i, ranks
+        assert torch.equal(a[..., :32] if a.dim() == 4 else a, b[..., :32] if b.dim() == 4 else b)
 
 
 @requires_cuda

@@ -1,0 +1,126 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""The bf16 product-key search's re-scoring step and the query prologue, before/after fusion,
+from a decode step (T = 1) to a training micro-batch (T = 8192), one GPU.
+
+    python3 benchmarks/bench_search.py [--tokens 1 4 16 64 256 8192] [--append]
+    python3 benchmarks/bench_search.py --smoke        # CPU, Triton interpreter, tiny shapes
+
+Shapes: the layer's (4 heads, n = 1024 sub-keys per half, half = 256, k = 32), unit-RMS fp32
+queries and keys scaled 1/sqrt(half) as the QK-norm gives them. Rows per T:
+  search forward with RESCORE = "loop" (serial re-scoring kernel + torch.topk + padding copies),
+  "fused" (``_rescore_topk_kernel``), and fused with the bf16 keys cast once (the standalone
+  model's inference cache); the share of rows whose selected set equals the loop's;
+  query prologue: the six torch ops of the standalone model vs ``kernels/query_prologue.py``.
+Timing: CUDA graphs of 20 calls (``triton.testing.do_bench_cudagraph``) up to T = 256, where a
+call is a few microseconds and Python launch time would hide it; do_bench (L2 flushed) above.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_embedding_bag import ROOT, bench_ms, emit, env_header, md_table  # noqa: E402
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+from megatron_memory.kernels import bf16_search as bs  # noqa: E402
+from megatron_memory.kernels.query_prologue import triton_query_prologue  # noqa: E402
+
+assert str(ROOT) in sys.path
+GRAPH_MAX_T = 256
+
+
+def timed(fn, T: int, rep_ms: int) -> float:
+    if not torch.cuda.is_available():
+        return bench_ms(fn, rep_ms)
+    if T > GRAPH_MAX_T:
+        return bench_ms(fn, rep_ms)
+    import triton.testing
+
+    return triton.testing.do_bench_cudagraph(fn, rep=rep_ms, return_mode="median")
+
+
+def layer_like(T, H, n, half, dev, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    q = torch.randn(T, H, 2, half, generator=gen)
+    K = torch.randn(H, 2, n, half, generator=gen)
+    K = K / K.pow(2).mean(-1, keepdim=True).sqrt() * half ** -0.5
+    q = q / q.pow(2).mean(-1, keepdim=True).sqrt()
+    return q.to(dev), K.to(dev)
+
+
+def search_row(T, H, n, half, k, dev, rep_ms):
+    q, K = layer_like(T, H, n, half, dev, seed=T)
+    kb = K.to(torch.bfloat16)
+
+    def run(mode, cached=False):
+        bs.RESCORE = mode
+        try:
+            return bs.bf16_search_forward(q, K, k, kb=kb if cached else None)
+        finally:
+            bs.RESCORE = "fused"
+
+    with torch.no_grad():
+        want = run("loop")[1].sort(-1).values
+        same = (run("fused")[1].sort(-1).values == want).all(-1).float().mean().item()
+        ms = [timed(lambda m=m, c=c: run(m, c), T, rep_ms)
+              for m, c in (("loop", False), ("fused", False), ("fused", True))]
+    return [T, *(f"{x * 1e3:.1f}" for x in ms), f"{ms[0] / ms[1]:.2f}x", f"{ms[0] / ms[2]:.2f}x",
+            f"{same * 100:.2f}%"]
+
+
+def prologue_row(T, H, half, dev, rep_ms):
+    """The standalone model's ops: cast, - mean, * scale, + shift, rms_norm, * gain."""
+    width = H * 2 * half
+    gen = torch.Generator().manual_seed(T)
+    q = torch.randn(T, width, generator=gen).to(dev, torch.bfloat16)
+    mean, shift, scale, gain = (torch.randn(width, generator=gen).to(dev) for _ in range(4))
+
+    def torch_ops():
+        x = (q.float() - mean) * scale + shift
+        return F.rms_norm(x.view(T, H, 2, half), (half,), eps=1e-6) * gain.view(H, 2, half)
+
+    def fused():
+        return triton_query_prologue(q, gain, 1e-6, half, "batchnorm", mean, scale, shift)
+
+    err = (fused() - torch_ops()).abs().max().item()
+    a, b = timed(torch_ops, T, rep_ms), timed(fused, T, rep_ms)
+    return [T, f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", f"{a / b:.2f}x", f"{err:.1e}"]
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 8192])
+    ap.add_argument("--rep-ms", type=int, default=100)
+    ap.add_argument("--append", action="store_true", help="append the report to benchmarks/RESULTS.md")
+    ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    args = ap.parse_args(argv)
+    if any(t < 1 for t in args.tokens) or args.rep_ms < 1:
+        ap.error("--tokens and --rep-ms must be positive")
+    if args.smoke:
+        if os.environ.get("TRITON_INTERPRET") != "1":
+            ap.error("--smoke runs the kernels in the Triton interpreter: set TRITON_INTERPRET=1")
+        H, n, half, k, dev, tokens = 2, 64, 16, 8, "cpu", [1, 5]
+    elif not torch.cuda.is_available():
+        ap.error("no CUDA device: run on a GPU, or --smoke with TRITON_INTERPRET=1")
+    else:
+        H, n, half, k, dev, tokens = 4, 1024, 256, 32, "cuda", args.tokens
+    search = [search_row(T, H, n, half, k, dev, args.rep_ms) for T in tokens]
+    prologue = [prologue_row(T, H, half, dev, args.rep_ms) for T in tokens]
+    text = env_header("bf16 search re-scoring and query prologue, before/after fusion (bench_search.py)")
+    text += (f"\nH={H}, n={n}, half={half}, k={k}, margin {bs.RESCORE_MARGIN}; microseconds per call "
+             f"(CUDA graphs up to T={GRAPH_MAX_T}, do_bench above).\n\n")
+    text += md_table(["T", "loop us", "fused us", "fused + cached bf16 keys us", "loop/fused",
+                      "loop/fused+cache", "same sets"], search)
+    text += "\n\nQuery prologue (batchnorm, QK-norm, gain; bf16 input):\n\n"
+    text += md_table(["T", "torch ops us", "fused us", "speed-up", "max abs diff"], prologue) + "\n"
+    emit("bench_search", text, args.append)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

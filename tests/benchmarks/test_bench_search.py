@@ -1,0 +1,36 @@
+# Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
+"""benchmarks/bench_search.py --smoke in the Triton interpreter: both re-scoring paths choose the
+same sets, the fused prologue matches the torch ops, every time is positive."""
+from __future__ import annotations
+
+import contextlib
+import io
+import sys
+from pathlib import Path
+
+from tests.kernels.test_embedding_bag import run_interpreted
+
+BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
+
+
+def smoke_rows() -> list:
+    """Run the smoke benchmark (in the interpreter subprocess) -> its two tables' body rows."""
+    sys.path.insert(0, str(BENCH))
+    import bench_search  # here: only the interpreter subprocess needs benchmarks/ on its path
+
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        assert bench_search.main(["--smoke", "--rep-ms", "1"]) == 0
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in out.getvalue().splitlines()
+            if line.startswith("| ") and line[2].isdigit()]
+
+
+def test_smoke_run(monkeypatch):
+    monkeypatch.delenv("OUT", raising=False)
+    search, prologue = [], []
+    for row in run_interpreted("tests.benchmarks.test_bench_search", "smoke_rows", timeout=300):
+        (search if len(row) == 7 else prologue).append(row)
+    assert [int(r[0]) for r in search] == [1, 5] and [int(r[0]) for r in prologue] == [1, 5]
+    assert all(r[6] == "100.00%" for r in search), search
+    assert all(float(c) > 0 for r in search for c in r[1:4])
+    assert all(float(r[4]) < 1e-4 and float(r[1]) > 0 and float(r[2]) > 0 for r in prologue), prologue

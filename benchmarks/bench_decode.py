@@ -63,9 +63,10 @@ def parse_args(argv):
     ap.add_argument("--moe-backend", default="auto", choices=["auto", "grouped", "loop"],
                     help="auto: grouped GEMM if it matches the per-expert loop on this device")
     ap.add_argument("--memory-path", default="fused", choices=["fused", "unfused"],
-                    help="unfused: Memory+ decodes as before run 19 (serial candidate re-scoring "
-                         "+ torch.topk, the query norm as six torch kernels, keys cast to bf16 "
-                         "every step), for a before/after in the same call")
+                    help="unfused: Memory+ decodes as before run 19 (the bf16 search at every T "
+                         "with serial candidate re-scoring + torch.topk, the query norm as six "
+                         "torch kernels, keys cast to bf16 every step), for a before/after in the "
+                         "same call")
     ap.add_argument("--profile", action="store_true",
                     help="also list the kernels of one eager batch-1 decode step of dense and Memory+")
     ap.add_argument("--tiny", action="store_true", help="tiny preset on CPU, fp32, a few seconds")
@@ -107,9 +108,10 @@ def parse_args(argv):
 def use_unfused_memory_path() -> None:
     """Route this process's Memory+ decode through the pre-fusion path (--memory-path unfused)."""
     from megatron_memory import standalone
-    from megatron_memory.kernels import bf16_search
+    from megatron_memory.kernels import bf16_search, decode_search
 
     search = standalone.product_key_search
+    decode_search.MAX_TOKENS = 0
     bf16_search.RESCORE = "loop"
     standalone.fused_query_prologue = None
     standalone.product_key_search = lambda q, keys, k, keys_bf16=None: search(q, keys, k)

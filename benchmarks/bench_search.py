@@ -10,7 +10,8 @@ queries and keys scaled 1/sqrt(half) as the QK-norm gives them. Rows per T:
   search forward with RESCORE = "loop" (serial re-scoring kernel + torch.topk + padding copies),
   "fused" (``_rescore_topk_kernel``), and fused with the bf16 keys cast once (the standalone
   model's inference cache); the share of rows whose selected set equals the loop's;
-  query prologue: the six torch ops of the standalone model vs ``kernels/query_prologue.py``.
+  the decode search (kernels/decode_search.py) up to T = 256 and its agreement with the fp32
+  reference; query prologue: the six torch ops of the standalone model vs ``kernels/query_prologue.py``.
 Timing: CUDA graphs of 20 calls (``triton.testing.do_bench_cudagraph``) up to T = 256, where a
 call is a few microseconds and Python launch time would hide it; do_bench (L2 flushed) above.
 """
@@ -28,10 +29,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_memory.kernels import bf16_search as bs  # noqa: E402
+from megatron_memory.kernels.decode_search import MAX_TOKENS, decode_product_key_search  # noqa: E402
+from megatron_memory.kernels.reference import product_key_search_reference  # noqa: E402
 from megatron_memory.kernels.query_prologue import triton_query_prologue  # noqa: E402
 
 assert str(ROOT) in sys.path
 GRAPH_MAX_T = 256
+DECODE_MAX_T = 256   # the decode search is timed up to here (the dispatcher uses it to MAX_TOKENS)
 
 
 def timed(fn, T: int, rep_ms: int) -> float:
@@ -56,6 +60,10 @@ def layer_like(T, H, n, half, dev, seed=0):
 def search_row(T, H, n, half, k, dev, rep_ms):
     q, K = layer_like(T, H, n, half, dev, seed=T)
     kb = K.to(torch.bfloat16)
+    with torch.no_grad():
+        ref = product_key_search_reference(q, K, k)[1].sort(-1).values
+        split = decode_product_key_search(q, K, k)[1].sort(-1).values if T <= DECODE_MAX_T else None
+        dec = timed(lambda: decode_product_key_search(q, K, k), T, rep_ms) if split is not None else None
 
     def run(mode, cached=False):
         bs.RESCORE = mode
@@ -69,8 +77,10 @@ def search_row(T, H, n, half, k, dev, rep_ms):
         same = (run("fused")[1].sort(-1).values == want).all(-1).float().mean().item()
         ms = [timed(lambda m=m, c=c: run(m, c), T, rep_ms)
               for m, c in (("loop", False), ("fused", False), ("fused", True))]
+    dec_cols = ["-", "-"] if dec is None else [
+        f"{dec * 1e3:.1f}", f"{(split == ref).all(-1).float().mean().item() * 100:.2f}%"]
     return [T, *(f"{x * 1e3:.1f}" for x in ms), f"{ms[0] / ms[1]:.2f}x", f"{ms[0] / ms[2]:.2f}x",
-            f"{same * 100:.2f}%"]
+            f"{same * 100:.2f}%", *dec_cols]
 
 
 def prologue_row(T, H, half, dev, rep_ms):
@@ -115,7 +125,10 @@ def main(argv=None) -> int:
     text += (f"\nH={H}, n={n}, half={half}, k={k}, margin {bs.RESCORE_MARGIN}; microseconds per call "
              f"(CUDA graphs up to T={GRAPH_MAX_T}, do_bench above).\n\n")
     text += md_table(["T", "loop us", "fused us", "fused + cached bf16 keys us", "loop/fused",
-                      "loop/fused+cache", "same sets"], search)
+                      "loop/fused+cache", "same sets", "decode search us",
+                      "decode = fp32 reference sets"], search)
+    text += (f"\n\nThe dispatcher runs the decode search (kernels/decode_search.py, exact fp32, "
+             f"sub-keys split across programs) for T <= {MAX_TOKENS} without gradients.\n")
     text += "\n\nQuery prologue (batchnorm, QK-norm, gain; bf16 input):\n\n"
     text += md_table(["T", "torch ops us", "fused us", "speed-up", "max abs diff"], prologue) + "\n"
     emit("bench_search", text, args.append)

@@ -23,6 +23,7 @@ try:  # Triton is optional: without it every op runs the reference.
     from megatron_memory.kernels import bf16_search as _bf16_search
     from megatron_memory.kernels import triton_product_key as _triton_search
     from megatron_memory.kernels import query_prologue as _prologue
+    from megatron_memory.kernels import decode_search as _decode_search
     from megatron_memory.kernels.triton_embedding_bag import DeferredTableGrad
 
     HAVE_TRITON = True
@@ -33,7 +34,9 @@ _FORCE_REFERENCE = os.environ.get("MEGATRON_MEMORY_REFERENCE", "0") == "1"
 # Which search runs on CUDA. "bf16" (default): bf16 tensor-core scores, candidates re-scored
 # exactly in fp32 (kernels/bf16_search.py). "torch": the fp32 reference (matmul + topk; 4.3 ms
 # forward at T=8192, H=4, n=1024 on an H200, 2026-11-26). "triton": the fused fp32 search
-# (6.1 ms there; its in-register bitonic top-k merges dominate).
+# (6.1 ms there; its in-register bitonic top-k merges dominate). With "bf16", calls of at most
+# decode_search.MAX_TOKENS tokens that need no gradient (decode steps) take the exact fp32
+# search of kernels/decode_search.py, which splits the sub-keys across programs.
 SEARCH_BACKENDS = ("bf16", "torch", "triton")
 SEARCH_BACKEND = os.environ.get("MEGATRON_MEMORY_SEARCH", "bf16")
 if SEARCH_BACKEND not in SEARCH_BACKENDS:
@@ -64,10 +67,16 @@ def product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int, *,
     keys_bf16: optional cached ``keys.to(torch.bfloat16)`` for the bf16 search (inference);
     the other backends do not need it."""
     if use_triton(query) and SEARCH_BACKEND == "bf16":
+        if query.shape[0] <= _decode_search.MAX_TOKENS and not _needs_grad(query, keys):
+            return _decode_search.decode_product_key_search(query, keys, k)   # decode steps
         return _bf16_search.bf16_product_key_search(query, keys, k, keys_bf16=keys_bf16)
     if use_triton(query) and SEARCH_BACKEND == "triton":
         return _triton_search.triton_product_key_search(query, keys, k)
     return product_key_search_reference(query, keys, k)
+
+
+def _needs_grad(*tensors) -> bool:
+    return torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in tensors)
 
 
 def fused_query_prologue(q: torch.Tensor, gain: torch.Tensor, eps: float, half: int, norm: str = "none",
@@ -75,7 +84,6 @@ def fused_query_prologue(q: torch.Tensor, gain: torch.Tensor, eps: float, half: 
     """Inference only: the query's running-statistics norm, QK-norm and gain in one Triton kernel
     (kernels/query_prologue.py), q [T, H*2*half] -> [T, H, 2, half] fp32. None when Triton does not
     serve q (CPU, reference forced) or autograd must reach an input: the caller runs its torch ops."""
-    tensors = [t for t in (q, gain, mean, scale, shift) if t is not None]
-    if not use_triton(q) or (torch.is_grad_enabled() and any(t.requires_grad for t in tensors)):
+    if not use_triton(q) or _needs_grad(q, gain, mean, scale, shift):
         return None
     return _prologue.triton_query_prologue(q, gain, eps, half, norm, mean, scale, shift)

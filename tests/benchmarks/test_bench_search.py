@@ -29,8 +29,9 @@ def test_smoke_run(monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
     search, prologue = [], []
     for row in run_interpreted("tests.benchmarks.test_bench_search", "smoke_rows", timeout=300):
-        (search if len(row) == 7 else prologue).append(row)
+        (search if len(row) == 9 else prologue).append(row)
     assert [int(r[0]) for r in search] == [1, 5] and [int(r[0]) for r in prologue] == [1, 5]
-    assert all(r[6] == "100.00%" for r in search), search
+    assert all(r[6] == "100.00%" and r[8] == "100.00%" for r in search), search
+    assert all(float(r[7]) > 0 for r in search)
     assert all(float(c) > 0 for r in search for c in r[1:4])
     assert all(float(r[4]) < 1e-4 and float(r[1]) > 0 and float(r[2]) > 0 for r in prologue), prologue

@@ -29,7 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_memory.kernels import bf16_search as bs  # noqa: E402
-from megatron_memory.kernels.decode_search import MAX_TOKENS, decode_product_key_search  # noqa: E402
+from megatron_memory.kernels.decode_search import MAX_TOKENS, decode_config, decode_product_key_search  # noqa: E402
 from megatron_memory.kernels.reference import product_key_search_reference  # noqa: E402
 from megatron_memory.kernels.query_prologue import triton_query_prologue  # noqa: E402
 
@@ -102,12 +102,54 @@ def prologue_row(T, H, half, dev, rep_ms):
     return [T, f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", f"{a / b:.2f}x", f"{err:.1e}"]
 
 
+def profile_t1(H, n, half, k, dev, calls: int = 20) -> str:
+    """Per-kernel CUDA time (us per call) of the two T = 1 searches, torch profiler."""
+    from torch.profiler import ProfilerActivity, profile  # only with --profile
+
+    q, K = layer_like(1, H, n, half, dev)
+    kb = K.to(torch.bfloat16)
+    text = ""
+    for name, fn in (("decode search", lambda: decode_product_key_search(q, K, k)),
+                     ("bf16 search, fused re-scoring, cached keys", lambda: bs.bf16_search_forward(q, K, k, kb=kb))):
+        with torch.no_grad():
+            fn()
+            torch.cuda.synchronize()
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(calls):
+                    fn()
+                torch.cuda.synchronize()
+        events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                        key=lambda e: -e.device_time_total)
+        rows = [[e.key[:60].replace("|", "/"), f"{e.device_time_total / calls:.1f}", e.count // calls]
+                for e in events]
+        text += f"\n\nT = 1, {name}: kernels per call\n\n" + md_table(["kernel", "us", "launches"], rows)
+    return text + "\n"
+
+
+def sweep_decode(H, n, half, k, dev, rep_ms, tokens=(1, 4, 16)) -> str:
+    """Decode-search tiles: us per call at a few T for each (BLOCK_N, BLOCK_D, warps)."""
+    rows = []
+    for bn in (32, 64, 128):
+        for bd in (64, 128, 256):
+            for w in (2, 4, 8):
+                cfg = dict(BLOCK_N=bn, BLOCK_D=bd, num_warps=w)
+                row = [bn, bd, w]
+                for T in tokens:
+                    q, K = layer_like(T, H, n, half, dev)
+                    with torch.no_grad():
+                        row.append(f"{timed(lambda: decode_product_key_search(q, K, k, cfg), T, rep_ms) * 1e3:.1f}")
+                rows.append(row)
+    return ("\n\nDecode search tiles (default " + str(decode_config(half, 32)) + "):\n\n"
+            + md_table(["BLOCK_N", "BLOCK_D", "warps"] + [f"T={T} us" for T in tokens], rows) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 8192])
     ap.add_argument("--rep-ms", type=int, default=100)
     ap.add_argument("--append", action="store_true", help="append the report to benchmarks/RESULTS.md")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
+    ap.add_argument("--profile", action="store_true", help="per-kernel times of the T = 1 searches and a sweep of the decode search's tiles")
     args = ap.parse_args(argv)
     if any(t < 1 for t in args.tokens) or args.rep_ms < 1:
         ap.error("--tokens and --rep-ms must be positive")
@@ -131,6 +173,8 @@ def main(argv=None) -> int:
              f"sub-keys split across programs) for T <= {MAX_TOKENS} without gradients.\n")
     text += "\n\nQuery prologue (batchnorm, QK-norm, gain; bf16 input):\n\n"
     text += md_table(["T", "torch ops us", "fused us", "speed-up", "max abs diff"], prologue) + "\n"
+    if args.profile and not args.smoke:
+        text += profile_t1(H, n, half, k, dev) + sweep_decode(H, n, half, k, dev, args.rep_ms)
     emit("bench_search", text, args.append)
     return 0
 

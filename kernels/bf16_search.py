@@ -30,8 +30,7 @@ import triton
 import triton.language as tl
 
 from megatron_memory.kernels.reference import product_key_search_reference
-from megatron_memory.kernels.triton_product_key import (_candidates_kernel, _check, _pack, _pairs, _unpack,
-                                                        candidates_block)
+from megatron_memory.kernels.triton_product_key import _check, _pack, _unpack, launch_candidates
 
 # Extra bf16 candidates per half beyond k (K1 = k + RESCORE_MARGIN). At the layer's scale
 # (unit-RMS queries, keys scaled 1/sqrt(half)) bf16 moves a score by < 0.02; 16 extra ranks
@@ -200,12 +199,7 @@ def bf16_search_forward(query, keys, k: int, margin: int = RESCORE_MARGIN, kb=No
     indices = torch.empty(T, H, k, dtype=torch.int64, device=dev)
     ranks = torch.empty(T, H, k, dtype=torch.int32, device=dev)
     top_s, top_i, qb, kb = _per_half_topk(query, keys, k, margin, kb)
-    k_pad = top_s.shape[-1]
-    pa, pb, P = _pairs(k, k_pad, dev)
-    block_r = candidates_block(P)
-    _candidates_kernel[(triton.cdiv(T * H, block_r),)](
-        top_s, top_i, pa, pb, scores, indices, ranks, T * H, n, k, K_PAD=k_pad, P=P,
-        BLOCK_R=block_r, WRITE_RANKS=True, num_warps=4)
+    launch_candidates(top_s, top_i, scores, indices, ranks, n, k, write_ranks=True)
     return scores, indices, top_i, ranks, qb, kb
 
 

@@ -11,7 +11,7 @@ paper's 4 heads) and long dependent chains (17 bisection rounds, a bitonic top-k
 the n sub-keys of each (token, head, half) are split across programs instead:
   1. ``_chunk_topk_kernel``, program (t, h*2 + c, chunk of BLOCK_N sub-keys): exact fp32 scores
      of its sub-keys (fp32 products summed over the half width), their top K_PAD as packed
-     (score, index) int64 keys (triton_product_key._pack). 256 programs at T = 1, n = 1024.
+     (score, index) int64 keys (triton_product_key._pack). 128 programs at T = 1, n = 1024.
   2. ``_merge_kernel``, program (t, h*2 + c): top K_PAD of the n / BLOCK_N chunk lists.
   3. the product step of the fused search (triton_product_key._candidates_kernel).
 Every token re-reads the keys (2H * n * half * 4 bytes, from L2 after the first), so this pays
@@ -23,12 +23,11 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_memory.kernels.triton_product_key import _candidates_kernel, _check, _pack, _pairs, _unpack, \
-    candidates_block
+from megatron_memory.kernels.triton_product_key import _check, _pack, _unpack, launch_candidates
 
 # The dispatcher (kernels.product_key_search) takes this path for T <= MAX_TOKENS when no
 # gradient is needed.
-MAX_TOKENS = 16
+MAX_TOKENS = 4   # H100, run 19: 33-39 us vs the bf16 search's 40-42 at T = 1..4, 58 vs 43 at T = 16
 
 
 @triton.jit
@@ -76,8 +75,9 @@ def _merge_kernel(part, top_s, top_i, n_chunks, k, K_PAD: tl.constexpr, BLOCK_C:
 def decode_config(half: int, k_pad: int) -> dict:
     """Tiles of _chunk_topk_kernel: [BLOCK_N, BLOCK_D] fp32 values and their int64 addresses in
     registers (4096 of each at the layer's sizes; 4 warps, no spills on sm_90: the kernel test
-    compiles it); BLOCK_N >= K_PAD for the chunk's top-k."""
-    return dict(BLOCK_N=max(32, k_pad), BLOCK_D=max(16, min(128, triton.next_power_of_2(half))),
+    compiles it); BLOCK_N >= K_PAD for the chunk's top-k. 64 x 64 was the fastest at T = 1 and
+    4 of 27 tilings swept on an H100 (bench_search.py --profile, RESULTS.md run 19)."""
+    return dict(BLOCK_N=max(64, k_pad), BLOCK_D=max(16, min(64, triton.next_power_of_2(half))),
                 num_warps=4)
 
 
@@ -106,9 +106,5 @@ def decode_product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int, c
     top_i = torch.empty(T, H, 2, k_pad, dtype=torch.int32, device=dev)
     _merge_kernel[(T, 2 * H)](part, top_s, top_i, n_chunks, k, K_PAD=k_pad,
                               BLOCK_C=triton.next_power_of_2(n_chunks), num_warps=4)
-    pa, pb, P = _pairs(k, k_pad, dev)
-    block_r = candidates_block(P)
-    _candidates_kernel[(triton.cdiv(T * H, block_r),)](
-        top_s, top_i, pa, pb, scores, indices, indices, T * H, n, k, K_PAD=k_pad, P=P,
-        BLOCK_R=block_r, num_warps=4)
+    launch_candidates(top_s, top_i, scores, indices, indices, n, k, write_ranks=False)
     return scores, indices

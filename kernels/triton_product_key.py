@@ -159,6 +159,24 @@ def candidates_block(P: int) -> int:
     return max(1, min(16, 2048 // P))
 
 
+# Below this many (t, h) rows the product step runs one row per program on one warp. A decode
+# step (T = 1, 4 heads) has 4 rows: as one 16-row program on 4 warps the kernel took 23.4 us of
+# a 35 us search on an H100 (benchmarks/RESULTS.md run 19); its sorting network is latency-bound.
+SMALL_ROWS = 256
+
+
+def launch_candidates(top_s, top_i, scores, indices, ranks, n: int, k: int, write_ranks: bool):
+    """The product step on per-half lists top_s / top_i [T, H, 2, K_PAD] -> scores, indices
+    (and ranks when write_ranks) [T, H, k]; tiles by the number of rows R = T * H."""
+    T, H, _, k_pad = top_s.shape
+    R = T * H
+    pa, pb, P = _pairs(k, k_pad, top_s.device)
+    block_r, warps = (1, 1) if R <= SMALL_ROWS else (candidates_block(P), 4)
+    _candidates_kernel[(triton.cdiv(R, block_r),)](
+        top_s, top_i, pa, pb, scores, indices, ranks, R, n, k, K_PAD=k_pad, P=P, BLOCK_R=block_r,
+        WRITE_RANKS=write_ranks, num_warps=warps)
+
+
 def search_forward(query: torch.Tensor, keys: torch.Tensor, k: int, config=None, precision=None):
     """query [T, H, 2, half], keys [H, 2, n, half] (same dtype, unit last stride) -> (scores, indices).
     precision: tl.dot mode for fp32 inputs (default FP32_PRECISION)."""
@@ -178,11 +196,7 @@ def search_forward(query: torch.Tensor, keys: torch.Tensor, k: int, config=None,
         query.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), K_PAD=k_pad,
         PRECISION=(precision or FP32_PRECISION) if query.dtype == torch.float32 else None,
         UPCAST=interpreting() and query.dtype == torch.bfloat16, **cfg)
-    pa, pb, P = _pairs(k, k_pad, dev)
-    block_r = candidates_block(P)
-    _candidates_kernel[(triton.cdiv(T * H, block_r),)](
-        top_s, top_i, pa, pb, scores, indices, indices, T * H, n, k, K_PAD=k_pad, P=P, BLOCK_R=block_r,
-        num_warps=4)
+    launch_candidates(top_s, top_i, scores, indices, indices, n, k, write_ranks=False)
     return scores, indices
 
 

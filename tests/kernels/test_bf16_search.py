@@ -121,9 +121,10 @@ def test_sm90_compile_without_spills():
     P = pk._pairs(32, 32, torch.device("cpu"))[2]
     ptrs = dict(top_s="fp32", top_i="i32", pair_a="i32", pair_b="i32", scores="fp32",
                 indices="i64", ranks="i32")
-    regs, spills = sm90_compile(pk._candidates_kernel, ptrs, dict(
-        K_PAD=32, P=P, BLOCK_R=pk.candidates_block(P), WRITE_RANKS=True), 4)
-    assert spills == 0, f"candidates: {regs} registers, {spills} B spilled"
+    for block_r, warps in ((pk.candidates_block(P), 4), (1, 1)):   # large R; decode steps
+        regs, spills = sm90_compile(pk._candidates_kernel, ptrs, dict(
+            K_PAD=32, P=P, BLOCK_R=block_r, WRITE_RANKS=True), warps)
+        assert spills == 0, f"candidates, {block_r} rows: {regs} registers, {spills} B spilled"
 
 
 def test_bad_margin_raises():
@@ -151,8 +152,9 @@ def test_gpu_matches_fp32_reference(T, H, n, half, k, exact):
 @requires_cuda
 @pytest.mark.parametrize("T", [1, 3, 256, 8192])
 def test_gpu_fused_rescore_matches_loop(T):
-    """The fused re-scoring returns the serial kernel's per-half lists bit for bit (same fp32
-    candidates; ties, absent at these shapes, aside), from decode steps to a training batch."""
+    """The fused re-scoring selects the serial kernel's sets, per half and in the product, with
+    the same fp32 scores up to summation order (it sums the width in 64-column blocks), from
+    decode steps to a training batch."""
     q, K = layer_like(T, 4, 1024, 256, T)
     q, K = q.cuda(), K.cuda()
     out = {}
@@ -162,16 +164,20 @@ def test_gpu_fused_rescore_matches_loop(T):
             out[mode] = bs.bf16_search_forward(q, K, 32)
         finally:
             bs.RESCORE = "fused"
-    for a, b in zip(out["loop"][:4], out["fused"][:4]):   # scores, indices, top_i, ranks
-        assert torch.equal(a[..., :32] if a.dim() == 4 else a, b[..., :32] if b.dim() == 4 else b)
+    (s0, i0, t0, _), (s1, i1, t1, _) = out["loop"][:4], out["fused"][:4]
+    same = (i0.sort(-1).values == i1.sort(-1).values).all(-1)
+    assert same.float().mean() >= (1.0 if T <= 256 else 0.999), same.float().mean()
+    torch.testing.assert_close(s1[same], s0[same], rtol=0, atol=1e-5)
+    halves = (t0[..., :32].sort(-1).values == t1[..., :32].sort(-1).values).all(-1)
+    assert halves.float().mean() >= (1.0 if T <= 256 else 0.999)
 
 
 @requires_cuda
 def test_gpu_default_dispatch_is_bf16(monkeypatch):
     seen = []
     real = bs.bf16_product_key_search
-    monkeypatch.setattr(bs, "bf16_product_key_search", lambda *a: seen.append(1) or real(*a))
-    q, K = layer_like(64, 2, 64, 16, 3)
+    monkeypatch.setattr(bs, "bf16_product_key_search", lambda *a, **kw: seen.append(1) or real(*a, **kw))
+    q, K = layer_like(64, 2, 64, 16, 3)   # 64 tokens: above the decode search's MAX_TOKENS
     monkeypatch.setattr(kernels, "SEARCH_BACKEND", "bf16")
     kernels.product_key_search(q.cuda(), K.cuda(), 4)
     assert seen == [1]

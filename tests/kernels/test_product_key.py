@@ -80,6 +80,7 @@ INTERPRETER_CASES = [
     dict(T=17, H=2, n=70, half=20, k=5),                    # several token/key/width blocks
     dict(T=4, H=2, n=5, half=8, k=5),                       # k == n_keys: padded running lists
     dict(T=6, H=2, n=40, half=16, k=8, dtype=torch.bfloat16),
+    dict(T=129, H=2, n=40, half=8, k=6),                    # > SMALL_ROWS rows: 16-row programs
 ]
 
 

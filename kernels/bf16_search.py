@@ -30,7 +30,7 @@ import triton
 import triton.language as tl
 
 from megatron_memory.kernels.reference import product_key_search_reference
-from megatron_memory.kernels.triton_product_key import _check, _pack, _unpack, launch_candidates
+from megatron_memory.kernels.triton_product_key import _check, _pack, _row_dots, _store_top, half_lists, product_step
 
 # Extra bf16 candidates per half beyond k (K1 = k + RESCORE_MARGIN). At the layer's scale
 # (unit-RMS queries, keys scaled 1/sqrt(half)) bf16 moves a score by < 0.02; 16 extra ranks
@@ -129,22 +129,10 @@ def _rescore_topk_kernel(q, keys, cand, top_s, top_i, T, half, K1, k,
     jmask = js < K1
     ids = tl.load(cand + (hc * T + t) * K1 + js, mask=jmask, other=0)            # int64
     q_row = q + t * stride_qt + h * stride_qh + c * stride_qc
-    k_rows = keys + h * stride_kh + c * stride_kc + ids[:, None] * stride_kn
-    acc = tl.zeros([K1_PAD], dtype=tl.float32)
-    for d0 in range(0, half, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        dmask = ds < half
-        qv = tl.load(q_row + ds, mask=dmask, other=0.0).to(tl.float32)
-        kv = tl.load(k_rows + ds[None, :], mask=jmask[:, None] & dmask[None, :],
-                     other=0.0).to(tl.float32)
-        acc += tl.sum(kv * qv[None, :], axis=1)
+    k_rows = keys + h * stride_kh + c * stride_kc + ids * stride_kn
+    acc = _row_dots(q_row, k_rows, jmask, half, K1_PAD, BLOCK_D)
     key = tl.where(jmask, _pack(acc, ids), -9223372036854775808)                # below any real
-    s, i = _unpack(tl.topk(key, K_PAD))
-    ks = tl.arange(0, K_PAD)
-    keep = ks < k
-    out = (t * tl.num_programs(1) + hc) * K_PAD + ks
-    tl.store(top_s + out, tl.where(keep, s, 0.0))
-    tl.store(top_i + out, tl.where(keep, i, 0))
+    _store_top(key, top_s, top_i, t * tl.num_programs(1) + hc, k, K_PAD)
 
 
 def rescore_config(half: int) -> dict:
@@ -168,8 +156,7 @@ def _per_half_topk(query, keys, k: int, margin: int, kb=None):
     cand = _candidates(approx, k1)                                      # [2H, T, K1] int64
     del approx
     if RESCORE == "fused":
-        top_s = torch.empty(T, H, 2, k_pad, dtype=torch.float32, device=query.device)
-        top_i = torch.empty(T, H, 2, k_pad, dtype=torch.int32, device=query.device)
+        top_s, top_i = half_lists(T, H, k, query.device)
         _rescore_topk_kernel[(T, 2 * H)](
             query, keys, cand, top_s, top_i, T, half, k1, k, query.stride(0), query.stride(1),
             query.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), K_PAD=k_pad,
@@ -192,14 +179,8 @@ def _per_half_topk(query, keys, k: int, margin: int, kb=None):
 def bf16_search_forward(query, keys, k: int, margin: int = RESCORE_MARGIN, kb=None):
     """-> scores [T, H, k] fp32, indices [T, H, k] int64, and for the backward: per-half ids
     top_i [T, H, 2, K_PAD] int32, ranks [T, H, k] int32 (a * K_PAD + b), qb, kb."""
-    T, H, _, half = query.shape
-    n = keys.shape[2]
-    dev = query.device
-    scores = torch.empty(T, H, k, dtype=torch.float32, device=dev)
-    indices = torch.empty(T, H, k, dtype=torch.int64, device=dev)
-    ranks = torch.empty(T, H, k, dtype=torch.int32, device=dev)
     top_s, top_i, qb, kb = _per_half_topk(query, keys, k, margin, kb)
-    launch_candidates(top_s, top_i, scores, indices, ranks, n, k, write_ranks=True)
+    scores, indices, ranks = product_step(top_s, top_i, keys.shape[2], k, write_ranks=True)
     return scores, indices, top_i, ranks, qb, kb
 
 

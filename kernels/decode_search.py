@@ -23,7 +23,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_memory.kernels.triton_product_key import _check, _pack, _unpack, launch_candidates
+from megatron_memory.kernels.triton_product_key import _check, _pack, _row_dots, _store_top, half_lists, product_step
 
 # The dispatcher (kernels.product_key_search) takes this path for T <= MAX_TOKENS when no
 # gradient is needed.
@@ -44,14 +44,8 @@ def _chunk_topk_kernel(q, keys, part, n, half, n_chunks,
     ns = chunk * BLOCK_N + tl.arange(0, BLOCK_N)
     nmask = ns < n
     q_row = q + t * stride_qt + h * stride_qh + c * stride_qc
-    k_rows = keys + h * stride_kh + c * stride_kc + ns.to(tl.int64)[:, None] * stride_kn
-    acc = tl.zeros([BLOCK_N], dtype=tl.float32)
-    for d0 in range(0, half, BLOCK_D):
-        ds = d0 + tl.arange(0, BLOCK_D)
-        dmask = ds < half
-        qv = tl.load(q_row + ds, mask=dmask, other=0.0).to(tl.float32)
-        kv = tl.load(k_rows + ds[None, :], mask=nmask[:, None] & dmask[None, :], other=0.0).to(tl.float32)
-        acc += tl.sum(kv * qv[None, :], axis=1)
+    k_rows = keys + h * stride_kh + c * stride_kc + ns.to(tl.int64) * stride_kn
+    acc = _row_dots(q_row, k_rows, nmask, half, BLOCK_N, BLOCK_D)
     key = tl.where(nmask, _pack(acc, ns), -9223372036854775808)
     row = (t * tl.num_programs(1) + hc) * n_chunks + chunk
     tl.store(part + row * K_PAD + tl.arange(0, K_PAD), tl.topk(key, K_PAD))
@@ -65,11 +59,7 @@ def _merge_kernel(part, top_s, top_i, n_chunks, k, K_PAD: tl.constexpr, BLOCK_C:
     es = tl.arange(0, BLOCK_C * K_PAD)
     key = tl.load(part + row * n_chunks * K_PAD + es, mask=es < n_chunks * K_PAD,
                   other=-9223372036854775808)
-    s, i = _unpack(tl.topk(key, K_PAD))
-    ks = tl.arange(0, K_PAD)
-    keep = ks < k
-    tl.store(top_s + row * K_PAD + ks, tl.where(keep, s, 0.0))
-    tl.store(top_i + row * K_PAD + ks, tl.where(keep, i, 0))
+    _store_top(key, top_s, top_i, row, k, K_PAD)
 
 
 def decode_config(half: int, k_pad: int) -> dict:
@@ -90,21 +80,15 @@ def decode_product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int, c
     query, keys = query.contiguous(), keys.contiguous()
     T, H, _, half = query.shape
     n = keys.shape[2]
-    dev = query.device
-    k_pad = max(2, triton.next_power_of_2(k))
-    scores = torch.empty(T, H, k, dtype=torch.float32, device=dev)
-    indices = torch.empty(T, H, k, dtype=torch.int64, device=dev)
-    if T == 0 or H == 0:
-        return scores, indices
-    cfg = dict(config or decode_config(half, k_pad))
-    n_chunks = triton.cdiv(n, cfg["BLOCK_N"])
-    part = torch.empty(T * 2 * H * n_chunks, k_pad, dtype=torch.int64, device=dev)
-    _chunk_topk_kernel[(T, 2 * H, n_chunks)](
-        query, keys, part, n, half, n_chunks, query.stride(0), query.stride(1), query.stride(2),
-        keys.stride(0), keys.stride(1), keys.stride(2), K_PAD=k_pad, **cfg)
-    top_s = torch.empty(T, H, 2, k_pad, dtype=torch.float32, device=dev)
-    top_i = torch.empty(T, H, 2, k_pad, dtype=torch.int32, device=dev)
-    _merge_kernel[(T, 2 * H)](part, top_s, top_i, n_chunks, k, K_PAD=k_pad,
-                              BLOCK_C=triton.next_power_of_2(n_chunks), num_warps=4)
-    launch_candidates(top_s, top_i, scores, indices, indices, n, k, write_ranks=False)
-    return scores, indices
+    top_s, top_i = half_lists(T, H, k, query.device)
+    k_pad = top_s.shape[-1]
+    if T and H:
+        cfg = dict(config or decode_config(half, k_pad))
+        n_chunks = triton.cdiv(n, cfg["BLOCK_N"])
+        part = torch.empty(T * 2 * H * n_chunks, k_pad, dtype=torch.int64, device=query.device)
+        _chunk_topk_kernel[(T, 2 * H, n_chunks)](
+            query, keys, part, n, half, n_chunks, query.stride(0), query.stride(1), query.stride(2),
+            keys.stride(0), keys.stride(1), keys.stride(2), K_PAD=k_pad, **cfg)
+        _merge_kernel[(T, 2 * H)](part, top_s, top_i, n_chunks, k, K_PAD=k_pad,
+                                  BLOCK_C=triton.next_power_of_2(n_chunks), num_warps=4)
+    return product_step(top_s, top_i, n, k)

@@ -60,6 +60,33 @@ def _unpack(key):
 
 
 @triton.jit
+def _row_dots(q_row, k_rows, rmask, half, ROWS: tl.constexpr, BLOCK_D: tl.constexpr):
+    """fp32 dots of one query row (pointer q_row) with ROWS key rows (pointers k_rows [ROWS],
+    rows with rmask False read as 0), the half width summed in BLOCK_D-column blocks whose
+    [ROWS, BLOCK_D] loads are all in flight at once (the searches for few tokens use it)."""
+    acc = tl.zeros([ROWS], dtype=tl.float32)
+    for d0 in range(0, half, BLOCK_D):
+        ds = d0 + tl.arange(0, BLOCK_D)
+        dmask = ds < half
+        qv = tl.load(q_row + ds, mask=dmask, other=0.0).to(tl.float32)
+        kv = tl.load(k_rows[:, None] + ds[None, :], mask=rmask[:, None] & dmask[None, :],
+                     other=0.0).to(tl.float32)
+        acc += tl.sum(kv * qv[None, :], axis=1)
+    return acc
+
+
+@triton.jit
+def _store_top(key, top_s, top_i, row, k, K_PAD: tl.constexpr):
+    """The top K_PAD of packed keys -> top_s / top_i[row, :] (fp32 scores, int32 ids,
+    descending); slots k..K_PAD-1 written as zeros."""
+    s, i = _unpack(tl.topk(key, K_PAD))
+    ks = tl.arange(0, K_PAD)
+    keep = ks < k
+    tl.store(top_s + row * K_PAD + ks, tl.where(keep, s, 0.0))
+    tl.store(top_i + row * K_PAD + ks, tl.where(keep, i, 0))
+
+
+@triton.jit
 def _half_topk_kernel(q, keys, top_s, top_i, T, H, n, half,
                       stride_qt, stride_qh, stride_qc, stride_kh, stride_kc, stride_kn,
                       K_PAD: tl.constexpr, BLOCK_T: tl.constexpr, BLOCK_N: tl.constexpr,
@@ -165,16 +192,30 @@ def candidates_block(P: int) -> int:
 SMALL_ROWS = 256
 
 
-def launch_candidates(top_s, top_i, scores, indices, ranks, n: int, k: int, write_ranks: bool):
-    """The product step on per-half lists top_s / top_i [T, H, 2, K_PAD] -> scores, indices
-    (and ranks when write_ranks) [T, H, k]; tiles by the number of rows R = T * H."""
+def half_lists(T: int, H: int, k: int, device) -> tuple:
+    """Uninitialised per-half lists top_s [T, H, 2, K_PAD] fp32, top_i int32, K_PAD = the
+    power of two >= k (at least 2) that the product step takes."""
+    k_pad = max(2, triton.next_power_of_2(k))
+    return (torch.empty(T, H, 2, k_pad, dtype=torch.float32, device=device),
+            torch.empty(T, H, 2, k_pad, dtype=torch.int32, device=device))
+
+
+def product_step(top_s, top_i, n: int, k: int, write_ranks: bool = False) -> tuple:
+    """Per-half lists top_s / top_i [T, H, 2, K_PAD] -> (scores [T, H, k] fp32, indices int64),
+    and ranks int32 (a * K_PAD + b of each choice) when write_ranks; tiles by R = T * H rows."""
     T, H, _, k_pad = top_s.shape
+    dev = top_s.device
+    scores = torch.empty(T, H, k, dtype=torch.float32, device=dev)
+    indices = torch.empty(T, H, k, dtype=torch.int64, device=dev)
+    ranks = torch.empty(T, H, k, dtype=torch.int32, device=dev) if write_ranks else indices
     R = T * H
-    pa, pb, P = _pairs(k, k_pad, top_s.device)
-    block_r, warps = (1, 1) if R <= SMALL_ROWS else (candidates_block(P), 4)
-    _candidates_kernel[(triton.cdiv(R, block_r),)](
-        top_s, top_i, pa, pb, scores, indices, ranks, R, n, k, K_PAD=k_pad, P=P, BLOCK_R=block_r,
-        WRITE_RANKS=write_ranks, num_warps=warps)
+    if R:
+        pa, pb, P = _pairs(k, k_pad, dev)
+        block_r, warps = (1, 1) if R <= SMALL_ROWS else (candidates_block(P), 4)
+        _candidates_kernel[(triton.cdiv(R, block_r),)](
+            top_s, top_i, pa, pb, scores, indices, ranks, R, n, k, K_PAD=k_pad, P=P,
+            BLOCK_R=block_r, WRITE_RANKS=write_ranks, num_warps=warps)
+    return (scores, indices, ranks) if write_ranks else (scores, indices)
 
 
 def search_forward(query: torch.Tensor, keys: torch.Tensor, k: int, config=None, precision=None):
@@ -182,22 +223,16 @@ def search_forward(query: torch.Tensor, keys: torch.Tensor, k: int, config=None,
     precision: tl.dot mode for fp32 inputs (default FP32_PRECISION)."""
     T, H, _, half = query.shape
     n = keys.shape[2]
-    dev = query.device
-    k_pad = max(2, triton.next_power_of_2(k))
-    scores = torch.empty(T, H, k, dtype=torch.float32, device=dev)
-    indices = torch.empty(T, H, k, dtype=torch.int64, device=dev)
-    if T == 0 or H == 0:
-        return scores, indices
-    top_s = torch.empty(T, H, 2, k_pad, dtype=torch.float32, device=dev)
-    top_i = torch.empty(T, H, 2, k_pad, dtype=torch.int32, device=dev)
-    cfg = dict(config or search_config(half, k_pad))
-    _half_topk_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), 2 * H)](
-        query, keys, top_s, top_i, T, H, n, half, query.stride(0), query.stride(1),
-        query.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), K_PAD=k_pad,
-        PRECISION=(precision or FP32_PRECISION) if query.dtype == torch.float32 else None,
-        UPCAST=interpreting() and query.dtype == torch.bfloat16, **cfg)
-    launch_candidates(top_s, top_i, scores, indices, indices, n, k, write_ranks=False)
-    return scores, indices
+    top_s, top_i = half_lists(T, H, k, query.device)
+    k_pad = top_s.shape[-1]
+    if T and H:
+        cfg = dict(config or search_config(half, k_pad))
+        _half_topk_kernel[(triton.cdiv(T, cfg["BLOCK_T"]), 2 * H)](
+            query, keys, top_s, top_i, T, H, n, half, query.stride(0), query.stride(1),
+            query.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), K_PAD=k_pad,
+            PRECISION=(precision or FP32_PRECISION) if query.dtype == torch.float32 else None,
+            UPCAST=interpreting() and query.dtype == torch.bfloat16, **cfg)
+    return product_step(top_s, top_i, n, k)
 
 
 def search_backward(grad_scores, query, keys, indices, need_q: bool, need_k: bool):

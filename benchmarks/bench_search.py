@@ -102,28 +102,52 @@ def prologue_row(T, H, half, dev, rep_ms):
     return [T, f"{a * 1e3:.1f}", f"{b * 1e3:.1f}", f"{a / b:.2f}x", f"{err:.1e}"]
 
 
-def profile_t1(H, n, half, k, dev, calls: int = 20) -> str:
-    """Per-kernel CUDA time (us per call) of the two T = 1 searches, torch profiler."""
+def kernel_table(title: str, fn, calls: int) -> str:
+    """Per-kernel CUDA time (us per call) of ``fn``, torch profiler."""
     from torch.profiler import ProfilerActivity, profile  # only with --profile
 
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(calls):
+            fn()
+        torch.cuda.synchronize()
+    events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
+                    key=lambda e: -e.device_time_total)
+    rows = [[e.key[:60].replace("|", "/"), f"{e.device_time_total / calls:.1f}", e.count // calls]
+            for e in events]
+    total = sum(e.device_time_total for e in events) / calls
+    return (f"\n\n{title}: kernels per call, {total:.1f} us in all\n\n"
+            + md_table(["kernel", "us", "launches"], rows))
+
+
+def profile_t1(H, n, half, k, dev, calls: int = 20) -> str:
+    """Per-kernel CUDA time of the two T = 1 searches."""
     q, K = layer_like(1, H, n, half, dev)
     kb = K.to(torch.bfloat16)
     text = ""
     for name, fn in (("decode search", lambda: decode_product_key_search(q, K, k)),
                      ("bf16 search, fused re-scoring, cached keys", lambda: bs.bf16_search_forward(q, K, k, kb=kb))):
         with torch.no_grad():
-            fn()
-            torch.cuda.synchronize()
-            with profile(activities=[ProfilerActivity.CUDA]) as prof:
-                for _ in range(calls):
-                    fn()
-                torch.cuda.synchronize()
-        events = sorted((e for e in prof.key_averages() if e.device_time_total > 0),
-                        key=lambda e: -e.device_time_total)
-        rows = [[e.key[:60].replace("|", "/"), f"{e.device_time_total / calls:.1f}", e.count // calls]
-                for e in events]
-        text += f"\n\nT = 1, {name}: kernels per call\n\n" + md_table(["kernel", "us", "launches"], rows)
+            text += kernel_table(f"T = 1, {name}", fn, calls)
     return text + "\n"
+
+
+def profile_training(T, H, n, half, k, dev, calls: int = 10) -> str:
+    """Per-kernel CUDA time of the training search at T tokens: forward, and forward+backward
+    (gradients to the query and the keys, as in the layer)."""
+    q, K = layer_like(T, H, n, half, dev)
+    q.requires_grad_(True)
+    K.requires_grad_(True)
+    g = torch.randn(T, H, k, device=dev)
+
+    def fwd_bwd():
+        scores, _ = bs._Bf16Search.apply(q, K, k, bs.RESCORE_MARGIN, None)
+        scores.backward(g)
+
+    with torch.no_grad():
+        text = kernel_table(f"T = {T}, training search forward", lambda: bs.bf16_search_forward(q, K, k), calls)
+    return text + kernel_table(f"T = {T}, training search forward + backward", fwd_bwd, calls) + "\n"
 
 
 def sweep_decode(H, n, half, k, dev, rep_ms, tokens=(1, 4, 16)) -> str:
@@ -150,8 +174,10 @@ def main(argv=None) -> int:
     ap.add_argument("--append", action="store_true", help="append the report to benchmarks/RESULTS.md")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the T = 1 searches and a sweep of the decode search's tiles")
+    ap.add_argument("--profile-tokens", type=int, nargs="*", default=[],
+                    help="per-kernel times of the training search (forward, forward + backward) at these T")
     args = ap.parse_args(argv)
-    if any(t < 1 for t in args.tokens) or args.rep_ms < 1:
+    if any(t < 1 for t in args.tokens + args.profile_tokens) or args.rep_ms < 1:
         ap.error("--tokens and --rep-ms must be positive")
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -175,6 +201,8 @@ def main(argv=None) -> int:
     text += md_table(["T", "torch ops us", "fused us", "speed-up", "max abs diff"], prologue) + "\n"
     if args.profile and not args.smoke:
         text += profile_t1(H, n, half, k, dev) + sweep_decode(H, n, half, k, dev, args.rep_ms)
+    if not args.smoke:
+        text += "".join(profile_training(T, H, n, half, k, dev) for T in args.profile_tokens)
     emit("bench_search", text, args.append)
     return 0
 

@@ -29,7 +29,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 from torch.profiler import ProfilerActivity, profile
 
-from megatron_memory import checkpoint, data, parallel
+from megatron_memory import checkpoint, data, parallel, step_profile
 from megatron_memory.config import ConfigError, RunConfig, padded_vocab
 from megatron_memory.cpu import install_cpu_shims
 from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
@@ -354,7 +354,7 @@ class Trainer:
                     loss, gnorm, vnorm = self.train_step()  # ends in a host sync (loss, grad norm)
                 self.iteration = step
                 if profiling:
-                    self._log_profile(prof)
+                    self._log_profile(prof, time.time() - t0)
                 else:  # the profiler's overhead stays out of the throughput figures
                     hist.step_seconds.append(time.time() - t0)
                 hist.losses.append(loss)
@@ -450,13 +450,18 @@ class Trainer:
             self.log(f"step {step:>5}/{self.cfg.train.steps} | validation loss {loss:7.4f}")
         self.tracker.scalars({"valid/loss": loss}, step)
 
-    def _log_profile(self, prof) -> None:
-        """Rank 0 prints the profiled step's ops and kernels, most time first."""
+    def _log_profile(self, prof, wall_s: float) -> None:
+        """Rank 0 prints the profiled step's ops and kernels, most time first, and on a GPU where
+        its time went (``step_profile``: busy vs idle, kernel time by kind)."""
         if self.rank != 0:
             return
         key = "self_device_time_total" if self.device.type == "cuda" else "self_cpu_time_total"
         self.log(f"profile of step {self.iteration} (rank 0):\n"
                  + prof.key_averages().table(sort_by=key, row_limit=40, max_name_column_width=60))
+        if self.device.type == "cuda":
+            s = step_profile.summarize(step_profile.device_kernels(prof), wall_s,
+                                       step_profile.triton_kernel_names())
+            self.log(f"step {self.iteration} breakdown (rank 0, profiled):\n" + step_profile.format_summary(s))
 
     def _log_stop(self, hist: History) -> None:
         if self.rank != 0:

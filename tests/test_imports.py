@@ -35,6 +35,7 @@ ORDER = [
     "megatron_memory.data",
     "megatron_memory.metrics",
     "megatron_memory.memory_estimate",
+    "megatron_memory.step_profile",         # a profiled step's time by kernel kind (kernels)
     "megatron_memory.tracking",             # TensorBoard / W&B (config + metrics)
     "megatron_memory.preflight",            # input checks before the model (config, data)
     "megatron_memory.attention",            # SDPA core attention (megatron only)

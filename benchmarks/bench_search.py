@@ -167,6 +167,52 @@ def sweep_decode(H, n, half, k, dev, rep_ms, tokens=(1, 4, 16)) -> str:
             + md_table(["BLOCK_N", "BLOCK_D", "warps"] + [f"T={T} us" for T in tokens], rows) + "\n")
 
 
+# Tiles the training-size sweep tries (sm_90 compiles without spills, tests/kernels/test_bf16_search.py).
+SWEEP = {
+    "select (ROWS, warps)": [(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8)],
+    "rescore (BLOCK_D, warps)": [(32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)],
+    "product step (rows, warps)": [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 2), (8, 4),
+                                   (16, 4), (16, 8), (32, 4), (32, 8)],
+}
+
+
+def _set_tile(kind: str, tile) -> None:
+    """Install one tile (None: the defaults) of a sweep kind in the kernels' module knobs."""
+    from megatron_memory.kernels import triton_product_key as pk  # only with --sweep
+
+    if kind.startswith("select"):
+        bs.SELECT_TILE = _DEFAULT_TILES[0] if tile is None else dict(ROWS=tile[0], num_warps=tile[1])
+    elif kind.startswith("rescore"):
+        bs.RESCORE_TILE = None if tile is None else dict(BLOCK_D=tile[0], num_warps=tile[1])
+    else:
+        pk.CANDIDATES_TILE = tile
+
+
+_DEFAULT_TILES = (dict(bs.SELECT_TILE),)
+
+
+def sweep_training(T, H, n, half, k, dev, rep_ms) -> str:
+    """Training search forward (ms per call) with each kernel's tiles varied one kernel at a time,
+    the others at their defaults; every variant's indices must equal the default's."""
+    q, K = layer_like(T, H, n, half, dev)
+    with torch.no_grad():
+        want = bs.bf16_search_forward(q, K, k)[1]
+        base = bench_ms(lambda: bs.bf16_search_forward(q, K, k), rep_ms)
+        rows = [["defaults", "-", f"{base * 1e3:.1f}", "1.00x", "yes"]]
+        for kind, tiles in SWEEP.items():
+            for tile in tiles:
+                _set_tile(kind, tile)
+                try:
+                    same = torch.equal(bs.bf16_search_forward(q, K, k)[1], want)
+                    ms = bench_ms(lambda: bs.bf16_search_forward(q, K, k), rep_ms)
+                finally:
+                    _set_tile(kind, None)
+                rows.append([kind, str(tile), f"{ms * 1e3:.1f}", f"{base / ms:.2f}x", "yes" if same else "NO"])
+    return (f"\n\nT = {T}: training search forward by kernel tile (us per call; speed-up vs the "
+            f"defaults; same indices as the defaults)\n\n"
+            + md_table(["kernel", "tile", "us", "speed-up", "same"], rows) + "\n")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[1, 4, 16, 64, 256, 8192])
@@ -174,10 +220,12 @@ def main(argv=None) -> int:
     ap.add_argument("--append", action="store_true", help="append the report to benchmarks/RESULTS.md")
     ap.add_argument("--smoke", action="store_true", help="CPU, Triton interpreter, tiny shapes")
     ap.add_argument("--profile", action="store_true", help="per-kernel times of the T = 1 searches and a sweep of the decode search's tiles")
+    ap.add_argument("--sweep", type=int, nargs="*", default=[],
+                    help="time the training search forward at these T with each kernel's tiles varied")
     ap.add_argument("--profile-tokens", type=int, nargs="*", default=[],
                     help="per-kernel times of the training search (forward, forward + backward) at these T")
     args = ap.parse_args(argv)
-    if any(t < 1 for t in args.tokens + args.profile_tokens) or args.rep_ms < 1:
+    if any(t < 1 for t in args.tokens + args.profile_tokens + args.sweep) or args.rep_ms < 1:
         ap.error("--tokens and --rep-ms must be positive")
     if args.smoke:
         if os.environ.get("TRITON_INTERPRET") != "1":
@@ -203,6 +251,7 @@ def main(argv=None) -> int:
         text += profile_t1(H, n, half, k, dev) + sweep_decode(H, n, half, k, dev, args.rep_ms)
     if not args.smoke:
         text += "".join(profile_training(T, H, n, half, k, dev) for T in args.profile_tokens)
+    text += "".join(sweep_training(T, H, n, half, k, dev, args.rep_ms) for T in args.sweep)
     emit("bench_search", text, args.append)
     return 0
 

@@ -44,36 +44,45 @@ SELECT = "threshold"
 # takes one launch where "loop" took ~38 us of dependent loads plus ~6 small torch kernels
 # (H100 profile, benchmarks/RESULTS.md run 12). "loop": ``_rescore_kernel`` + torch.topk.
 RESCORE = "fused"
+# Launch tiles of the training-size kernels (benchmarks/bench_search.py --sweep times others).
+# _select_kernel: rows per program and warps.
+SELECT_TILE = dict(ROWS=1, num_warps=4)
+# _rescore_topk_kernel: None takes ``rescore_config``; a dict(BLOCK_D=, num_warps=) overrides it.
+RESCORE_TILE = None
 
 
 @triton.jit
-def _select_kernel(scores, cand, n, K1, BLOCK_N: tl.constexpr):
-    """Program (one row of [2H*T, n] bf16 scores): the column ids of its K1 largest values, in
-    column order (ties at the K1-th value broken by column), into cand[row, :K1].
+def _select_kernel(scores, cand, R, n, K1, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+    """Program (ROWS rows of [R = 2H*T, n] bf16 scores): each row's column ids of its K1 largest
+    values, in column order (ties at the K1-th value broken by column), into cand[row, :K1].
 
     bf16 has 16 significant bits: its order-preserving integer key (the top half of the fp32
     bit map of ``triton_product_key._pack``) is bisected 17 times for the largest t with
     #(key >= t) >= K1; then every key > t and the first K1 - #(key > t) keys == t are kept, their
-    output slots given by a running count."""
-    row = tl.program_id(0).to(tl.int64)
+    output slots given by a running count. Rows are independent: every reduction is along axis 1."""
+    rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
+    rmask = rows < R
+    rows = rows.to(tl.int64)
     cols = tl.arange(0, BLOCK_N)
-    x = tl.load(scores + row * n + cols, mask=cols < n, other=float("-inf")).to(tl.float32)
+    valid = rmask[:, None] & (cols < n)[None, :]
+    x = tl.load(scores + rows[:, None] * n + cols[None, :], mask=valid,
+                other=float("-inf")).to(tl.float32)
     b = x.to(tl.int32, bitcast=True)
-    key = (b ^ ((b >> 31) & 0x7FFFFFFF)) >> 16           # order-preserving, in [-2**15, 2**15)
-    key = tl.where(cols < n, key, -65536)                 # padding below every real key
-    lo = tl.min(key, axis=0)                              # #(key >= lo) >= K1 always holds
-    hi = tl.max(key, axis=0) + 1                          # #(key >= hi) = 0 < K1
+    key = (b ^ ((b >> 31) & 0x7FFFFFFF)) >> 16            # order-preserving, in [-2**15, 2**15)
+    key = tl.where(valid, key, -65536)                    # padding below every real key
+    lo = tl.min(key, axis=1)                              # #(key >= lo) >= K1 always holds
+    hi = tl.max(key, axis=1) + 1                          # #(key >= hi) = 0 < K1
     for _ in range(17):
         mid = (lo + hi) // 2
-        enough = tl.sum((key >= mid).to(tl.int32), axis=0) >= K1
+        enough = tl.sum((key >= mid[:, None]).to(tl.int32), axis=1) >= K1
         lo = tl.where(enough, mid, lo)
         hi = tl.where(enough, hi, mid)
-    above = key > lo
-    tie = key == lo
-    room = K1 - tl.sum(above.to(tl.int32), axis=0)
-    take = above | (tie & (tl.cumsum(tie.to(tl.int32), axis=0) <= room))
-    slot = tl.cumsum(take.to(tl.int32), axis=0) - 1
-    tl.store(cand + row * K1 + slot, cols.to(tl.int64), mask=take)
+    above = key > lo[:, None]
+    tie = key == lo[:, None]
+    room = K1 - tl.sum(above.to(tl.int32), axis=1)
+    take = valid & (above | (tie & (tl.cumsum(tie.to(tl.int32), axis=1) <= room[:, None])))
+    slot = tl.cumsum(take.to(tl.int32), axis=1) - 1
+    tl.store(cand + rows[:, None] * K1 + slot, cols[None, :].to(tl.int64), mask=take)
 
 
 def _candidates(approx: torch.Tensor, k1: int) -> torch.Tensor:
@@ -82,7 +91,9 @@ def _candidates(approx: torch.Tensor, k1: int) -> torch.Tensor:
         return approx.topk(k1, dim=-1, sorted=False).indices
     hc, T, n = approx.shape
     cand = torch.empty(hc, T, k1, dtype=torch.int64, device=approx.device)
-    _select_kernel[(hc * T,)](approx, cand, n, k1, BLOCK_N=triton.next_power_of_2(n), num_warps=4)
+    tile = SELECT_TILE
+    _select_kernel[(triton.cdiv(hc * T, tile["ROWS"]),)](
+        approx, cand, hc * T, n, k1, BLOCK_N=triton.next_power_of_2(n), **tile)
     return cand
 
 
@@ -160,7 +171,7 @@ def _per_half_topk(query, keys, k: int, margin: int, kb=None):
         _rescore_topk_kernel[(T, 2 * H)](
             query, keys, cand, top_s, top_i, T, half, k1, k, query.stride(0), query.stride(1),
             query.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), K_PAD=k_pad,
-            K1_PAD=max(k_pad, triton.next_power_of_2(k1)), **rescore_config(half))
+            K1_PAD=max(k_pad, triton.next_power_of_2(k1)), **(RESCORE_TILE or rescore_config(half)))
         return top_s, top_i, qb, kb
     exact = torch.empty(2 * H, T, k1, dtype=torch.float32, device=query.device)
     block_t = 16

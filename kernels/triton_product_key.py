@@ -190,6 +190,9 @@ def candidates_block(P: int) -> int:
 # step (T = 1, 4 heads) has 4 rows: as one 16-row program on 4 warps the kernel took 23.4 us of
 # a 35 us search on an H100 (benchmarks/RESULTS.md run 19); its sorting network is latency-bound.
 SMALL_ROWS = 256
+# (rows per program, warps) of the product step above SMALL_ROWS rows; None: (candidates_block, 4).
+# benchmarks/bench_search.py --sweep times others.
+CANDIDATES_TILE = None
 
 
 def half_lists(T: int, H: int, k: int, device) -> tuple:
@@ -211,7 +214,7 @@ def product_step(top_s, top_i, n: int, k: int, write_ranks: bool = False) -> tup
     R = T * H
     if R:
         pa, pb, P = _pairs(k, k_pad, dev)
-        block_r, warps = (1, 1) if R <= SMALL_ROWS else (candidates_block(P), 4)
+        block_r, warps = (1, 1) if R <= SMALL_ROWS else (CANDIDATES_TILE or (candidates_block(P), 4))
         _candidates_kernel[(triton.cdiv(R, block_r),)](
             top_s, top_i, pa, pb, scores, indices, ranks, R, n, k, K_PAD=k_pad, P=P,
             BLOCK_R=block_r, WRITE_RANKS=write_ranks, num_warps=warps)

@@ -20,16 +20,26 @@ def smoke_rows() -> list:
 
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        assert bench_search.main(["--smoke", "--rep-ms", "1"]) == 0
+        assert bench_search.main(["--smoke", "--rep-ms", "1", "--sweep", "5"]) == 0
     return [[c.strip() for c in line.split("|")[1:-1]] for line in out.getvalue().splitlines()
-            if line.startswith("| ") and line[2].isdigit()]
+            if line.startswith("| ") and not line.startswith("| kernel") and not line.startswith("| T ")]
+
+
+def bench_search_sweep() -> dict:
+    sys.path.insert(0, str(BENCH))
+    import bench_search  # benchmarks/ is not a package
+
+    return bench_search.SWEEP
 
 
 def test_smoke_run(monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
-    search, prologue = [], []
-    for row in run_interpreted("tests.benchmarks.test_bench_search", "smoke_rows", timeout=300):
-        (search if len(row) == 9 else prologue).append(row)
+    search, prologue, sweep = [], [], []
+    for row in run_interpreted("tests.benchmarks.test_bench_search", "smoke_rows", timeout=600):
+        (sweep if not row[0][0].isdigit() else search if len(row) == 9 else prologue).append(row)
+    # every tile of the training sweep, and the defaults, choose the defaults' indices
+    assert len(sweep) == 1 + sum(map(len, bench_search_sweep().values())), sweep
+    assert all(r[4] == "yes" and float(r[2]) > 0 for r in sweep), sweep
     assert [int(r[0]) for r in search] == [1, 5] and [int(r[0]) for r in prologue] == [1, 5]
     assert all(r[6] == "100.00%" and r[8] == "100.00%" for r in search), search
     assert all(float(r[7]) > 0 for r in search)

@@ -64,6 +64,7 @@ def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN
     assert rel_err(Kt.grad, Kr.grad) <= GRAD_TOL, rel_err(Kt.grad, Kr.grad)
 
 
+SELECT_DEFAULT = dict(bs.SELECT_TILE)
 INTERPRETER_CASES = [
     dict(T=40, H=2, n=64, half=16, k=8),
     dict(T=9, H=3, n=37, half=24, k=5),          # odd sizes, k not a power of two
@@ -81,6 +82,12 @@ def check_select(rows, n, k1, seed):
     s = (torch.randn(2, rows, n, generator=gen) * 4).round().to(torch.bfloat16)  # many ties
     s[0, 0, :] = 1.0                                                               # all equal
     cand = bs._candidates(s, k1)
+    for rows_per_program, warps in ((2, 2), (4, 4)):   # 2 * rows is not always a multiple
+        bs.SELECT_TILE = dict(ROWS=rows_per_program, num_warps=warps)
+        try:
+            assert torch.equal(bs._candidates(s, k1), cand), (rows_per_program, warps)
+        finally:
+            bs.SELECT_TILE = dict(SELECT_DEFAULT)
     assert cand.shape == (2, rows, k1) and cand.min() >= 0 and cand.max() < n
     assert torch.all(cand.sort(-1).values.diff(dim=-1) > 0), "a column chosen twice"
     kth = s.float().topk(k1, dim=-1).values[..., -1:]
@@ -107,13 +114,14 @@ def test_sm90_compile_without_spills():
     product step with its ranks compile for H100 without spills."""
     from megatron_memory.kernels import triton_product_key as pk
 
+    tile = dict(bs.SELECT_TILE)
     regs, spills = sm90_compile(bs._select_kernel, dict(scores="bf16", cand="i64"),
-                                dict(BLOCK_N=1024), 4)
+                                dict(BLOCK_N=1024, ROWS=tile["ROWS"]), tile["num_warps"])
     assert spills == 0, f"select: {regs} registers, {spills} B spilled"
     regs, spills = sm90_compile(bs._rescore_kernel, dict(q="fp32", keys="fp32", cand="i64", out="fp32"),
                                 dict(BLOCK_T=16, BLOCK_D=256), 4)
     assert spills == 0, f"rescore: {regs} registers, {spills} B spilled"
-    cfg = bs.rescore_config(256)
+    cfg = bs.RESCORE_TILE or bs.rescore_config(256)
     regs, spills = sm90_compile(bs._rescore_topk_kernel, dict(
         q="fp32", keys="fp32", cand="i64", top_s="fp32", top_i="i32"),
         dict(K_PAD=32, K1_PAD=64, BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"])
@@ -121,7 +129,7 @@ def test_sm90_compile_without_spills():
     P = pk._pairs(32, 32, torch.device("cpu"))[2]
     ptrs = dict(top_s="fp32", top_i="i32", pair_a="i32", pair_b="i32", scores="fp32",
                 indices="i64", ranks="i32")
-    for block_r, warps in ((pk.candidates_block(P), 4), (1, 1)):   # large R; decode steps
+    for block_r, warps in (pk.CANDIDATES_TILE or (pk.candidates_block(P), 4), (1, 1)):   # large R; decode
         regs, spills = sm90_compile(pk._candidates_kernel, ptrs, dict(
             K_PAD=32, P=P, BLOCK_R=block_r, WRITE_RANKS=True), warps)
         assert spills == 0, f"candidates, {block_r} rows: {regs} registers, {spills} B spilled"

@@ -29,6 +29,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_memory.kernels import bf16_search as bs  # noqa: E402
+from megatron_memory.kernels import triton_product_key as pk  # noqa: E402
 from megatron_memory.kernels.decode_search import MAX_TOKENS, decode_config, decode_product_key_search  # noqa: E402
 from megatron_memory.kernels.reference import product_key_search_reference  # noqa: E402
 from megatron_memory.kernels.query_prologue import triton_query_prologue  # noqa: E402
@@ -170,7 +171,7 @@ def sweep_decode(H, n, half, k, dev, rep_ms, tokens=(1, 4, 16)) -> str:
 # Tiles the training-size sweep tries (sm_90 compiles without spills, tests/kernels/test_bf16_search.py).
 SWEEP = {
     "select (ROWS, warps)": [(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8)],
-    "rescore (BLOCK_D, warps)": [(32, 2), (32, 4), (32, 8), (64, 4), (64, 8), (128, 8)],
+    "rescore (BLOCK_D, warps)": [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8)],
     "product step (rows, warps)": [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 2), (8, 4),
                                    (16, 4), (16, 8), (32, 4), (32, 8)],
 }
@@ -178,39 +179,44 @@ SWEEP = {
 
 def _set_tile(kind: str, tile) -> None:
     """Install one tile (None: the defaults) of a sweep kind in the kernels' module knobs."""
-    from megatron_memory.kernels import triton_product_key as pk  # only with --sweep
-
     if kind.startswith("select"):
-        bs.SELECT_TILE = _DEFAULT_TILES[0] if tile is None else dict(ROWS=tile[0], num_warps=tile[1])
+        bs.SELECT_TILE = dict(_DEFAULTS["select"]) if tile is None else dict(ROWS=tile[0], num_warps=tile[1])
     elif kind.startswith("rescore"):
         bs.RESCORE_TILE = None if tile is None else dict(BLOCK_D=tile[0], num_warps=tile[1])
     else:
-        pk.CANDIDATES_TILE = tile
+        pk.CANDIDATES_TILE = _DEFAULTS["product"] if tile is None else tile
 
 
-_DEFAULT_TILES = (dict(bs.SELECT_TILE),)
+_DEFAULTS = {"select": dict(bs.SELECT_TILE), "product": pk.CANDIDATES_TILE}
 
 
 def sweep_training(T, H, n, half, k, dev, rep_ms) -> str:
     """Training search forward (ms per call) with each kernel's tiles varied one kernel at a time,
-    the others at their defaults; every variant's indices must equal the default's."""
+    the others at their defaults; for each, the share of (t, h) rows whose selected set equals
+    the fp32 reference's (re-scoring tiles change the fp32 summation order, so near-ties may
+    differ; the select and product-step tiles cannot change a result)."""
     q, K = layer_like(T, H, n, half, dev)
     with torch.no_grad():
-        want = bs.bf16_search_forward(q, K, k)[1]
+        ref = product_key_search_reference(q, K, k)[1].sort(-1).values
+
+        def agree() -> str:
+            got = bs.bf16_search_forward(q, K, k)[1].sort(-1).values
+            return f"{(got == ref).all(-1).float().mean().item() * 100:.3f}%"
+
         base = bench_ms(lambda: bs.bf16_search_forward(q, K, k), rep_ms)
-        rows = [["defaults", "-", f"{base * 1e3:.1f}", "1.00x", "yes"]]
+        rows = [["defaults", "-", f"{base * 1e3:.1f}", "1.00x", agree()]]
         for kind, tiles in SWEEP.items():
             for tile in tiles:
                 _set_tile(kind, tile)
                 try:
-                    same = torch.equal(bs.bf16_search_forward(q, K, k)[1], want)
+                    same = agree()
                     ms = bench_ms(lambda: bs.bf16_search_forward(q, K, k), rep_ms)
                 finally:
                     _set_tile(kind, None)
-                rows.append([kind, str(tile), f"{ms * 1e3:.1f}", f"{base / ms:.2f}x", "yes" if same else "NO"])
+                rows.append([kind, str(tile), f"{ms * 1e3:.1f}", f"{base / ms:.2f}x", same])
     return (f"\n\nT = {T}: training search forward by kernel tile (us per call; speed-up vs the "
-            f"defaults; same indices as the defaults)\n\n"
-            + md_table(["kernel", "tile", "us", "speed-up", "same"], rows) + "\n")
+            f"defaults; share of rows whose set equals the fp32 reference's)\n\n"
+            + md_table(["kernel", "tile", "us", "speed-up", "= fp32 reference sets"], rows) + "\n")
 
 
 def main(argv=None) -> int:

@@ -44,11 +44,16 @@ SELECT = "threshold"
 # takes one launch where "loop" took ~38 us of dependent loads plus ~6 small torch kernels
 # (H100 profile, benchmarks/RESULTS.md run 12). "loop": ``_rescore_kernel`` + torch.topk.
 RESCORE = "fused"
-# Launch tiles of the training-size kernels (benchmarks/bench_search.py --sweep times others).
-# _select_kernel: rows per program and warps.
-SELECT_TILE = dict(ROWS=1, num_warps=4)
+# Launch tiles of the training-size kernels, from the H200 sweep of benchmarks/RESULTS.md run 20
+# (``bench_search.py --sweep``: the whole forward per tile at T = 4096 and 8192).
+# _select_kernel: rows per program and warps; 2 warps were 4% faster than 4, 8 warps 9% slower.
+SELECT_TILE = dict(ROWS=1, num_warps=2)
 # _rescore_topk_kernel: None takes ``rescore_config``; a dict(BLOCK_D=, num_warps=) overrides it.
 RESCORE_TILE = None
+# At or above this many (token, head, half) rows the re-scoring takes the training tile of
+# ``rescore_config``: 32 columns per block on 2 warps cut the T = 8192 forward by 17% (300 us on
+# an H200); decode-sized calls keep the tile their latency was measured with (run 19).
+RESCORE_TRAINING_ROWS = 8192
 
 
 @triton.jit
@@ -146,10 +151,14 @@ def _rescore_topk_kernel(q, keys, cand, top_s, top_i, T, half, K1, k,
     _store_top(key, top_s, top_i, t * tl.num_programs(1) + hc, k, K_PAD)
 
 
-def rescore_config(half: int) -> dict:
-    """_rescore_topk_kernel tiles: [K1_PAD, BLOCK_D] gathered fp32 values and their int64
-    addresses live in registers; 64 columns per block keep K1_PAD = 64 free of spills (sm_90,
-    4 warps; tests/kernels/test_bf16_search.py compiles it)."""
+def rescore_config(half: int, rows: int = 1) -> dict:
+    """_rescore_topk_kernel tiles for ``rows`` = T * 2H programs: [K1_PAD, BLOCK_D] gathered fp32
+    values and their int64 addresses live in registers. Few rows (decode): 64 columns per block
+    on 4 warps, the fewest dependent steps per program. Many rows (training): 32 columns on 2
+    warps, more programs resident per SM. Both compile for sm_90 without spills at K1_PAD = 64
+    (tests/kernels/test_bf16_search.py)."""
+    if rows >= RESCORE_TRAINING_ROWS:
+        return dict(BLOCK_D=max(16, min(32, triton.next_power_of_2(half))), num_warps=2)
     return dict(BLOCK_D=max(16, min(64, triton.next_power_of_2(half))), num_warps=4)
 
 
@@ -171,7 +180,7 @@ def _per_half_topk(query, keys, k: int, margin: int, kb=None):
         _rescore_topk_kernel[(T, 2 * H)](
             query, keys, cand, top_s, top_i, T, half, k1, k, query.stride(0), query.stride(1),
             query.stride(2), keys.stride(0), keys.stride(1), keys.stride(2), K_PAD=k_pad,
-            K1_PAD=max(k_pad, triton.next_power_of_2(k1)), **(RESCORE_TILE or rescore_config(half)))
+            K1_PAD=max(k_pad, triton.next_power_of_2(k1)), **(RESCORE_TILE or rescore_config(half, T * 2 * H)))
         return top_s, top_i, qb, kb
     exact = torch.empty(2 * H, T, k1, dtype=torch.float32, device=query.device)
     block_t = 16

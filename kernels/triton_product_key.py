@@ -191,8 +191,10 @@ def candidates_block(P: int) -> int:
 # a 35 us search on an H100 (benchmarks/RESULTS.md run 19); its sorting network is latency-bound.
 SMALL_ROWS = 256
 # (rows per program, warps) of the product step above SMALL_ROWS rows; None: (candidates_block, 4).
-# benchmarks/bench_search.py --sweep times others.
-CANDIDATES_TILE = None
+# One warp per 4-row program: the H200 sweep of benchmarks/RESULTS.md run 20 (bench_search.py
+# --sweep) measured the T = 8192 training forward 18% faster than with 16 rows on 4 warps (the
+# product step from ~350 to ~40 us); its sorting network is latency-bound, like a decode step's.
+CANDIDATES_TILE = (4, 1)
 
 
 def half_lists(T: int, H: int, k: int, device) -> tuple:

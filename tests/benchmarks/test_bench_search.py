@@ -37,9 +37,9 @@ def test_smoke_run(monkeypatch):
     search, prologue, sweep = [], [], []
     for row in run_interpreted("tests.benchmarks.test_bench_search", "smoke_rows", timeout=600):
         (sweep if not row[0][0].isdigit() else search if len(row) == 9 else prologue).append(row)
-    # every tile of the training sweep, and the defaults, choose the defaults' indices
+    # every tile of the training sweep, and the defaults, choose the fp32 reference's sets
     assert len(sweep) == 1 + sum(map(len, bench_search_sweep().values())), sweep
-    assert all(r[4] == "yes" and float(r[2]) > 0 for r in sweep), sweep
+    assert all(r[4] == "100.000%" and float(r[2]) > 0 for r in sweep), sweep
     assert [int(r[0]) for r in search] == [1, 5] and [int(r[0]) for r in prologue] == [1, 5]
     assert all(r[6] == "100.00%" and r[8] == "100.00%" for r in search), search
     assert all(float(r[7]) > 0 for r in search)

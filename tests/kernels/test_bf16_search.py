@@ -29,7 +29,7 @@ def layer_like(T, H, n, half, seed):
 
 
 def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN, exact_sets=True,
-                      rescore="fused", cast_keys=False):
+                      rescore="fused", cast_keys=False, training_rows=None):
     """exact_sets: every row selects the fp32 reference's set. Large shapes hold rows whose k-th
     and (k+1)-th scores differ by less than fp32 rounding, where two fp32 searches (torch's
     einsum vs the fused Triton one: 99.997% equal at T=8192) already disagree; there every row
@@ -40,10 +40,12 @@ def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN
     qt, Kt = q.to(device, copy=True).requires_grad_(), K.to(device, copy=True).requires_grad_()
     kb = Kt.detach().to(torch.bfloat16) if cast_keys else None
     bs.RESCORE = rescore
+    threshold = bs.RESCORE_TRAINING_ROWS
+    bs.RESCORE_TRAINING_ROWS = training_rows or threshold   # lowered: training tile at small T
     try:
         scores, idx = bs.bf16_product_key_search(qt, Kt, k, margin, keys_bf16=kb)
     finally:
-        bs.RESCORE = "fused"
+        bs.RESCORE, bs.RESCORE_TRAINING_ROWS = "fused", threshold
     assert scores.dtype == torch.float32 and idx.dtype == torch.int64 and scores.shape == (T, H, k)
     assert torch.all(scores[..., :-1] >= scores[..., 1:]), "scores not descending"
     got_i = idx.cpu()
@@ -72,6 +74,8 @@ INTERPRETER_CASES = [
     dict(T=1, H=2, n=100, half=80, k=7, cast_keys=True),  # a decode step; 2 column blocks
     dict(T=9, H=3, n=37, half=24, k=5, rescore="loop"),   # the serial re-scoring kernel
     dict(T=5, H=1, n=6, half=4, k=4, margin=8, rescore="loop", cast_keys=True),
+    dict(T=140, H=2, n=24, half=8, k=6),   # R = T*H > SMALL_ROWS: the product step's large tile
+    dict(T=9, H=3, n=37, half=72, k=5, training_rows=1),   # re-scoring's training tile, 3 blocks
 ]
 
 
@@ -121,11 +125,12 @@ def test_sm90_compile_without_spills():
     regs, spills = sm90_compile(bs._rescore_kernel, dict(q="fp32", keys="fp32", cand="i64", out="fp32"),
                                 dict(BLOCK_T=16, BLOCK_D=256), 4)
     assert spills == 0, f"rescore: {regs} registers, {spills} B spilled"
-    cfg = bs.RESCORE_TILE or bs.rescore_config(256)
-    regs, spills = sm90_compile(bs._rescore_topk_kernel, dict(
-        q="fp32", keys="fp32", cand="i64", top_s="fp32", top_i="i32"),
-        dict(K_PAD=32, K1_PAD=64, BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"])
-    assert spills == 0, f"fused rescore: {regs} registers, {spills} B spilled"
+    for rows in (8, bs.RESCORE_TRAINING_ROWS):   # decode and training tiles
+        cfg = bs.rescore_config(256, rows)
+        regs, spills = sm90_compile(bs._rescore_topk_kernel, dict(
+            q="fp32", keys="fp32", cand="i64", top_s="fp32", top_i="i32"),
+            dict(K_PAD=32, K1_PAD=64, BLOCK_D=cfg["BLOCK_D"]), cfg["num_warps"])
+        assert spills == 0, f"fused rescore {cfg}: {regs} registers, {spills} B spilled"
     P = pk._pairs(32, 32, torch.device("cpu"))[2]
     ptrs = dict(top_s="fp32", top_i="i32", pair_a="i32", pair_b="i32", scores="fp32",
                 indices="i64", ranks="i32")

@@ -3,7 +3,8 @@
 # micro-batch 4 x 2048 (global 32) and 1 x 2048 (global 8); every run profiles step 9 (its
 # kernel table and the step breakdown: GPU busy vs idle, kernel time by kind). Each micro-batch
 # size is its own bench_training call with a time limit, so a slow one loses only itself.
-# Arguments: the micro-batch sizes to run (default "4 1").
+# Arguments: the micro-batch sizes to run (default "4 1"; "4g128": 4 x 2048 at global batch 128,
+# where the table's per-step optimizer update is spread over 32 micro-batches, not 8).
 # SPEED_VARIANTS (default "memory deferred dense"): which runs, in order, of
 #   memory    Memory+ as trained by default
 #   nokeys    Memory+ with --no-key-usage (what the key-usage instruments cost)
@@ -17,20 +18,21 @@ COMMON="--steps ${SPEED_STEPS:-10} --warmup-steps 2 --log-interval 5 --vocab-siz
 BODY="--num-layers 12 --tp 2 --sequence-parallel"
 MEMORY="--preset 8b-memory --memory-layers 2 6 10 $BODY"
 for size in ${@:-4 1}; do
-  case $size in 4) set -- 4 32 ;; 1) set -- 1 8 ;; *) echo "micro-batch $size: choose 4 or 1"; exit 2 ;; esac
+  case $size in 4) set -- 4 32 ;; 1) set -- 1 8 ;; 4g128) set -- 4 128 ;;
+    *) echo "micro-batch $size: choose 4, 1 or 4g128 (4 x 2048, global 128)"; exit 2 ;; esac
   BATCH="--micro-batch-size $1 --global-batch-size $2 --profile-step 9"
   RUNS=()
   for v in ${SPEED_VARIANTS:-memory deferred dense}; do
     case $v in
-      memory) RUNS+=(--run "mb$1-memory:$MEMORY $BATCH") ;;
-      nokeys) RUNS+=(--run "mb$1-memory-nokeys:$MEMORY $BATCH --no-key-usage") ;;
-      deferred) RUNS+=(--run "mb$1-memory-deferred:$MEMORY $BATCH --defer-table-grad") ;;
-      dense) RUNS+=(--run "mb$1-dense:--preset 8b-dense $BODY $BATCH") ;;
+      memory) RUNS+=(--run "mb$size-memory:$MEMORY $BATCH") ;;
+      nokeys) RUNS+=(--run "mb$size-memory-nokeys:$MEMORY $BATCH --no-key-usage") ;;
+      deferred) RUNS+=(--run "mb$size-memory-deferred:$MEMORY $BATCH --defer-table-grad") ;;
+      dense) RUNS+=(--run "mb$size-dense:--preset 8b-dense $BODY $BATCH") ;;
       *) echo "SPEED_VARIANTS: unknown run $v (memory, nokeys, deferred, dense)"; exit 2 ;;
     esac
   done
   timeout 400 python3 benchmarks/bench_training.py --gpus 2 \
     --title "8B width (GQA 8), 12 layers, TP=2+SP, micro-batch $1 x 2048, global $2" \
     "${RUNS[@]}" --common "$COMMON" 2>&1 | tail -8
-  [ -n "${OUT:-}" ] && [ -f "$OUT/bench_training.md" ] && mv "$OUT/bench_training.md" "$OUT/bench_training_mb$1.md"
+  [ -n "${OUT:-}" ] && [ -f "$OUT/bench_training.md" ] && mv "$OUT/bench_training.md" "$OUT/bench_training_$size.md"
 done

@@ -347,6 +347,9 @@ class TrainConfig:
         for name in ("save_interval", "keep_last", "exit_interval", "profile_step"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        if self.profile_step is not None and self.profile_step > self.steps:
+            raise ConfigError(f"train.profile_step={self.profile_step} is after the last step "
+                              f"(train.steps={self.steps}): that profile would never be taken")
         if self.finetune and not self.load:
             raise ConfigError("train.finetune needs train.load (the checkpoint to take weights from)")
 

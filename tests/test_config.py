@@ -27,6 +27,7 @@ BAD = [
     ({"parallel.sequence_parallel": True}, "needs parallel.tp > 1"),
     ({"train.min_lr": 1.0}, "min_lr"),
     ({"train.warmup_steps": 10000}, "warmup_steps"),
+    ({"train.profile_step": 10**6}, "never be taken"),
     ({"data.data_path": ["x"]}, "needs data.tokenizer"),
 ]
 

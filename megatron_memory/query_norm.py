@@ -46,28 +46,70 @@ import torch.distributed as dist
 from megatron_memory.config import QueryNorm
 
 
-class _AllReduceSum(torch.autograd.Function):
-    """Sum over ``group`` in forward and in backward: every rank's output depends on every rank's
-    input through the sum, so each input's gradient is the sum of all ranks' output gradients."""
+class _TokenBatchNorm(torch.autograd.Function):
+    """Training BatchNorm over tokens: y = (q - mean) * rsqrt(var + eps) * weight + bias, with
+    mean and var of the keep-weighted tokens of every rank of ``group``.
+
+    forward(q [T, D] float, weight [D], bias [D], keep [T] or None, group, eps, step_sums) -> y.
+    The step's local sums are added to ``step_sums`` here. One collective forward (the sums
+    [sum q, sum q^2, count]) and one backward (their gradient), as the differentiated formula.
+
+    Why written out: autograd of the same formula runs ~55 ops per layer and micro-batch, most of
+    them on [D] vectors (benchmarks/count_layer_ops.py); at micro-batch 1 the step is host-bound
+    and launches are what it spends (benchmarks/RESULTS.md run 20). This runs ~30, and five
+    passes over [T, D] forward and backward where autograd made ~16. The gradient is the
+    formula's: through the sums, d sum q = dmean / n and d sum q^2 = dvar / n with
+    dmean = -sum(dy) * scale - 2 * mean * dvar, dvar = -1/2 * rstd^2 * scale * sum(dy * (q - mean)).
+    """
 
     @staticmethod
-    def forward(ctx, x: torch.Tensor, group):
-        ctx.group = group
-        x = x.clone()
-        dist.all_reduce(x, group=group)
-        return x
+    def forward(ctx, q, weight, bias, keep, group, eps, step_sums):
+        d = q.shape[1]
+        sums = torch.empty(2 * d + 1, dtype=q.dtype, device=q.device)
+        w = None if keep is None else keep.to(q.dtype).view(-1, 1)
+        qw = q if w is None else q * w
+        torch.sum(qw, 0, out=sums[:d])
+        torch.sum(qw * q, 0, out=sums[d:2 * d])
+        if w is None:
+            sums[2 * d].fill_(q.shape[0])
+        else:
+            torch.sum(w, (0, 1), out=sums[2 * d])
+        step_sums += sums          # float64 += float32: summed in float64
+        if group is not None and dist.get_world_size(group) > 1:
+            dist.all_reduce(sums, group=group)
+        n = sums[2 * d:].clamp(min=1.0)
+        moments = sums[:2 * d].view(2, d) / n
+        mean = moments[0]
+        raw = torch.addcmul(moments[1], mean, mean, value=-1.0)   # E[q^2] - mean^2
+        rstd = torch.rsqrt(raw.clamp(min=0.0) + eps)
+        scale = rstd * weight.to(q.dtype)
+        y = torch.addcmul(torch.addcmul(bias.to(q.dtype), mean, scale, value=-1.0), q, scale)
+        ctx.save_for_backward(q, w, mean, rstd, scale, raw >= 0, n)
+        ctx.group, ctx.dtypes = group, (weight.dtype, bias.dtype)
+        return y
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        grad = grad.clone()
-        dist.all_reduce(grad, group=ctx.group)
-        return grad, None
-
-
-def all_reduce_sum(x: torch.Tensor, group) -> torch.Tensor:
-    if group is None or dist.get_world_size(group) == 1:
-        return x
-    return _AllReduceSum.apply(x, group)
+    @torch.autograd.function.once_differentiable
+    def backward(ctx, dy):
+        q, w, mean, rstd, scale, var_live, n = ctx.saved_tensors
+        d = q.shape[1]
+        xc = q - mean
+        sum_dy = dy.sum(0)
+        sum_dy_xc = (dy * xc).sum(0)
+        grads = torch.empty(2 * d, dtype=q.dtype, device=q.device)   # [d sum q, d sum q^2]
+        dvar = grads[d:]
+        torch.mul(rstd * rstd * scale, sum_dy_xc, out=dvar)
+        dvar.mul_(var_live.to(q.dtype)).mul_(-0.5)              # the clamp at 0 passes nothing
+        torch.addcmul(-scale * sum_dy, mean, dvar, value=-2.0, out=grads[:d])
+        grads.div_(n)
+        if ctx.group is not None and dist.get_world_size(ctx.group) > 1:
+            dist.all_reduce(grads, group=ctx.group)   # every rank's outputs use these sums
+        # dq = dy * scale + w * (d sum q + 2 q * d sum q^2)
+        through = torch.addcmul(grads[:d], q, grads[d:], value=2.0)
+        dq = torch.addcmul(dy * scale, through, w) if w is not None else through.add_(dy * scale)
+        dweight = (sum_dy_xc * rstd).to(ctx.dtypes[0]) if ctx.needs_input_grad[1] else None
+        dbias = sum_dy.to(ctx.dtypes[1]) if ctx.needs_input_grad[2] else None
+        return dq, dweight, dbias, None, None, None, None
 
 
 class QueryBatchNorm(torch.nn.Module):
@@ -129,17 +171,11 @@ class QueryBatchNorm(torch.nn.Module):
         q = q.to(acc)
         if not self.training:
             return self._normalise(q, self.running_mean.to(acc), self.running_var.to(acc))
-        local = self._local_sums(q, keep)
-        self.step_sums += local.detach().to(torch.float64)
         if self.mode is QueryNorm.CENTER:
+            self.step_sums += self._local_sums(q, keep).detach()
             return q - self.running_mean.to(acc)
-        sums = all_reduce_sum(local, group)
-        d = q.shape[1]
-        n = sums[2 * d].clamp(min=1.0)
-        mean = sums[:d] / n
         # One pass (one collective); fp32 is enough even at a 99% shared share (rel. error ~1e-5).
-        var = (sums[d:2 * d] / n - mean * mean).clamp(min=0.0)
-        return self._normalise(q, mean, var)
+        return _TokenBatchNorm.apply(q, self.weight, self.bias, keep, group, self.eps, self.step_sums)
 
     def _normalise(self, q, mean, var):
         if self.mode is QueryNorm.CENTER:

@@ -150,3 +150,43 @@ def test_config_errors():
     with pytest.raises(ConfigError, match="momentum"):
         MemoryConfig(query_norm_momentum=0.0).validate(4, 32)
     assert _layer("none").query_bn is None
+
+
+def _batchnorm_by_autograd(q, weight, bias, keep, eps):
+    """The training formula differentiated by autograd (one rank): the reference of the
+    written-out backward of query_norm._TokenBatchNorm."""
+    w = torch.ones(q.shape[0], 1, dtype=q.dtype) if keep is None else keep.to(q.dtype).view(-1, 1)
+    n = w.sum().clamp(min=1.0)
+    mean = (q * w).sum(0) / n
+    var = ((q * q * w).sum(0) / n - mean * mean).clamp(min=0.0)
+    return (q - mean) * torch.rsqrt(var + eps) * weight + bias
+
+
+@pytest.mark.parametrize("padded", [False, True])
+def test_written_out_batchnorm_matches_autograd_of_its_formula(padded):
+    from megatron_memory.query_norm import _TokenBatchNorm
+
+    gen = torch.Generator().manual_seed(3)
+    q = (torch.randn(11, 6, generator=gen, dtype=torch.float64) * 2 + 1).requires_grad_()
+    q.data[:, 5] = 0.25                                     # a constant feature: var = 0, clamped
+    weight = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
+    bias = torch.randn(6, generator=gen, dtype=torch.float64).requires_grad_()
+    keep = (torch.arange(11) < 8).double() if padded else None
+    dy = torch.randn(11, 6, generator=gen, dtype=torch.float64)
+    step = torch.zeros(13, dtype=torch.float64)  # 2 * 6 + 1
+    got = _TokenBatchNorm.apply(q, weight, bias, keep, None, 1e-5, step)
+    got.backward(dy)
+    grads = [t.grad.clone() for t in (q, weight, bias)]
+    for t in (q, weight, bias):
+        t.grad = None
+    want = _batchnorm_by_autograd(q, weight, bias, keep, 1e-5)
+    want.backward(dy)
+    torch.testing.assert_close(got, want, rtol=1e-12, atol=1e-12)
+    for g, t in zip(grads, (q, weight, bias)):
+        torch.testing.assert_close(g, t.grad, rtol=1e-10, atol=1e-10)
+    w = torch.ones(11, 1, dtype=torch.float64) if keep is None else keep.view(-1, 1)
+    torch.testing.assert_close(step, torch.cat([(q * w).sum(0), (q * q * w).sum(0), w.sum().view(1)]).detach())
+    assert torch.autograd.gradcheck(
+        lambda a, b, c: _TokenBatchNorm.apply(a, b, c, keep, None, 1e-5, torch.zeros(11, dtype=torch.float64)),
+        (q.detach()[:, :5].clone().requires_grad_(), weight.detach()[:5].clone().requires_grad_(),
+         bias.detach()[:5].clone().requires_grad_()))

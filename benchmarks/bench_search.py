@@ -170,7 +170,7 @@ def sweep_decode(H, n, half, k, dev, rep_ms, tokens=(1, 4, 16)) -> str:
 
 # Tiles the training-size sweep tries (sm_90 compiles without spills, tests/kernels/test_bf16_search.py).
 SWEEP = {
-    "select (ROWS, warps)": [(1, 2), (1, 4), (1, 8), (2, 4), (2, 8), (4, 4), (4, 8)],
+    "select (ROWS, warps)": [(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8)],
     "rescore (BLOCK_D, warps)": [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8)],
     "product step (rows, warps)": [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 2), (8, 4),
                                    (16, 4), (16, 8), (32, 4), (32, 8)],

@@ -62,8 +62,8 @@ def _select_kernel(scores, cand, R, n, K1, ROWS: tl.constexpr, BLOCK_N: tl.const
     values, in column order (ties at the K1-th value broken by column), into cand[row, :K1].
 
     bf16 has 16 significant bits: its order-preserving integer key (the top half of the fp32
-    bit map of ``triton_product_key._pack``) is bisected (at most 17 times) for the largest t
-    with #(key >= t) >= K1; then every key > t and the first K1 - #(key > t) keys == t are kept, their
+    bit map of ``triton_product_key._pack``) is bisected 17 times for the largest t with
+    #(key >= t) >= K1; then every key > t and the first K1 - #(key > t) keys == t are kept, their
     output slots given by a running count. Rows are independent: every reduction is along axis 1."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < R
@@ -77,10 +77,7 @@ def _select_kernel(scores, cand, R, n, K1, ROWS: tl.constexpr, BLOCK_N: tl.const
     key = tl.where(valid, key, -65536)                    # padding below every real key
     lo = tl.min(key, axis=1)                              # #(key >= lo) >= K1 always holds
     hi = tl.max(key, axis=1) + 1                          # #(key >= hi) = 0 < K1
-    # Until every row's bracket is one key wide: log2(max - min) steps, ~13 for the layer's
-    # scores (their bf16 keys span a few thousand values), at most 17; a row already done
-    # stays put (mid = lo keeps #(key >= lo) >= K1).
-    while tl.max(hi - lo, axis=0) > 1:
+    for _ in range(17):
         mid = (lo + hi) // 2
         enough = tl.sum((key >= mid[:, None]).to(tl.int32), axis=1) >= K1
         lo = tl.where(enough, mid, lo)

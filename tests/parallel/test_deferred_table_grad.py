@@ -40,5 +40,10 @@ def test_deferred_fold_trains_like_per_lookup_passes(tmp_path, monkeypatch, layo
     assert later["grad_norms"] == pytest.approx(now["grad_norms"], rel=1e-4)
     if layout == "dp2":  # and both match the torch reference lookup (autograd's gradient)
         ref = _train(tmp_path, layout, False, triton=False)
-        assert now["value_grad_norms"] == pytest.approx(ref["value_grad_norms"], rel=1e-4)
-        assert now["losses"] == pytest.approx(ref["losses"], rel=1e-5)
+        # Step 1 only: both start from one state, so the lookups' summation order is the only
+        # difference. After an update the top-k selection, a discontinuous function of the
+        # parameters, may flip a near-tie in one run and not the other; this tiny model then
+        # differs by ~1e-3 at step 3 (seen when the query BatchNorm's fp32 rounding changed).
+        assert now["value_grad_norms"][0] == pytest.approx(ref["value_grad_norms"][0], rel=1e-5)
+        assert now["grad_norms"][0] == pytest.approx(ref["grad_norms"][0], rel=1e-5)
+        assert now["losses"][0] == pytest.approx(ref["losses"][0], rel=1e-5)

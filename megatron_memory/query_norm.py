@@ -46,6 +46,22 @@ import torch.distributed as dist
 from megatron_memory.config import QueryNorm
 
 
+def _local_sums(q: torch.Tensor, keep: Optional[torch.Tensor]):
+    """q [T, D], keep [T] or None -> ([sum q, sum q^2, count] over this rank's unpadded tokens
+    [2D + 1], the keep weights [T, 1] or None); the sums written in place, no concatenation."""
+    d = q.shape[1]
+    sums = torch.empty(2 * d + 1, dtype=q.dtype, device=q.device)
+    w = None if keep is None else keep.to(q.dtype).view(-1, 1)
+    qw = q if w is None else q * w
+    torch.sum(qw, 0, out=sums[:d])
+    torch.sum(qw * q, 0, out=sums[d:2 * d])
+    if w is None:
+        sums[2 * d].fill_(q.shape[0])
+    else:
+        torch.sum(w, (0, 1), out=sums[2 * d])
+    return sums, w
+
+
 class _TokenBatchNorm(torch.autograd.Function):
     """Training BatchNorm over tokens: y = (q - mean) * rsqrt(var + eps) * weight + bias, with
     mean and var of the keep-weighted tokens of every rank of ``group``.
@@ -65,15 +81,7 @@ class _TokenBatchNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, q, weight, bias, keep, group, eps, step_sums):
         d = q.shape[1]
-        sums = torch.empty(2 * d + 1, dtype=q.dtype, device=q.device)
-        w = None if keep is None else keep.to(q.dtype).view(-1, 1)
-        qw = q if w is None else q * w
-        torch.sum(qw, 0, out=sums[:d])
-        torch.sum(qw * q, 0, out=sums[d:2 * d])
-        if w is None:
-            sums[2 * d].fill_(q.shape[0])
-        else:
-            torch.sum(w, (0, 1), out=sums[2 * d])
+        sums, w = _local_sums(q, keep)
         step_sums += sums          # float64 += float32: summed in float64
         if group is not None and dist.get_world_size(group) > 1:
             dist.all_reduce(sums, group=group)
@@ -158,21 +166,13 @@ class QueryBatchNorm(torch.nn.Module):
         self.num_updates.zero_()
         self.step_sums.zero_()
 
-    def _local_sums(self, q: torch.Tensor, keep: Optional[torch.Tensor]) -> torch.Tensor:
-        """[sum q, sum q^2, count] over this rank's (unpadded) tokens: [2D + 1]."""
-        if keep is None:
-            count = torch.full((1,), float(q.shape[0]), dtype=q.dtype, device=q.device)
-            return torch.cat([q.sum(0), (q * q).sum(0), count])
-        w = keep.to(q.dtype).view(-1, 1)
-        return torch.cat([(q * w).sum(0), (q * q * w).sum(0), w.sum().view(1)])
-
     def forward(self, q: torch.Tensor, keep: Optional[torch.Tensor] = None, group=None) -> torch.Tensor:
         acc = torch.float64 if q.dtype == torch.float64 else torch.float32
         q = q.to(acc)
         if not self.training:
             return self._normalise(q, self.running_mean.to(acc), self.running_var.to(acc))
         if self.mode is QueryNorm.CENTER:
-            self.step_sums += self._local_sums(q, keep).detach()
+            self.step_sums += _local_sums(q.detach(), keep)[0]
             return q - self.running_mean.to(acc)
         # One pass (one collective); fp32 is enough even at a 99% shared share (rel. error ~1e-5).
         return _TokenBatchNorm.apply(q, self.weight, self.bias, keep, group, self.eps, self.step_sums)

@@ -171,7 +171,9 @@ def sweep_decode(H, n, half, k, dev, rep_ms, tokens=(1, 4, 16)) -> str:
 # Tiles the training-size sweep tries. Each compiles for sm_90 without spills (checked with
 # tests/kernels/test_embedding_bag.sm90_compile on 2026-11-28; the tests compile the defaults).
 SWEEP = {
-    "select (ROWS, warps)": [(1, 2), (1, 4), (1, 8), (2, 2), (2, 4), (2, 8), (4, 4), (4, 8)],
+    "select (ROWS, warps, early exit)": [(1, 2, False), (1, 4, False), (1, 8, False),
+                                          (2, 4, False), (1, 2, True), (1, 4, True),
+                                          (2, 2, True), (2, 4, True)],
     "rescore (BLOCK_D, warps)": [(16, 2), (16, 4), (32, 2), (32, 4), (32, 8), (64, 4), (64, 8)],
     "product step (rows, warps)": [(1, 1), (1, 2), (2, 1), (2, 2), (4, 1), (4, 2), (8, 2), (8, 4),
                                    (16, 4), (16, 8), (32, 4), (32, 8)],
@@ -181,7 +183,8 @@ SWEEP = {
 def _set_tile(kind: str, tile) -> None:
     """Install one tile (None: the defaults) of a sweep kind in the kernels' module knobs."""
     if kind.startswith("select"):
-        bs.SELECT_TILE = dict(_DEFAULTS["select"]) if tile is None else dict(ROWS=tile[0], num_warps=tile[1])
+        bs.SELECT_TILE = dict(_DEFAULTS["select"]) if tile is None else dict(ROWS=tile[0], num_warps=tile[1],
+                                                                                     EARLY=tile[2])
     elif kind.startswith("rescore"):
         bs.RESCORE_TILE = None if tile is None else dict(BLOCK_D=tile[0], num_warps=tile[1])
     else:

@@ -47,7 +47,7 @@ RESCORE = "fused"
 # Launch tiles of the training-size kernels, from the H200 sweep of benchmarks/RESULTS.md run 20
 # (``bench_search.py --sweep``: the whole forward per tile at T = 4096 and 8192).
 # _select_kernel: rows per program and warps; 2 warps were 4% faster than 4, 8 warps 9% slower.
-SELECT_TILE = dict(ROWS=1, num_warps=2)
+SELECT_TILE = dict(ROWS=1, num_warps=2, EARLY=False)
 # _rescore_topk_kernel: None takes ``rescore_config``; a dict(BLOCK_D=, num_warps=) overrides it.
 RESCORE_TILE = None
 # At or above this many (token, head, half) rows the re-scoring takes the training tile of
@@ -57,14 +57,26 @@ RESCORE_TRAINING_ROWS = 8192
 
 
 @triton.jit
-def _select_kernel(scores, cand, R, n, K1, ROWS: tl.constexpr, BLOCK_N: tl.constexpr):
+def _bisect(key, lo, hi, K1):
+    """One bisection step per row of the largest t with #(key >= t) >= K1, in [lo, hi)."""
+    mid = (lo + hi) // 2
+    enough = tl.sum((key >= mid[:, None]).to(tl.int32), axis=1) >= K1
+    return tl.where(enough, mid, lo), tl.where(enough, hi, mid)
+
+
+@triton.jit
+def _select_kernel(scores, cand, R, n, K1, ROWS: tl.constexpr, BLOCK_N: tl.constexpr,
+                   EARLY: tl.constexpr = False):
     """Program (ROWS rows of [R = 2H*T, n] bf16 scores): each row's column ids of its K1 largest
     values, in column order (ties at the K1-th value broken by column), into cand[row, :K1].
 
     bf16 has 16 significant bits: its order-preserving integer key (the top half of the fp32
     bit map of ``triton_product_key._pack``) is bisected 17 times for the largest t with
     #(key >= t) >= K1; then every key > t and the first K1 - #(key > t) keys == t are kept, their
-    output slots given by a running count. Rows are independent: every reduction is along axis 1."""
+    output slots given by a running count. Rows are independent: every reduction is along axis 1.
+    EARLY: stop once every row's bracket is one key wide (log2(max - min) steps, ~13 for the
+    layer's scores, whose bf16 keys span a few thousand values); a finished row stays put
+    (mid = lo keeps #(key >= lo) >= K1), so the result is the same."""
     rows = tl.program_id(0) * ROWS + tl.arange(0, ROWS)
     rmask = rows < R
     rows = rows.to(tl.int64)
@@ -77,11 +89,12 @@ def _select_kernel(scores, cand, R, n, K1, ROWS: tl.constexpr, BLOCK_N: tl.const
     key = tl.where(valid, key, -65536)                    # padding below every real key
     lo = tl.min(key, axis=1)                              # #(key >= lo) >= K1 always holds
     hi = tl.max(key, axis=1) + 1                          # #(key >= hi) = 0 < K1
-    for _ in range(17):
-        mid = (lo + hi) // 2
-        enough = tl.sum((key >= mid[:, None]).to(tl.int32), axis=1) >= K1
-        lo = tl.where(enough, mid, lo)
-        hi = tl.where(enough, hi, mid)
+    if EARLY:
+        while tl.max(hi - lo, axis=0) > 1:
+            lo, hi = _bisect(key, lo, hi, K1)
+    else:
+        for _ in range(17):
+            lo, hi = _bisect(key, lo, hi, K1)
     above = key > lo[:, None]
     tie = key == lo[:, None]
     room = K1 - tl.sum(above.to(tl.int32), axis=1)

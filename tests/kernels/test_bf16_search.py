@@ -86,10 +86,11 @@ def check_select(rows, n, k1, seed):
     s = (torch.randn(2, rows, n, generator=gen) * 4).round().to(torch.bfloat16)  # many ties
     s[0, 0, :] = 1.0                                                               # all equal
     cand = bs._candidates(s, k1)
-    for rows_per_program, warps in ((2, 2), (4, 4)):   # 2 * rows is not always a multiple
-        bs.SELECT_TILE = dict(ROWS=rows_per_program, num_warps=warps)
+    # 2 * rows is not always a multiple of the rows per program; early exit: the same sets
+    for rows_per_program, warps, early in ((2, 2, False), (4, 4, False), (1, 2, True), (2, 4, True)):
+        bs.SELECT_TILE = dict(ROWS=rows_per_program, num_warps=warps, EARLY=early)
         try:
-            assert torch.equal(bs._candidates(s, k1), cand), (rows_per_program, warps)
+            assert torch.equal(bs._candidates(s, k1), cand), (rows_per_program, warps, early)
         finally:
             bs.SELECT_TILE = dict(SELECT_DEFAULT)
     assert cand.shape == (2, rows, k1) and cand.min() >= 0 and cand.max() < n
@@ -119,9 +120,11 @@ def test_sm90_compile_without_spills():
     from megatron_memory.kernels import triton_product_key as pk
 
     tile = dict(bs.SELECT_TILE)
-    regs, spills = sm90_compile(bs._select_kernel, dict(scores="bf16", cand="i64"),
-                                dict(BLOCK_N=1024, ROWS=tile["ROWS"]), tile["num_warps"])
-    assert spills == 0, f"select: {regs} registers, {spills} B spilled"
+    for early in (False, True):
+        regs, spills = sm90_compile(bs._select_kernel, dict(scores="bf16", cand="i64"),
+                                    dict(BLOCK_N=1024, ROWS=tile["ROWS"], EARLY=early),
+                                    tile["num_warps"])
+        assert spills == 0, f"select (early exit {early}): {regs} registers, {spills} B spilled"
     regs, spills = sm90_compile(bs._rescore_kernel, dict(q="fp32", keys="fp32", cand="i64", out="fp32"),
                                 dict(BLOCK_T=16, BLOCK_D=256), 4)
     assert spills == 0, f"rescore: {regs} registers, {spills} B spilled"

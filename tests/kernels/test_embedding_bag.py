@@ -226,6 +226,53 @@ def test_interpreter_deferred_table_grad():
     assert run_interpreted("tests.kernels.test_embedding_bag", "interpreter_deferred_cases") == 2
 
 
+def check_fold(device, N, d, T, bag, dtype=torch.float32, seed=0):
+    """launch_fold (the deferred fold's kernel) against the fp64 sums and the per-lookup segment
+    pass, over column blocks and occurrence tiles narrower and wider than the defaults, hot rows
+    split across chunks (chunk 3), and a buffer in bf16."""
+    gen = torch.Generator().manual_seed(seed)
+    idx = make_indices(N, T, bag, "dup", gen)
+    idx[0, :] = 1                                   # a hot row: runs split across chunks
+    w = torch.rand(T, bag, generator=gen, dtype=torch.float64)
+    g = torch.randn(T, d, generator=gen, dtype=torch.float64)
+    ref = torch.zeros(N, d, dtype=torch.float64).index_add_(
+        0, idx.flatten(), (w[..., None] * g[:, None, :]).reshape(-1, d))
+    pre = torch.randn(N, d, generator=gen, dtype=torch.float64)
+    dev = lambda t, dt: t.to(dt).to(device)  # noqa: E731
+    seg = dev(pre, torch.float32)
+    eb.launch_segment_backward(dev(g, dtype), seg, dev(idx, torch.int64), dev(w, torch.float32),
+                               seg, False, chunk=3)
+    configs = [None, dict(BLOCK_D=16, BLOCK_P=1, num_warps=1), dict(BLOCK_D=32, BLOCK_P=8, num_warps=2)]
+    for cfg in configs:
+        for programs in (None, 2):
+            buf = dev(pre, torch.float32)
+            eb.launch_fold(dev(g, dtype), dev(idx, torch.int32), dev(w, torch.float32), buf,
+                           chunk=3, config=cfg, programs=programs)
+            assert rel_err(buf.cpu().double() - pre.float().double(), ref) <= TOL[dtype], cfg
+            assert torch.equal(buf.cpu(), seg.cpu()), cfg   # same chunking: the same fp32 sums
+    low = dev(pre, torch.bfloat16)
+    eb.launch_fold(dev(g, dtype), dev(idx, torch.int64), dev(w, torch.bfloat16), low, chunk=3)
+    assert rel_err(low.cpu().double(), pre + ref) <= TOL[torch.bfloat16]
+    return len(configs)
+
+
+def interpreter_fold_cases():
+    return check_fold("cpu", N=41, d=70, T=5, bag=6) + check_fold("cpu", N=7, d=3, T=3, bag=4,
+                                                                    dtype=torch.bfloat16, seed=1)
+
+
+def test_interpreter_fold():
+    assert run_interpreted("tests.kernels.test_embedding_bag", "interpreter_fold_cases") == 6
+
+
+def test_fold_config_fits_l2():
+    """Narrow blocks for a step's many gradient rows, never wider than the segment kernel's."""
+    many = eb.fold_config(24 * 8192, 2048, 2)
+    assert many["BLOCK_D"] * 24 * 8192 * 2 <= eb.FOLD_L2_BYTES and many["BLOCK_D"] >= 16
+    assert eb.fold_config(100, 2048, 2)["BLOCK_D"] == eb.segment_config(2048, 2)["BLOCK_D"]
+    assert eb.fold_config(10 ** 9, 2048, 4)["BLOCK_D"] == 16
+
+
 # ------------------------------------------------------------------------------------------
 # CPU: ahead-of-time compilation for sm_90 (Triton's bundled LLVM and ptxas; no GPU needed)
 # ------------------------------------------------------------------------------------------
@@ -268,6 +315,9 @@ def test_sm90_compile_without_spills():
               (eb._forward_kernel, dict(ptrs, values="fp32", indices="i32", out="fp32"),
                dict(tiles(eb.gather_config(1, 4, 1)), bag=1, d=1, stride_v=1), 1),
               (eb._fold_kernel, ptrs, dict(BLOCK_S=16, BLOCK_D=256), 2)]
+    fold = eb.fold_config(24 * 8192, 2048, 2)
+    builds.append((eb._segment_kernel, dict(ptrs, sorted_pos="i32"),
+                   dict(tiles(fold), NEED_DOTS=False, SORTED=True), fold["num_warps"]))
     for need_dots in (True, False):
         for buf in ("fp32", "bf16"):
             builds.append((eb._segment_kernel, dict(ptrs, buf=buf),

@@ -216,28 +216,24 @@ def segment_config(d: int, esize: int) -> dict:
     return dict(BLOCK_D=block_d, BLOCK_P=1, num_warps=max(1, min(8, block_d // 256)))
 
 
-# The deferred fold reads every recorded output gradient once per column block. Its column
-# block is chosen so that one block's slice of all of them stays in L2 (H100/H200: 50 MB) while
-# the programs of that block run: then each gathered slice comes from L2, and HBM sees the
-# gradients once, the fp32 buffer's touched rows once, and the sorted plan once per block.
-FOLD_L2_BYTES = 24 << 20
+# The deferred fold's tile, from the H200 sweep of ``bench_table_grad.py --sweep`` (24 lookups,
+# benchmarks/RESULTS.md run 21): each program keeps BLOCK_P gradient slices of BLOCK_D columns in
+# flight on one warp. 128 x 8 on 1 warp folded in 29.4 ms where the per-lookup tile (512 x 1 on
+# 2 warps) took 34.7 ms. Narrower blocks, meant to keep one block's slice of every gradient in L2,
+# were slower (64 columns: 48.5 ms): every occurrence still moves its gradient slice, from L2
+# instead of HBM, and L2 bandwidth is not much above HBM's.
+FOLD_TILE = dict(BLOCK_D=128, BLOCK_P=8, num_warps=1)
 # Occurrences of one row per fold chunk: the step's runs are ~lookups x longer than one lookup's,
 # and the fp32 partial buffer is sized by M / FOLD_CHUNK (64 MiB at 2^24 occurrences, d = 2048).
 FOLD_CHUNK = 4096
-# Programs per SM along the fold's chunk axis: one column block fills the GPU, so the blocks
-# run about one after another (the grid's first axis varies fastest).
+# Programs per SM along the fold's chunk axis (each walks chunks p, p + P, ...).
 FOLD_PROGRAMS_PER_SM = 16
 
 
-def fold_config(rows: int, d: int, esize: int) -> dict:
-    """BLOCK_D / BLOCK_P / num_warps of the deferred fold (``launch_fold``): the widest column
-    block (16 columns at least, segment_config's at most) whose slice of ``rows`` gradient rows
-    of ``esize`` bytes fits FOLD_L2_BYTES."""
-    widest = segment_config(d, esize)["BLOCK_D"]
-    block_d = 16
-    while block_d * 2 <= widest and rows * block_d * 2 * esize <= FOLD_L2_BYTES:
-        block_d *= 2
-    return dict(BLOCK_D=block_d, BLOCK_P=4, num_warps=1 if block_d <= 64 else 2)
+def fold_config(d: int) -> dict:
+    """BLOCK_D / BLOCK_P / num_warps of the deferred fold (``launch_fold``): FOLD_TILE, its
+    columns capped at next_pow2(d) (16 at least)."""
+    return dict(FOLD_TILE, BLOCK_D=max(16, min(FOLD_TILE["BLOCK_D"], triton.next_power_of_2(d))))
 
 
 # --------------------------------------------------------------------------------------------
@@ -327,10 +323,9 @@ def launch_fold(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     """buf[r] += sum_{(t,b): idx[t,b]=r} w[t,b] * grad_out[t], for the many lookups of a step
     concatenated (DeferredTableGrad.fold): grad_out [T, d], indices/weights [T, bag], buf [N, d].
 
-    The segment kernel in its SORTED form, with narrow column blocks (``fold_config``): all
-    programs of one column block run together and find their gradient slices in L2, where the
-    default wide blocks gathered every occurrence's gradient row from HBM (run 18: the fold of
-    24 lookups took 41 ms on an H100, ~2.6 TB/s of mostly gathers). Deterministic (fixed
+    The segment kernel in its SORTED form (tokens and weights read in sorted order, not
+    gathered per occurrence) with the fold's own tile (``fold_config``), and chunks of
+    FOLD_CHUNK occurrences. Deterministic (fixed
     chunk and slot order, like ``launch_segment_backward``); no host sync. chunk: the most
     occurrences one program reduces (FOLD_CHUNK); config and programs: any value gives the
     same sums.
@@ -345,7 +340,7 @@ def launch_fold(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     tokens = torch.div(sorted_pos, bag, rounding_mode="floor").to(torch.int32)
     sorted_w = weights.reshape(-1).to(torch.float32)[sorted_pos]
     del sorted_pos
-    cfg = dict(config or fold_config(T, d, grad_out.element_size()))
+    cfg = dict(config or fold_config(d))
     n_dblk = triton.cdiv(d, cfg["BLOCK_D"])
     partial = torch.empty(max(S, 1), d, dtype=torch.float32, device=buf.device)
     if programs is None and buf.device.type == "cuda":

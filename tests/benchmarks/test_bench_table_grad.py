@@ -31,7 +31,7 @@ def test_smoke_run(monkeypatch):
     sys.path.insert(0, str(BENCH))
     import bench_table_grad
 
-    assert len(rows) == 5 + len(bench_table_grad.SWEEP_TILES) + 4, text
+    assert len(rows) == 5 + len(bench_table_grad.SWEEP_TILES) + len(bench_table_grad.SWEEP_PROGRAMS_PER_SM), text
     assert all(float(r[2] if len(r) == 6 else r[5]) > 0 for r in rows), text
     diff = float(text.split("relative difference ")[1].split()[0])
     assert diff < 1e-6, text

@@ -265,12 +265,9 @@ def test_interpreter_fold():
     assert run_interpreted("tests.kernels.test_embedding_bag", "interpreter_fold_cases") == 6
 
 
-def test_fold_config_fits_l2():
-    """Narrow blocks for a step's many gradient rows, never wider than the segment kernel's."""
-    many = eb.fold_config(24 * 8192, 2048, 2)
-    assert many["BLOCK_D"] * 24 * 8192 * 2 <= eb.FOLD_L2_BYTES and many["BLOCK_D"] >= 16
-    assert eb.fold_config(100, 2048, 2)["BLOCK_D"] == eb.segment_config(2048, 2)["BLOCK_D"]
-    assert eb.fold_config(10 ** 9, 2048, 4)["BLOCK_D"] == 16
+def test_fold_config_caps_columns_at_the_width():
+    assert eb.fold_config(2048) == eb.FOLD_TILE
+    assert eb.fold_config(40)["BLOCK_D"] == 64 and eb.fold_config(3)["BLOCK_D"] == 16
 
 
 # ------------------------------------------------------------------------------------------
@@ -315,7 +312,7 @@ def test_sm90_compile_without_spills():
               (eb._forward_kernel, dict(ptrs, values="fp32", indices="i32", out="fp32"),
                dict(tiles(eb.gather_config(1, 4, 1)), bag=1, d=1, stride_v=1), 1),
               (eb._fold_kernel, ptrs, dict(BLOCK_S=16, BLOCK_D=256), 2)]
-    fold = eb.fold_config(24 * 8192, 2048, 2)
+    fold = eb.fold_config(2048)
     builds.append((eb._segment_kernel, dict(ptrs, sorted_pos="i32"),
                    dict(tiles(fold), NEED_DOTS=False, SORTED=True), fold["num_warps"]))
     for need_dots in (True, False):

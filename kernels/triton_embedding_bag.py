@@ -438,7 +438,7 @@ class _EmbeddingBag(torch.autograd.Function):
         grad_v = grad_w = None
         deferred = getattr(param, "memory_deferred_grad", None) if need_v else None
         if deferred is not None and _owns_grad(param):  # table gradient later, in one pass
-            deferred.add(grad_out, indices, weights)
+            deferred.add(grad_out, indices, weights, param)
             dots = launch_token_backward(grad_out, values, indices, weights, None, True) \
                 if need_w else None
         elif need_v:
@@ -475,14 +475,29 @@ class DeferredTableGrad:
     the weight gradients are computed at once (token kernel), which reads the gathered rows.
     ``fold()`` is deterministic, but sums in another order than per-lookup passes (fp32
     rounding differs in the last bits).
+
+    Memory can be bounded: once the recorded bytes reach ``max_bytes`` (None: no bound), ``add``
+    folds them into the table's buffer at once, so a step of many micro-batches keeps at most
+    about max_bytes recorded (twice that during a fold, for the concatenation).
     """
 
-    def __init__(self):
+    def __init__(self, max_bytes: Optional[int] = None):
         self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
+        self.max_bytes = float("inf") if max_bytes is None else max_bytes
+        self.recorded = 0   # bytes held in parts
 
-    def add(self, grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor) -> None:
-        """Record one lookup's grad_out [T, d], indices and weights [T, bag]."""
+    def add(self, grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
+            values: Optional[torch.nn.Parameter] = None) -> None:
+        """Record one lookup's grad_out [T, d], indices and weights [T, bag]; with ``values``
+        (the table), fold into its buffer now if the record has reached max_bytes."""
         self.parts.append((grad_out, indices, weights))
+        self.recorded += sum(t.numel() * t.element_size() for t in (grad_out, indices, weights))
+        if values is not None and self.recorded >= self.max_bytes:
+            self.fold(values)
+
+    def clear(self) -> None:
+        """Drop what is recorded (a step abandoned before its gradient reduction)."""
+        self.parts, self.recorded = [], 0
 
     def fold(self, values: torch.nn.Parameter) -> bool:
         """buf[r] += sum over every recorded (t, b) with idx = r of w * grad_out[t], into the
@@ -490,7 +505,7 @@ class DeferredTableGrad:
         if not self.parts:
             return False
         grads, idx, w = zip(*self.parts)
-        self.parts = []
+        self.clear()
         bags = sorted({i.shape[1] for i in idx})
         if len(bags) > 1:
             raise ValueError(f"DeferredTableGrad: lookups of bag sizes {bags} cannot be folded "

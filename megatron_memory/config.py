@@ -262,6 +262,10 @@ class TrainConfig:
                                  "until the step's gradient reduction (Triton lookups on CUDA); off "
                                  "by default: slower in whole training steps on H100 "
                                  "(benchmarks/RESULTS.md run 18)")
+    defer_table_grad_gib: float = opt(1.0, "with defer_table_grad: GiB of recorded output "
+                                      "gradients, indices and weights at which the table's "
+                                      "gradient is folded before the step ends, bounding that "
+                                      "memory at large global batches (twice this during a fold)")
     ddp_bucket_size: Optional[int] = opt(None, "parameters per data-parallel communication bucket "
                                          "(Megatron-LM's --ddp-bucket-size); default megatron-core's "
                                          "max(40M, 1M x DP)")
@@ -337,6 +341,8 @@ class TrainConfig:
                               f"{self.checkpoint_write_threads}")
         if self.ddp_bucket_size is not None and self.ddp_bucket_size < 1:
             raise ConfigError(f"train.ddp_bucket_size must be >= 1, got {self.ddp_bucket_size}")
+        if not self.defer_table_grad_gib > 0:
+            raise ConfigError(f"train.defer_table_grad_gib must be > 0, got {self.defer_table_grad_gib}")
         if self.eval_iters < 0 or self.eval_interval < 0:
             raise ConfigError(f"train.eval_iters and train.eval_interval must be >= 0, got "
                               f"{self.eval_iters}, {self.eval_interval}")

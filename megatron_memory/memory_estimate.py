@@ -21,7 +21,9 @@ mixed-precision optimizer over torch's fused AdamW, local GPT spec, fused Triton
   Deferred table gradient (``train.defer_table_grad``, bf16/CUDA only): every lookup of a step
   keeps its output gradient [T, v/t] (e bytes) and indices/weights (12 B per token and bag
   entry) until the fold, which concatenates them (a second copy). Counted as
-  max(activations + stash, 2 x stash), with stash = M x (memory layers) x T*(e*v/t + 12*bag).
+  max(activations + stash, 2 x stash), with stash = L x T*(e*v/t + 12*bag) for the
+  L = M x (memory layers) lookups of a step, at most the lookups that reach
+  ``train.defer_table_grad_gib`` (a fold comes as soon as the stash reaches it).
 
   Checkpoint save (``save_peak``): with the distributed optimizer, megatron-core's
   fully-reshardable save all-gathers the data-parallel group's optimizer state onto every rank
@@ -33,6 +35,7 @@ mixed-precision optimizer over torch's fused AdamW, local GPT spec, fused Triton
 """
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 from megatron_memory.config import ConfigError, RunConfig, replace
@@ -136,8 +139,9 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True
             acts += t.micro_batch_size * cfg.model.seq_length * vocab_size / tp * (e + 4)
         optimizer = params * b_o / opt_div
         tokens = t.micro_batch_size * cfg.model.seq_length
-        deferred = (micro * len(here) * tokens * (e * v / tp + 12 * cfg.memory.bag_size)
-                    if t.defer_table_grad and bf16 else 0.0)
+        per_lookup = tokens * (e * v / tp + 12 * cfg.memory.bag_size)
+        lookups = min(micro * len(here), math.ceil(t.defer_table_grad_gib * 2**30 / per_lookup))
+        deferred = lookups * per_lookup if t.defer_table_grad and bf16 and here else 0.0
         out.append(StageMemory(stage, layers, here, sharded + replicated,
                                table, params * b_w, params * b_g, optimizer, acts,
                                save_extra=optimizer * (dp - 1) if dist_opt else 0.0,

@@ -70,16 +70,18 @@ class MemoryDDP(DistributedDataParallel):
     bucket is complete. A returned gradient (CPU reference lookup) takes Megatron's own path.
     """
 
-    def __init__(self, config, ddp_config, module, *args, defer_table_grad: bool = False, **kwargs):
+    def __init__(self, config, ddp_config, module, *args, defer_table_grad: bool = False,
+                 defer_max_bytes: Optional[int] = None, **kwargs):
         super().__init__(config, ddp_config, module, *args, **kwargs)
         # With defer_table_grad the Triton lookups only record their table gradient
         # (kernels.DeferredTableGrad); it is added to main_grad in one pass per step, right
-        # before the table's gradient reduction starts (start_grad_sync / finish_grad_sync).
+        # before the table's gradient reduction starts (start_grad_sync / finish_grad_sync),
+        # and earlier whenever the record reaches defer_max_bytes (None: no bound).
         self.deferred_tables = []
         if defer_table_grad and kernels.HAVE_TRITON:  # else the lookups return their gradient
             for p in self.module.parameters():
                 if getattr(p, "is_memory_value", False) and p.requires_grad:
-                    p.memory_deferred_grad = kernels.DeferredTableGrad()
+                    p.memory_deferred_grad = kernels.DeferredTableGrad(defer_max_bytes)
                     self.deferred_tables.append(p)
 
     def _make_backward_post_hook(self, param: torch.nn.Parameter):
@@ -115,7 +117,7 @@ class MemoryDDP(DistributedDataParallel):
 
     def zero_grad_buffer(self):
         for p in self.deferred_tables:  # a step that never reached its reduction leaves nothing
-            p.memory_deferred_grad.parts.clear()
+            p.memory_deferred_grad.clear()
         super().zero_grad_buffer()
 
 

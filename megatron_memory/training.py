@@ -232,7 +232,8 @@ class Trainer:
             overlap_param_gather=self.overlap and self.dist_opt,
             use_distributed_optimizer=self.dist_opt, bucket_size=cfg.train.ddp_bucket_size)
         self.model = parallel.MemoryDDP(self.tconfig, ddp_config, model,
-                                        defer_table_grad=cfg.train.defer_table_grad)
+                                        defer_table_grad=cfg.train.defer_table_grad,
+                                        defer_max_bytes=int(cfg.train.defer_table_grad_gib * 2**30))
         self.tconfig.finalize_model_grads_func = parallel.finalize_memory_grads
         if self.overlap:  # as Megatron-LM's training loop wires its schedules
             # Only the last micro-batch's backward marks gradients ready; the others accumulate.

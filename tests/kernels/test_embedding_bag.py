@@ -168,10 +168,11 @@ def test_interpreter_embedding_bag():
         == len(INTERPRETER_CASES)
 
 
-def check_deferred(device, N, d, T, bag, lookups, dtype=torch.float32, seed=0):
+def check_deferred(device, N, d, T, bag, lookups, dtype=torch.float32, seed=0, max_bytes=None):
     """``lookups`` lookups into one table with main_grad: per-lookup passes vs one deferred fold
     (DeferredTableGrad) vs the fp64 reference. Weight grads come back at once either way; the
-    deferred table gradient touches main_grad only in fold(), without the ready hook."""
+    deferred table gradient touches main_grad only in fold(), without the ready hook. With
+    ``max_bytes`` the record folds whenever it reaches that many bytes, in the backward."""
     gen = torch.Generator().manual_seed(seed)
     V = torch.randn(N, d, generator=gen, dtype=torch.float64).to(dtype)
     cases = [(make_indices(N, T, bag, "dup" if n % 2 else "random", gen),
@@ -188,15 +189,20 @@ def check_deferred(device, N, d, T, bag, lookups, dtype=torch.float32, seed=0):
         calls = []
         table.memory_grad_ready_hook = lambda: calls.append(1)  # noqa: B023
         if mode == "deferred":
-            table.memory_deferred_grad = eb.DeferredTableGrad()
+            table.memory_deferred_grad = eb.DeferredTableGrad(max_bytes)
         wgrads = []
         for idx, w, g in cases:
             wt = w.float().to(device).requires_grad_()
             eb.triton_embedding_bag(table, idx.to(device), wt).backward(g.to(dtype).to(device))
             wgrads.append(wt.grad)
-        if mode == "deferred":
+        if mode == "deferred" and max_bytes is None:
             assert torch.equal(table.main_grad.cpu(), pre.float()) and calls == []
             assert table.memory_deferred_grad.fold(table) and not table.memory_deferred_grad.fold(table)
+        elif mode == "deferred":   # folded in the backward whenever the record reached max_bytes
+            assert not torch.equal(table.main_grad.cpu(), pre.float()) and calls == []
+            left = len(table.memory_deferred_grad.parts)
+            assert left < lookups and table.memory_deferred_grad.fold(table) == (left > 0)
+            assert table.memory_deferred_grad.recorded == 0
         else:
             assert len(calls) == lookups
         assert table.grad is None
@@ -219,11 +225,13 @@ def interpreter_deferred_cases():
     eb.SEGMENT_CHUNK = 3  # split runs across lookups too
     check_deferred("cpu", N=53, d=7, T=6, bag=5, lookups=4)
     check_deferred("cpu", N=9, d=300, T=3, bag=4, lookups=3)
-    return 2
+    one = 6 * 7 * 4 + 6 * 5 * (8 + 4)    # bytes one lookup records: fp32 g, int64 idx, fp32 w
+    check_deferred("cpu", N=53, d=7, T=6, bag=5, lookups=5, max_bytes=2 * one)   # folds twice
+    return 3
 
 
 def test_interpreter_deferred_table_grad():
-    assert run_interpreted("tests.kernels.test_embedding_bag", "interpreter_deferred_cases") == 2
+    assert run_interpreted("tests.kernels.test_embedding_bag", "interpreter_deferred_cases") == 3
 
 
 def check_fold(device, N, d, T, bag, dtype=torch.float32, seed=0):

@@ -128,11 +128,12 @@ def test_save_peak_counts_the_gathered_optimizer_state(capsys):
 
 def test_deferred_table_grad_counts_its_stash():
     """--defer-table-grad keeps every lookup's output gradient, indices and weights of the step
-    until the fold (plus the fold's concatenated copy): on the stages with memory layers only."""
+    until the fold (plus the fold's concatenated copy), at most until the record reaches
+    --defer-table-grad-gib: on the stages with memory layers only."""
     args = ["--preset", "8b-memory", "--micro-batch-size", "4", "--global-batch-size", "64",
             "--tp", "2", "--pp", "2", "--sequence-parallel"]
     base = estimate(config_from_args(args)[0], 4, 32000)
-    cfg = config_from_args(args + ["--defer-table-grad"])[0]
+    cfg = config_from_args(args + ["--defer-table-grad", "--defer-table-grad-gib", "4"])[0]
     deferred = estimate(cfg, 4, 32000)
     micro, tokens = 64 // 4, 4 * 2048           # DP = 1: 16 micro-batches of 8192 tokens
     v, bag = cfg.memory.value_dim(cfg.model.hidden_size), cfg.memory.bag_size
@@ -143,3 +144,7 @@ def test_deferred_table_grad_counts_its_stash():
                                                                        2 * stash)
     assert any(s.memory_layers for s in deferred) and deferred[0].deferred > GIB  # 1.4 GiB here
     assert estimate(cfg, 4, 32000, bf16=False)[0].deferred == 0   # CPU: the reference lookup
+    # the default bound, 1 GiB: folds as soon as the record reaches it (a whole lookup over it)
+    capped = estimate(config_from_args(args + ["--defer-table-grad"])[0], 4, 32000)
+    one = tokens * (2 * v / 2 + 12 * bag)
+    assert capped[0].deferred == -(-GIB // one) * one and GIB <= capped[0].deferred < GIB + one

@@ -23,6 +23,7 @@ try:  # Triton is optional: without it every op runs the reference.
     from megatron_memory.kernels import bf16_search as _bf16_search
     from megatron_memory.kernels import triton_product_key as _triton_search
     from megatron_memory.kernels import query_prologue as _prologue
+    from megatron_memory.kernels import query_norm_train as _query_norm_train
     from megatron_memory.kernels import decode_search as _decode_search
     from megatron_memory.kernels.triton_embedding_bag import DeferredTableGrad
 
@@ -87,3 +88,17 @@ def fused_query_prologue(q: torch.Tensor, gain: torch.Tensor, eps: float, half: 
     if not use_triton(q) or _needs_grad(q, gain, mean, scale, shift):
         return None
     return _prologue.triton_query_prologue(q, gain, eps, half, norm, mean, scale, shift)
+
+
+def fused_query_norm_train(q: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,
+                           gain: torch.Tensor, bn_eps: float, qk_eps: float, half: int,
+                           step_sums: torch.Tensor, keep: Optional[torch.Tensor] = None,
+                           group=None) -> Optional[torch.Tensor]:
+    """Training: the query BatchNorm over tokens (batch statistics, all-reduced over ``group``;
+    this rank's sums added to ``step_sums``), QK-norm and gain as one differentiable op
+    (kernels/query_norm_train.py), q [T, H*2*half] -> [T, H, 2, half] fp32. None when Triton does
+    not serve q (CPU, reference forced, fp64): the caller runs its torch ops."""
+    if not use_triton(q) or q.dtype not in _query_norm_train.DTYPES:
+        return None
+    return _query_norm_train.query_norm_train(q, bn_weight, bn_bias, gain, bn_eps, qk_eps, half,
+                                              step_sums, keep, group)

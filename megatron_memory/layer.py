@@ -208,8 +208,23 @@ class MemoryPlus(MegatronModule):
         gain = self.query_norm_weight.view(mc.heads, 2, self.half)
         acc = acc_dtype(q)
         q = F.rms_norm(q.to(acc), (self.half,), eps=mc.qk_norm_eps) * gain.to(acc)
-        keys = F.rms_norm(keys.to(acc), (self.half,), eps=mc.qk_norm_eps) * self.half ** -0.5
-        return q, keys
+        return q, self._normalised_keys(keys, acc)
+
+    def _normalised_keys(self, keys: torch.Tensor, acc: torch.dtype) -> torch.Tensor:
+        """QK-norm of the sub-keys alone (the fused training path normalises the query)."""
+        return F.rms_norm(keys.to(acc), (self.half,), eps=self.memory_config.qk_norm_eps) * self.half ** -0.5
+
+    def _fused_query(self, q: torch.Tensor, keep: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        """Training with query BatchNorm and QK-norm: both on the query [T, D] in one op
+        (kernels/query_norm_train.py, the same math and running-statistics accumulation as
+        ``query_bn`` + ``_normalised``) -> [T, H, 2, half] fp32; None where it does not serve
+        q (CPU, eval, centring, no QK-norm): the torch path runs."""
+        bn, mc = self.query_bn, self.memory_config
+        if not (self.training and mc.qk_norm and bn is not None and bn.mode is QueryNorm.BATCHNORM):
+            return None
+        return kernels.fused_query_norm_train(q, bn.weight, bn.bias, self.query_norm_weight, bn.eps,
+                                              mc.qk_norm_eps, self.half, bn.step_sums, keep,
+                                              self.values.token_group())
 
     def select(self, x: torch.Tensor, keep: Optional[torch.Tensor] = None):
         """x [T, d] -> indices [T, H*k] int64, weights [T, H*k] float32 (softmax per head).
@@ -218,11 +233,15 @@ class MemoryPlus(MegatronModule):
         """
         mc = self.memory_config
         q = self.query(x)
-        if self.query_bn is not None:
-            q_bn = self.query_bn(q, keep, self.values.token_group())
-            # Without QK-norm the search sees the query in the model's dtype, as before.
-            q = q_bn if mc.qk_norm else q_bn.to(q.dtype)
-        q, keys = self._normalised(q.view(x.shape[0], mc.heads, 2, self.half), self.keys)
+        fused = self._fused_query(q, keep)
+        if fused is not None:
+            q, keys = fused, self._normalised_keys(self.keys, fused.dtype)
+        else:
+            if self.query_bn is not None:
+                q_bn = self.query_bn(q, keep, self.values.token_group())
+                # Without QK-norm the search sees the query in the model's dtype, as before.
+                q = q_bn if mc.qk_norm else q_bn.to(q.dtype)
+            q, keys = self._normalised(q.view(x.shape[0], mc.heads, 2, self.half), self.keys)
         if self.key_usage is not None and self.training:
             self.key_usage.observe(x, q.reshape(x.shape[0], -1))
         scores, indices = kernels.product_key_search(q, keys, mc.k)

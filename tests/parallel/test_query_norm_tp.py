@@ -1,7 +1,9 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """Query BatchNorm under TP=2 (with and without SP) x DP=2 (gloo, CPU) equals the unsharded
 layer: training outputs and every gradient (batch statistics summed over the TP group), the
-running statistics after a step (summed over TP and DP), and eval outputs (running statistics)."""
+running statistics after a step (summed over TP and DP), and eval outputs (running statistics).
+The "fused" case runs the training query norm through kernels/query_norm_train.py (Triton's
+interpreter on the CPU ranks), the others through the torch ops."""
 from __future__ import annotations
 
 import pytest
@@ -13,8 +15,18 @@ from tests.parallel.test_tp_layer import layer_pair
 S, B, D = 8, 3, 16
 
 
-def _parity(sp: bool, norm: str) -> None:
+def _parity(sp: bool, norm: str, fused: bool = False) -> None:
     from megatron.core import parallel_state as ps
+
+    calls = []
+    if fused:   # the ranks run with TRITON_INTERPRET=1; the op serves their CPU tensors
+        from tests.kernels.test_embedding_bag import install_interpreter_shim
+
+        install_interpreter_shim()
+        from megatron_memory import kernels
+        from megatron_memory.kernels import query_norm_train as qnt
+
+        kernels.fused_query_norm_train = lambda *a, **k: calls.append(1) or qnt.query_norm_train(*a, **k)
 
     from megatron_memory.config import MemoryConfig
     from megatron_memory.parallel import finish_query_norm_step, reduce_tp_partial_grads
@@ -61,6 +73,7 @@ def _parity(sp: bool, norm: str) -> None:
         torch.testing.assert_close(getattr(layer.query_bn, name), getattr(ref_layer.query_bn, name),
                                    **tol, msg=lambda m: f"{name}: {m}")
     assert float(layer.query_bn.running_mean.abs().max()) > 1.0  # the shift was measured
+    assert len(calls) == (1 + dp if fused else 0)  # this layer's forward and the references'
 
     layer.eval()
     ref_layer.eval()
@@ -68,7 +81,10 @@ def _parity(sp: bool, norm: str) -> None:
         torch.testing.assert_close(layer(x[rows])[0], ref_layer(x)[0][rows], **tol)
 
 
-@pytest.mark.parametrize("sp,norm", [(False, "batchnorm"), (True, "batchnorm"), (False, "center")],
-                         ids=["batchnorm-no-sp", "batchnorm-sp", "center-no-sp"])
-def test_query_norm_tp2_dp2_matches_unsharded(sp, norm):
-    run_ranks(4, _parity, sp, norm, tp=2)
+@pytest.mark.parametrize("sp,norm,fused", [(False, "batchnorm", False), (True, "batchnorm", False),
+                                           (False, "center", False), (True, "batchnorm", True)],
+                         ids=["batchnorm-no-sp", "batchnorm-sp", "center-no-sp", "batchnorm-sp-fused"])
+def test_query_norm_tp2_dp2_matches_unsharded(sp, norm, fused, monkeypatch):
+    if fused:
+        monkeypatch.setenv("TRITON_INTERPRET", "1")   # read by Triton in the spawned ranks
+    run_ranks(4, _parity, sp, norm, fused, tp=2)

@@ -5,7 +5,7 @@
 # machine (the ~160 GB checkpoint stays in /tmp between them):
 #   bash benchmarks/device_4gpu.sh train    # dense, then Memory+ with a save after its last step
 #   bash benchmarks/device_4gpu.sh resume   # Memory+ resumed from that checkpoint for 3 steps
-#   bash benchmarks/device_4gpu.sh profile  # both models (Memory+ also with --defer-table-grad),
+#   bash benchmarks/device_4gpu.sh profile  # both models (Memory+ also with --no-defer-table-grad),
 #                                           # 8 steps, step 6 profiled (no save): the step-time
 #                                           # breakdown behind the Memory+/dense ratio
 #   bash benchmarks/device_4gpu.sh all      # one call: dense with step 9 profiled, Memory+ with
@@ -60,9 +60,9 @@ if [ "$PHASE" = profile ]; then
         --title "Full-depth 8B, micro-batch 4 x 2048, global 64, calculator layout, step 6 profiled" \
         --run "8b-dense:--preset 8b-dense $LAYOUT --steps 8 --profile-step 6" \
         --run "8b-memory:--preset 8b-memory $LAYOUT --steps 8 --profile-step 6" \
-        --run "8b-memory-deferred:--preset 8b-memory $LAYOUT --steps 8 --profile-step 6 --defer-table-grad" \
+        --run "8b-memory-perlookup:--preset 8b-memory $LAYOUT --steps 8 --profile-step 6 --no-defer-table-grad" \
         --common "$COMMON" 2>&1 | tail -8
-    for m in dense memory memory-deferred; do grep -h -A28 "profile of step" "$OUT/train_8b-$m.log" | head -30; done
+    for m in dense memory memory-perlookup; do grep -h -A28 "profile of step" "$OUT/train_8b-$m.log" | head -30; done
 elif [ "$PHASE" = all ]; then
     T0=$(date +%s); rm -rf "$CK"
     train_and_save 240 " (dense step 9 profiled; Memory+ saves, its resume profiles step 12)" "--profile-step 9"

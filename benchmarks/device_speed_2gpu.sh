@@ -5,10 +5,11 @@
 # size is its own bench_training call with a time limit, so a slow one loses only itself.
 # Arguments: the micro-batch sizes to run (default "4 1"; "4g128": 4 x 2048 at global batch 128,
 # where the table's per-step optimizer update is spread over 32 micro-batches, not 8).
-# SPEED_VARIANTS (default "memory deferred dense"): which runs, in order, of
-#   memory    Memory+ as trained by default
+# SPEED_VARIANTS (default "memory perlookup dense"): which runs, in order, of
+#   memory    Memory+ as trained by default (the deferred table gradient on CUDA, run 21)
 #   nokeys    Memory+ with --no-key-usage (what the key-usage instruments cost)
-#   deferred  Memory+ with --defer-table-grad
+#   perlookup Memory+ with --no-defer-table-grad (one main_grad pass per lookup)
+#   deferred  Memory+ with --defer-table-grad (the default; kept for older commands)
 #   dense     the dense model of the same body
 # SPEED_STEPS (default 10): training steps per run (2 warm-up; step 9 is profiled, not timed).
 set -u
@@ -22,13 +23,14 @@ for size in ${@:-4 1}; do
     *) echo "micro-batch $size: choose 4, 1 or 4g128 (4 x 2048, global 128)"; exit 2 ;; esac
   BATCH="--micro-batch-size $1 --global-batch-size $2 --profile-step 9"
   RUNS=()
-  for v in ${SPEED_VARIANTS:-memory deferred dense}; do
+  for v in ${SPEED_VARIANTS:-memory perlookup dense}; do
     case $v in
       memory) RUNS+=(--run "mb$size-memory:$MEMORY $BATCH") ;;
       nokeys) RUNS+=(--run "mb$size-memory-nokeys:$MEMORY $BATCH --no-key-usage") ;;
       deferred) RUNS+=(--run "mb$size-memory-deferred:$MEMORY $BATCH --defer-table-grad") ;;
+      perlookup) RUNS+=(--run "mb$size-memory-perlookup:$MEMORY $BATCH --no-defer-table-grad") ;;
       dense) RUNS+=(--run "mb$size-dense:--preset 8b-dense $BODY $BATCH") ;;
-      *) echo "SPEED_VARIANTS: unknown run $v (memory, nokeys, deferred, dense)"; exit 2 ;;
+      *) echo "SPEED_VARIANTS: unknown run $v (memory, nokeys, perlookup, deferred, dense)"; exit 2 ;;
     esac
   done
   timeout 400 python3 benchmarks/bench_training.py --gpus 2 \

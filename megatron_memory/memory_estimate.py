@@ -18,9 +18,10 @@ mixed-precision optimizer over torch's fused AdamW, local GPT spec, fused Triton
   of activations on a stage; the last stage adds the logits (e + 4 fp32 bytes per vocab entry
   and token).
 
-  Deferred table gradient (``train.defer_table_grad``, bf16/CUDA only): every lookup of a step
-  keeps its output gradient [T, v/t] (e bytes) and indices/weights (12 B per token and bag
-  entry) until the fold, which concatenates them (a second copy). Counted as
+  Deferred table gradient (``train.defer_table_grad``, on by default with CUDA; bf16/CUDA
+  only): every lookup of a step keeps its output gradient [T, v/t] (e bytes) and
+  indices/weights (12 B per token and bag entry) until the fold, which concatenates them (a
+  second copy). Counted as
   max(activations + stash, 2 x stash), with stash = L x T*(e*v/t + 12*bag) for the
   L = M x (memory layers) lookups of a step, at most the lookups that reach
   ``train.defer_table_grad_gib`` (a fold comes as soon as the stash reaches it).
@@ -141,7 +142,8 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True
         tokens = t.micro_batch_size * cfg.model.seq_length
         per_lookup = tokens * (e * v / tp + 12 * cfg.memory.bag_size)
         lookups = min(micro * len(here), math.ceil(t.defer_table_grad_gib * 2**30 / per_lookup))
-        deferred = lookups * per_lookup if t.defer_table_grad and bf16 and here else 0.0
+        defer = t.defer_table_grad if t.defer_table_grad is not None else bf16   # bf16: CUDA
+        deferred = lookups * per_lookup if defer and bf16 and here else 0.0
         out.append(StageMemory(stage, layers, here, sharded + replicated,
                                table, params * b_w, params * b_g, optimizer, acts,
                                save_extra=optimizer * (dp - 1) if dist_opt else 0.0,

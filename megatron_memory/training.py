@@ -227,12 +227,14 @@ class Trainer:
             model = Float16Module(self.tconfig, model)
         self.overlap = (cfg.train.overlap_comm if cfg.train.overlap_comm is not None
                         else self.device.type == "cuda")
+        self.defer_table_grad = (cfg.train.defer_table_grad if cfg.train.defer_table_grad is not None
+                                 else self.device.type == "cuda")
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=self.overlap,
             overlap_param_gather=self.overlap and self.dist_opt,
             use_distributed_optimizer=self.dist_opt, bucket_size=cfg.train.ddp_bucket_size)
         self.model = parallel.MemoryDDP(self.tconfig, ddp_config, model,
-                                        defer_table_grad=cfg.train.defer_table_grad,
+                                        defer_table_grad=self.defer_table_grad,
                                         defer_max_bytes=int(cfg.train.defer_table_grad_gib * 2**30))
         self.tconfig.finalize_model_grads_func = parallel.finalize_memory_grads
         if self.overlap:  # as Megatron-LM's training loop wires its schedules

@@ -132,7 +132,7 @@ def test_deferred_table_grad_counts_its_stash():
     --defer-table-grad-gib: on the stages with memory layers only."""
     args = ["--preset", "8b-memory", "--micro-batch-size", "4", "--global-batch-size", "64",
             "--tp", "2", "--pp", "2", "--sequence-parallel"]
-    base = estimate(config_from_args(args)[0], 4, 32000)
+    base = estimate(config_from_args(args + ["--no-defer-table-grad"])[0], 4, 32000)
     cfg = config_from_args(args + ["--defer-table-grad", "--defer-table-grad-gib", "4"])[0]
     deferred = estimate(cfg, 4, 32000)
     micro, tokens = 64 // 4, 4 * 2048           # DP = 1: 16 micro-batches of 8192 tokens
@@ -148,3 +148,8 @@ def test_deferred_table_grad_counts_its_stash():
     capped = estimate(config_from_args(args + ["--defer-table-grad"])[0], 4, 32000)
     one = tokens * (2 * v / 2 + 12 * bag)
     assert capped[0].deferred == -(-GIB // one) * one and GIB <= capped[0].deferred < GIB + one
+    # on by default where the lookups run in Triton (CUDA, bf16), off on CPU
+    default = config_from_args(args)[0]
+    assert default.train.defer_table_grad is None
+    assert estimate(default, 4, 32000) == capped
+    assert estimate(default, 4, 32000, bf16=False) == estimate(cfg, 4, 32000, bf16=False)

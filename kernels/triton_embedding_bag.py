@@ -478,13 +478,16 @@ class DeferredTableGrad:
 
     Memory can be bounded: once the recorded bytes reach ``max_bytes`` (None: no bound), ``add``
     folds them into the table's buffer at once, so a step of many micro-batches keeps at most
-    about max_bytes recorded (twice that during a fold, for the concatenation).
+    about max_bytes recorded (twice that during a fold, for the concatenation). ``folded`` tells
+    the owner that some gradient reached the buffer since its last ``clear``/``take_folded``
+    (an early fold empties the record, so "nothing pending" does not mean "nothing added").
     """
 
     def __init__(self, max_bytes: Optional[int] = None):
         self.parts: list[tuple[torch.Tensor, torch.Tensor, torch.Tensor]] = []
         self.max_bytes = float("inf") if max_bytes is None else max_bytes
         self.recorded = 0   # bytes held in parts
+        self.folded = False
 
     def add(self, grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
             values: Optional[torch.nn.Parameter] = None) -> None:
@@ -497,7 +500,12 @@ class DeferredTableGrad:
 
     def clear(self) -> None:
         """Drop what is recorded (a step abandoned before its gradient reduction)."""
-        self.parts, self.recorded = [], 0
+        self.parts, self.recorded, self.folded = [], 0, False
+
+    def take_folded(self) -> bool:
+        """Whether anything was folded since the last call (or ``clear``); resets it."""
+        folded, self.folded = self.folded, False
+        return folded
 
     def fold(self, values: torch.nn.Parameter) -> bool:
         """buf[r] += sum over every recorded (t, b) with idx = r of w * grad_out[t], into the
@@ -505,7 +513,7 @@ class DeferredTableGrad:
         if not self.parts:
             return False
         grads, idx, w = zip(*self.parts)
-        self.clear()
+        self.parts, self.recorded, self.folded = [], 0, True
         bags = sorted({i.shape[1] for i in idx})
         if len(bags) > 1:
             raise ValueError(f"DeferredTableGrad: lookups of bag sizes {bags} cannot be folded "

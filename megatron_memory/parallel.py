@@ -101,9 +101,14 @@ class MemoryDDP(DistributedDataParallel):
 
     def fold_deferred_grads(self, register: bool) -> None:
         """Add every recorded table gradient to main_grad; with ``register`` (and overlapped
-        reduction) mark the table ready, which starts its bucket's reduction."""
+        reduction) mark the table ready if anything reached main_grad this step, which starts
+        its bucket's reduction. Early folds (the record reached its byte bound during the
+        backward) count: the table is marked once per step, here, never from inside backward,
+        where more lookups may follow."""
         for p in self.deferred_tables:
-            if p.memory_deferred_grad.fold(p) and register and self.ddp_config.overlap_grad_reduce \
+            deferred = p.memory_deferred_grad
+            deferred.fold(p)
+            if deferred.take_folded() and register and self.ddp_config.overlap_grad_reduce \
                     and p in self.param_to_bucket_group:
                 self.param_to_bucket_group[p].register_grad_ready(p, self.force_all_reduce)
 

@@ -263,8 +263,13 @@ SEGMENT_BLOCKS_PER_SM = 512
 
 
 @functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
+def _sm_count_of(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
+
+
+def _sm_count(device: torch.device) -> int:
+    """SMs of a CUDA device (an index-less device is the current one)."""
+    return _sm_count_of(device.index if device.index is not None else torch.cuda.current_device())
 
 
 def segment_programs(bound: int, n_dblk: int, device: torch.device) -> int:
@@ -272,8 +277,7 @@ def segment_programs(bound: int, n_dblk: int, device: torch.device) -> int:
     SEGMENT_BLOCKS_PER_SM / column blocks); the bound itself off CUDA (the interpreter)."""
     if device.type != "cuda":
         return max(1, bound)
-    index = device.index if device.index is not None else torch.cuda.current_device()
-    return max(1, min(bound, triton.cdiv(_sm_count(index) * SEGMENT_BLOCKS_PER_SM, n_dblk)))
+    return max(1, min(bound, triton.cdiv(_sm_count(device) * SEGMENT_BLOCKS_PER_SM, n_dblk)))
 
 
 def launch_segment_backward(grad_out: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
@@ -325,10 +329,9 @@ def launch_fold(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Te
 
     The segment kernel in its SORTED form (tokens and weights read in sorted order, not
     gathered per occurrence) with the fold's own tile (``fold_config``), and chunks of
-    FOLD_CHUNK occurrences. Deterministic (fixed
-    chunk and slot order, like ``launch_segment_backward``); no host sync. chunk: the most
-    occurrences one program reduces (FOLD_CHUNK); config and programs: any value gives the
-    same sums.
+    FOLD_CHUNK occurrences. Deterministic (fixed chunk and slot order, like
+    ``launch_segment_backward``); no host sync. chunk: the most occurrences one program reduces
+    (FOLD_CHUNK); config and programs: any value gives the same sums.
     """
     T, bag = indices.shape
     M, d = indices.numel(), buf.shape[1]
@@ -344,8 +347,7 @@ def launch_fold(grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Te
     n_dblk = triton.cdiv(d, cfg["BLOCK_D"])
     partial = torch.empty(max(S, 1), d, dtype=torch.float32, device=buf.device)
     if programs is None and buf.device.type == "cuda":
-        index = buf.device.index if buf.device.index is not None else torch.cuda.current_device()
-        programs = _sm_count(index) * FOLD_PROGRAMS_PER_SM
+        programs = _sm_count(buf.device) * FOLD_PROGRAMS_PER_SM
     grid = (max(1, min(chunk_row.numel(), programs or chunk_row.numel())), n_dblk)
     _segment_kernel[grid](
         grad_out, buf, sorted_w, tokens, chunk_start, chunk_row, chunk_slot, n_chunks, buf,

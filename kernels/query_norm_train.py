@@ -120,15 +120,24 @@ def _sum_rows_kernel(partial, sums, step_sums, R, width,
 
 
 @triton.jit
-def _normalise_kernel(q, sums, bn_w, bn_b, gain, out, rinv, T, D, half, halves, stride_q,
-                      bn_eps, qk_eps, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
-    """Program (token block, half-row j): out and r of columns j*half ... of BLOCK_T tokens."""
+def _half_row(sums, bn_w, bn_b, gain, half, D, bn_eps, BLOCK_H: tl.constexpr):
+    """The columns of this program's half-row j = program_id(1) and their per-column vectors:
+    (j, hs, hm, cols, mean, scale, shift, gain as fp32)."""
     j = tl.program_id(1)
     hs = tl.arange(0, BLOCK_H)
     hm = hs < half
     cols = j * half + hs
-    _, _, _, _, scale, shift = _bn_vectors(sums, bn_w, bn_b, cols, hm, D, bn_eps)
+    _, mean, _, _, scale, shift = _bn_vectors(sums, bn_w, bn_b, cols, hm, D, bn_eps)
     g = tl.load(gain + cols, mask=hm, other=0.0).to(tl.float32)
+    return j, hs, hm, cols, mean, scale, shift, g
+
+
+@triton.jit
+def _normalise_kernel(q, sums, bn_w, bn_b, gain, out, rinv, T, D, half, halves, stride_q,
+                      bn_eps, qk_eps, BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
+    """Program (token block, half-row j): out and r of columns j*half ... of BLOCK_T tokens."""
+    j, _, hm, cols, _, scale, shift, g = _half_row(sums, bn_w, bn_b, gain, half, D, bn_eps,
+                                                   BLOCK_H)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)
     rm = rows < T
     m = rm[:, None] & hm[None, :]
@@ -169,12 +178,9 @@ def _grad_reduce_kernel(q, dout, rinv, sums, bn_w, bn_b, gain, partial, T, D, ha
                         BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program (token block p, half-row j): partial[p, k*D + cols] for k = 0, 1, 2 = the column
     sums of dout * yhat, dy and dy * (q - mean) over tokens p*rows_per_prog ..."""
-    p, j = tl.program_id(0), tl.program_id(1)
-    hs = tl.arange(0, BLOCK_H)
-    hm = hs < half
-    cols = j * half + hs
-    _, mean, _, _, scale, shift = _bn_vectors(sums, bn_w, bn_b, cols, hm, D, bn_eps)
-    g = tl.load(gain + cols, mask=hm, other=0.0).to(tl.float32)
+    p = tl.program_id(0)
+    j, hs, hm, cols, mean, scale, shift, g = _half_row(sums, bn_w, bn_b, gain, half, D, bn_eps,
+                                                       BLOCK_H)
     acc_g = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
     acc_dy = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
     acc_dyx = tl.zeros([BLOCK_T, BLOCK_H], tl.float32)
@@ -230,12 +236,8 @@ def _grad_apply_kernel(q, dout, rinv, keep, sums, bn_w, bn_b, gain, gsums, dq, T
                        halves, stride_q, s_t, s_h, s_c, s_x, bn_eps, HAS_KEEP: tl.constexpr,
                        BLOCK_T: tl.constexpr, BLOCK_H: tl.constexpr):
     """Program (token block, half-row j): dq = dy * scale + w * (gsums[c] + 2 q gsums[D + c])."""
-    j = tl.program_id(1)
-    hs = tl.arange(0, BLOCK_H)
-    hm = hs < half
-    cols = j * half + hs
-    _, _, _, _, scale, shift = _bn_vectors(sums, bn_w, bn_b, cols, hm, D, bn_eps)
-    g = tl.load(gain + cols, mask=hm, other=0.0).to(tl.float32)
+    j, hs, hm, cols, _, scale, shift, g = _half_row(sums, bn_w, bn_b, gain, half, D, bn_eps,
+                                                    BLOCK_H)
     g1 = tl.load(gsums + cols, mask=hm, other=0.0)
     g2 = tl.load(gsums + D + cols, mask=hm, other=0.0)
     rows = tl.program_id(0).to(tl.int64) * BLOCK_T + tl.arange(0, BLOCK_T)

@@ -3,24 +3,12 @@
 torch path, every timed row is positive, the sweep covers its settings."""
 from __future__ import annotations
 
-import contextlib
-import io
-import sys
-from pathlib import Path
-
+from tests.benchmarks.smoke import bench_module, main_output
 from tests.kernels.test_embedding_bag import run_interpreted
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def smoke_output() -> str:
-    sys.path.insert(0, str(BENCH))
-    import bench_query_norm  # benchmarks/ is not a package
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert bench_query_norm.main(["--smoke", "--rep-ms", "1", "--sweep"]) == 0
-    return out.getvalue()
+    return main_output("bench_query_norm", ["--smoke", "--rep-ms", "1", "--sweep"])
 
 
 def test_smoke_run(monkeypatch):
@@ -31,10 +19,7 @@ def test_smoke_run(monkeypatch):
     assert [r[:2] for r in rows] == [["forward", "eager"], ["forward+backward", "eager"]], text
     assert all(float(c) > 0 for r in rows for c in r[2:4]), text
     sweep = [line for line in text.splitlines() if line.startswith("| {")]
-    sys.path.insert(0, str(BENCH))
-    import bench_query_norm
-
-    assert len(sweep) == len(bench_query_norm.SWEEP), text
+    assert len(sweep) == len(bench_module("bench_query_norm").SWEEP), text
     assert all(float(line.split("|")[-2]) > 0 for line in sweep), text
     # output fp32 to rounding; the gradients are bf16 (q's and the params' dtype) on both paths
     errs = [float(x) for x in text.split("(out, dq, dweight, dbias, dgain): ")[1].split("\n")[0].split(", ")]

@@ -3,33 +3,15 @@
 same sets, the fused prologue matches the torch ops, every time is positive."""
 from __future__ import annotations
 
-import contextlib
-import io
-import sys
-from pathlib import Path
-
+from tests.benchmarks.smoke import bench_module, main_output
 from tests.kernels.test_embedding_bag import run_interpreted
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def smoke_rows() -> list:
     """Run the smoke benchmark (in the interpreter subprocess) -> its two tables' body rows."""
-    sys.path.insert(0, str(BENCH))
-    import bench_search  # here: only the interpreter subprocess needs benchmarks/ on its path
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert bench_search.main(["--smoke", "--rep-ms", "1", "--sweep", "5"]) == 0
-    return [[c.strip() for c in line.split("|")[1:-1]] for line in out.getvalue().splitlines()
+    text = main_output("bench_search", ["--smoke", "--rep-ms", "1", "--sweep", "5"])
+    return [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| kernel") and not line.startswith("| T ")]
-
-
-def bench_search_sweep() -> dict:
-    sys.path.insert(0, str(BENCH))
-    import bench_search  # benchmarks/ is not a package
-
-    return bench_search.SWEEP
 
 
 def test_smoke_run(monkeypatch):
@@ -38,7 +20,7 @@ def test_smoke_run(monkeypatch):
     for row in run_interpreted("tests.benchmarks.test_bench_search", "smoke_rows", timeout=600):
         (sweep if not row[0][0].isdigit() else search if len(row) == 9 else prologue).append(row)
     # every tile of the training sweep, and the defaults, choose the fp32 reference's sets
-    assert len(sweep) == 1 + sum(map(len, bench_search_sweep().values())), sweep
+    assert len(sweep) == 1 + sum(map(len, bench_module("bench_search").SWEEP.values())), sweep
     assert all(r[4] == "100.000%" and float(r[2]) > 0 for r in sweep), sweep
     assert [int(r[0]) for r in search] == [1, 5] and [int(r[0]) for r in prologue] == [1, 5]
     assert all(r[6] == "100.00%" and r[8] == "100.00%" for r in search), search

@@ -3,24 +3,12 @@
 passes agree, every timed row is positive, the sweep covers its tiles."""
 from __future__ import annotations
 
-import contextlib
-import io
-import sys
-from pathlib import Path
-
+from tests.benchmarks.smoke import bench_module, main_output
 from tests.kernels.test_embedding_bag import run_interpreted
-
-BENCH = Path(__file__).resolve().parents[2] / "benchmarks"
 
 
 def smoke_output() -> str:
-    sys.path.insert(0, str(BENCH))
-    import bench_table_grad  # benchmarks/ is not a package
-
-    out = io.StringIO()
-    with contextlib.redirect_stdout(out):
-        assert bench_table_grad.main(["--smoke", "--rep-ms", "1", "--sweep", "--dist", "uniform"]) == 0
-    return out.getvalue()
+    return main_output("bench_table_grad", ["--smoke", "--rep-ms", "1", "--sweep", "--dist", "uniform"])
 
 
 def test_smoke_run(monkeypatch):
@@ -28,10 +16,8 @@ def test_smoke_run(monkeypatch):
     text = run_interpreted("tests.benchmarks.test_bench_table_grad", "smoke_output", timeout=900)
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
             if line.startswith("| uniform")]
-    sys.path.insert(0, str(BENCH))
-    import bench_table_grad
-
-    assert len(rows) == 5 + len(bench_table_grad.SWEEP_TILES) + len(bench_table_grad.SWEEP_PROGRAMS_PER_SM), text
+    bench = bench_module("bench_table_grad")
+    assert len(rows) == 5 + len(bench.SWEEP_TILES) + len(bench.SWEEP_PROGRAMS_PER_SM), text
     assert all(float(r[2] if len(r) == 6 else r[5]) > 0 for r in rows), text
     diff = float(text.split("relative difference ")[1].split()[0])
     assert diff < 1e-6, text

@@ -40,7 +40,10 @@ SWEEP = ([dict(STATS_TILE=dict(BLOCK_T=t, BLOCK_D=d, num_warps=4)) for t, d in (
 def configure(settings: dict) -> dict:   # -> the previous values
     old = {name: qnt.TILES[name] if name in qnt.TILES else getattr(qnt, name) for name in settings}
     for name, value in settings.items():
-        qnt.TILES.update({name: value}) if name in qnt.TILES else setattr(qnt, name, value)
+        if name in qnt.TILES:
+            qnt.TILES[name] = value
+        else:
+            setattr(qnt, name, value)
     return old
 
 

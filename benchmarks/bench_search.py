@@ -183,8 +183,8 @@ SWEEP = {
 def _set_tile(kind: str, tile) -> None:
     """Install one tile (None: the defaults) of a sweep kind in the kernels' module knobs."""
     if kind.startswith("select"):
-        bs.SELECT_TILE = dict(_DEFAULTS["select"]) if tile is None else dict(ROWS=tile[0], num_warps=tile[1],
-                                                                                     EARLY=tile[2])
+        bs.SELECT_TILE = (dict(_DEFAULTS["select"]) if tile is None
+                          else dict(ROWS=tile[0], num_warps=tile[1], EARLY=tile[2]))
     elif kind.startswith("rescore"):
         bs.RESCORE_TILE = None if tile is None else dict(BLOCK_D=tile[0], num_warps=tile[1])
     else:

@@ -77,7 +77,8 @@ def measure(N, d, T, bag, n, dist, rep_ms, ceiling, sweep):
     wide = lambda: eb.launch_segment_backward(grads, V, indices, weights, fold, False)  # noqa: E731
     per_lookup()
     folded()()
-    torch.cuda.synchronize() if torch.cuda.is_available() else None
+    if torch.cuda.is_available():
+        torch.cuda.synchronize()
     err = ((per - fold).norm() / per.norm()).item()
     U, U1 = unique_rows(lookups, N), unique_rows(lookups[:1], N)
     cfg = eb.fold_config(d)
@@ -104,8 +105,8 @@ def measure(N, d, T, bag, n, dist, rep_ms, ceiling, sweep):
         for bd, bp, w in SWEEP_TILES:
             t = bench_ms(folded(dict(BLOCK_D=bd, BLOCK_P=bp, num_warps=w)), rep_ms)
             sweep_rows.append([dist, bd, bp, w, "default", f"{t:.2f}", f"{ms['fold'] / t:.2f}x"])
+        sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
         for per_sm in SWEEP_PROGRAMS_PER_SM:
-            sms = torch.cuda.get_device_properties(0).multi_processor_count if torch.cuda.is_available() else 1
             t = bench_ms(folded(programs=sms * per_sm), rep_ms)
             sweep_rows.append([dist, cfg["BLOCK_D"], cfg["BLOCK_P"], cfg["num_warps"],
                                f"{per_sm}/SM", f"{t:.2f}", f"{ms['fold'] / t:.2f}x"])

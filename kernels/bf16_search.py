@@ -53,7 +53,8 @@ SELECT_TILE = dict(ROWS=1, num_warps=2, EARLY=True)
 RESCORE_TILE = None
 # At or above this many (token, head, half) rows the re-scoring takes the training tile of
 # ``rescore_config``: 32 columns per block on 2 warps cut the T = 8192 forward by 17% (300 us on
-# an H200, run 20), 16 columns another 6% (run 21); decode-sized calls keep the tile their latency was measured with (run 19).
+# an H200, run 20), 16 columns another 6% (run 21); decode-sized calls keep the tile their
+# latency was measured with (run 19).
 RESCORE_TRAINING_ROWS = 8192
 
 

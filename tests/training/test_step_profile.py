@@ -43,3 +43,24 @@ def test_device_kernels_reads_profiler_events():
     with profile(activities=[ProfilerActivity.CPU]) as prof:
         torch.ones(4).add_(1)
     assert sp.device_kernels(prof) == []   # CPU ops only: no GPU kernel events
+
+
+def test_device_kernels_leave_out_gpu_user_annotations():
+    """A record_function range on the GPU timeline spans its kernels: it is not one more."""
+    from types import SimpleNamespace as NS
+
+    from torch.autograd import DeviceType
+
+    def ev(name, start, end, device=DeviceType.CUDA, annotation=False):
+        return NS(name=name, time_range=NS(start=start, end=end), device_type=device,
+                  is_user_annotation=annotation)
+
+    events = [ev("Optimizer.step#AdamW.step", 0, 30, annotation=True),
+              ev("multi_tensor_apply_kernel", 0, 10), ev("multi_tensor_apply_kernel", 12, 30),
+              ev("aten::add_", 0, 5, device=DeviceType.CPU)]
+    kernels = sp.device_kernels(NS(events=lambda: events))
+    assert kernels == [("multi_tensor_apply_kernel", 0, 10), ("multi_tensor_apply_kernel", 12, 30)]
+    s = sp.summarize(kernels, 40e-6, frozenset())
+    (ms, count), = s["kinds"].values()
+    assert list(s["kinds"]) == ["optimizer"] and count == 2
+    assert abs(ms - 0.028) < 1e-12 and abs(s["busy_ms"] - 0.028) < 1e-12

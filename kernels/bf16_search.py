@@ -16,10 +16,10 @@ Forward (no [T, H, 2, n] float32 tensor, no host sync):
      serial loop over the K1 candidates, then torch.topk and the padding copies).
   4. the product step of the fused search (``triton_product_key._candidates_kernel``): only
      rank pairs with (a+1)(b+1) <= k can reach the top-k of the sums; it also returns the ranks.
-Backward: dscores flows to s1[a] and s2[b]; summed per rank ([T, H, 2, k], tiny) and scattered
-into a zeroed bf16 [2H, T, n] gradient of the scores, two bf16 GEMMs give dq and dK (fp32
-accumulation; the result has bf16 precision, like every other activation gradient in bf16
-training). No sort, no atomics, no host sync.
+Backward: dscores flows to s1[a] and s2[b]; summed per rank in registers and stored at the
+sub-key ids into a zeroed bf16 [2H, T, n] gradient of the scores (``_score_grad_kernel``), two
+bf16 GEMMs give dq and dK (fp32 accumulation; the result has bf16 precision, like every other
+activation gradient in bf16 training). No sort, no atomics, no host sync.
 """
 from __future__ import annotations
 
@@ -220,21 +220,66 @@ def bf16_search_forward(query, keys, k: int, margin: int = RESCORE_MARGIN, kb=No
     return scores, indices, top_i, ranks, qb, kb
 
 
-def bf16_search_backward(grad_scores, top_i, ranks, qb, kb, need_q: bool, need_k: bool):
-    """dscores [T, H, k] -> (dq [T, H, 2, half] bf16 or None, dK [H, 2, n, half] bf16 or None)."""
+@triton.jit
+def _score_grad_kernel(grad, ranks, top_i, ds, T, H, n, k, K_PAD: tl.constexpr):
+    """Program (row r = t*H + h): the gradient of the k chosen scores summed onto their per-half
+    ranks (chosen pair j = ranks a_j * K_PAD + b_j adds grad[j] to rank a_j of half 0 and b_j of
+    half 1; a rank is shared by several pairs) and stored as bf16 at the ranks' sub-key ids into
+    the zeroed ds [2H, T, n]. The k ids of a half are distinct: no two stores meet, no atomics.
+    One [K_PAD, K_PAD] one-hot reduction per half, in registers."""
+    r = tl.program_id(0)
+    t = r // H
+    h = r % H
+    js = tl.arange(0, K_PAD)
+    jm = js < k
+    g = tl.load(grad + r.to(tl.int64) * k + js, mask=jm, other=0.0).to(tl.float32)
+    rk = tl.load(ranks + r.to(tl.int64) * k + js, mask=jm, other=0)
+    a = tl.where(jm, rk // K_PAD, -1)                # padding pairs match no rank
+    b = tl.where(jm, rk % K_PAD, -1)
+    s0 = tl.sum(tl.where(a[:, None] == js[None, :], g[:, None], 0.0), axis=0)     # [K_PAD]
+    s1 = tl.sum(tl.where(b[:, None] == js[None, :], g[:, None], 0.0), axis=0)
+    base = r.to(tl.int64) * (2 * K_PAD)
+    id0 = tl.load(top_i + base + js, mask=jm, other=0).to(tl.int64)
+    id1 = tl.load(top_i + base + K_PAD + js, mask=jm, other=0).to(tl.int64)
+    row0 = (2 * h * T + t).to(tl.int64) * n           # ds[2h, t, :] and ds[2h + 1, t, :]
+    row1 = ((2 * h + 1) * T + t).to(tl.int64) * n
+    tl.store(ds + row0 + id0, s0.to(tl.bfloat16), mask=jm)
+    tl.store(ds + row1 + id1, s1.to(tl.bfloat16), mask=jm)
+
+
+def score_grad_reference(grad_scores, top_i, ranks, n: int) -> torch.Tensor:
+    """The torch form of ``_score_grad_kernel``: dscores [T, H, k] -> ds [2H, T, n] bf16."""
     T, H, k = grad_scores.shape
     k_pad = top_i.shape[-1]
-    n, half = kb.shape[1], kb.shape[2]
-    g = grad_scores.float()
-    ranks = ranks.long()
-    # Sum the gradient of every chosen pair onto its two per-half ranks (a rank is shared by
-    # several pairs), then place it at the sub-key ids: no duplicates remain for the scatter.
+    g, ranks = grad_scores.float(), ranks.long()
     per_rank = torch.zeros(T, H, 2, k_pad, dtype=torch.float32, device=g.device)
     per_rank[:, :, 0].scatter_add_(-1, ranks // k_pad, g)
     per_rank[:, :, 1].scatter_add_(-1, ranks % k_pad, g)
     ds = torch.zeros(2 * H, T, n, dtype=torch.bfloat16, device=g.device)
     ds.scatter_(-1, top_i.permute(1, 2, 0, 3).reshape(2 * H, T, k_pad)[..., :k].long(),
                 per_rank.permute(1, 2, 0, 3).reshape(2 * H, T, k_pad)[..., :k].to(torch.bfloat16))
+    return ds
+
+
+def score_grad(grad_scores, top_i, ranks, n: int) -> torch.Tensor:
+    """dscores [T, H, k] (any float dtype), top_i [T, H, 2, K_PAD] int32, ranks [T, H, k] int32
+    -> the gradient of the bf16 scores ds [2H, T, n] bf16: a memset and one launch where the
+    torch form took ten ops (two casts, two scatter_adds, the rank split, layout copies)."""
+    T, H, k = grad_scores.shape
+    ds = torch.zeros(2 * H, T, n, dtype=torch.bfloat16, device=grad_scores.device)
+    if T * H:
+        _score_grad_kernel[(T * H,)](grad_scores.contiguous(), ranks.contiguous(), top_i, ds, T, H,
+                                     n, k, K_PAD=top_i.shape[-1], num_warps=1)
+    return ds
+
+
+def bf16_search_backward(grad_scores, top_i, ranks, qb, kb, need_q: bool, need_k: bool):
+    """dscores [T, H, k] -> (dq [T, H, 2, half] bf16 or None, dK [H, 2, n, half] bf16 or None).
+    The gradient of every chosen pair goes to its two per-half ranks and from there to the
+    sub-key ids (``score_grad``), then two bf16 GEMMs."""
+    T, H, k = grad_scores.shape
+    n, half = kb.shape[1], kb.shape[2]
+    ds = score_grad(grad_scores, top_i, ranks, n)
     dq = dk = None
     if need_q:
         dq = torch.bmm(ds, kb).view(H, 2, T, half).permute(2, 0, 1, 3)

@@ -15,7 +15,8 @@ from typing import Optional
 
 import torch
 
-from megatron_memory.kernels.reference import embedding_bag_reference, product_key_search_reference
+from megatron_memory.kernels.reference import (embedding_bag_reference, product_key_search_reference,
+                                               score_softmax)
 
 try:  # Triton is optional: without it every op runs the reference.
     # Module imports (not their functions): kernels.triton_* must stay the submodules.
@@ -63,17 +64,22 @@ def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
 
 
 def product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int, *,
-                       keys_bf16: Optional[torch.Tensor] = None):
+                       keys_bf16: Optional[torch.Tensor] = None, softmax: bool = False):
     """Top-k product keys: query [T, H, 2, half], keys [H, 2, n, half] -> (scores, indices) [T, H, k].
     keys_bf16: optional cached ``keys.to(torch.bfloat16)`` for the bf16 search (inference);
-    the other backends do not need it."""
+    the other backends do not need it. softmax: (softmax of the scores per row, fp32 or fp64,
+    indices); the bf16 search computes it in its product-step kernel and its backward."""
     if use_triton(query) and SEARCH_BACKEND == "bf16":
         if query.shape[0] <= _decode_search.MAX_TOKENS and not _needs_grad(query, keys):
-            return _decode_search.decode_product_key_search(query, keys, k)   # decode steps
-        return _bf16_search.bf16_product_key_search(query, keys, k, keys_bf16=keys_bf16)
-    if use_triton(query) and SEARCH_BACKEND == "triton":
-        return _triton_search.triton_product_key_search(query, keys, k)
-    return product_key_search_reference(query, keys, k)
+            scores, indices = _decode_search.decode_product_key_search(query, keys, k)  # decode
+        else:
+            return _bf16_search.bf16_product_key_search(query, keys, k, keys_bf16=keys_bf16,
+                                                        softmax=softmax)
+    elif use_triton(query) and SEARCH_BACKEND == "triton":
+        scores, indices = _triton_search.triton_product_key_search(query, keys, k)
+    else:
+        scores, indices = product_key_search_reference(query, keys, k)
+    return (score_softmax(scores) if softmax else scores), indices
 
 
 def _needs_grad(*tensors) -> bool:

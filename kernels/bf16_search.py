@@ -29,7 +29,7 @@ import torch
 import triton
 import triton.language as tl
 
-from megatron_memory.kernels.reference import product_key_search_reference
+from megatron_memory.kernels.reference import product_key_search_reference, score_softmax
 from megatron_memory.kernels.triton_product_key import _check, _pack, _row_dots, _store_top, half_lists, product_step
 
 # Extra bf16 candidates per half beyond k (K1 = k + RESCORE_MARGIN). At the layer's scale
@@ -212,17 +212,23 @@ def _per_half_topk(query, keys, k: int, margin: int, kb=None):
     return top_s, top_i, qb, kb
 
 
-def bf16_search_forward(query, keys, k: int, margin: int = RESCORE_MARGIN, kb=None):
-    """-> scores [T, H, k] fp32, indices [T, H, k] int64, and for the backward: per-half ids
-    top_i [T, H, 2, K_PAD] int32, ranks [T, H, k] int32 (a * K_PAD + b), qb, kb."""
+def bf16_search_forward(query, keys, k: int, margin: int = RESCORE_MARGIN, kb=None,
+                        softmax: bool = False):
+    """-> scores [T, H, k] fp32 (with softmax: their softmax per row), indices [T, H, k] int64,
+    and for the backward: per-half ids top_i [T, H, 2, K_PAD] int32, ranks [T, H, k] int32
+    (a * K_PAD + b), qb, kb."""
     top_s, top_i, qb, kb = _per_half_topk(query, keys, k, margin, kb)
-    scores, indices, ranks = product_step(top_s, top_i, keys.shape[2], k, write_ranks=True)
+    scores, indices, ranks = product_step(top_s, top_i, keys.shape[2], k, write_ranks=True,
+                                          softmax=softmax)
     return scores, indices, top_i, ranks, qb, kb
 
 
 @triton.jit
-def _score_grad_kernel(grad, ranks, top_i, ds, T, H, n, k, K_PAD: tl.constexpr):
-    """Program (row r = t*H + h): the gradient of the k chosen scores summed onto their per-half
+def _score_grad_kernel(grad, w, ranks, top_i, ds, T, H, n, k, K_PAD: tl.constexpr,
+                       SOFTMAX: tl.constexpr = False):
+    """Program (row r = t*H + h): with SOFTMAX, grad is that of the weights w = softmax(scores)
+    and becomes the scores' first (w * (grad - <w, grad>), as torch's softmax backward). Then
+    the gradient of the k chosen scores summed onto their per-half
     ranks (chosen pair j = ranks a_j * K_PAD + b_j adds grad[j] to rank a_j of half 0 and b_j of
     half 1; a rank is shared by several pairs) and stored as bf16 at the ranks' sub-key ids into
     the zeroed ds [2H, T, n]. The k ids of a half are distinct: no two stores meet, no atomics.
@@ -233,6 +239,9 @@ def _score_grad_kernel(grad, ranks, top_i, ds, T, H, n, k, K_PAD: tl.constexpr):
     js = tl.arange(0, K_PAD)
     jm = js < k
     g = tl.load(grad + r.to(tl.int64) * k + js, mask=jm, other=0.0).to(tl.float32)
+    if SOFTMAX:
+        wv = tl.load(w + r.to(tl.int64) * k + js, mask=jm, other=0.0)
+        g = wv * (g - tl.sum(wv * g, axis=0))
     rk = tl.load(ranks + r.to(tl.int64) * k + js, mask=jm, other=0)
     a = tl.where(jm, rk // K_PAD, -1)                # padding pairs match no rank
     b = tl.where(jm, rk % K_PAD, -1)
@@ -261,25 +270,31 @@ def score_grad_reference(grad_scores, top_i, ranks, n: int) -> torch.Tensor:
     return ds
 
 
-def score_grad(grad_scores, top_i, ranks, n: int) -> torch.Tensor:
+def score_grad(grad_scores, top_i, ranks, n: int, weights=None) -> torch.Tensor:
     """dscores [T, H, k] (any float dtype), top_i [T, H, 2, K_PAD] int32, ranks [T, H, k] int32
     -> the gradient of the bf16 scores ds [2H, T, n] bf16: a memset and one launch where the
-    torch form took ten ops (two casts, two scatter_adds, the rank split, layout copies)."""
+    torch form took ten ops (two casts, two scatter_adds, the rank split, layout copies). Given
+    weights [T, H, k] fp32 (the search returned softmax(scores)), grad_scores is the weights'
+    gradient and the softmax backward runs first, in the same launch."""
     T, H, k = grad_scores.shape
     ds = torch.zeros(2 * H, T, n, dtype=torch.bfloat16, device=grad_scores.device)
     if T * H:
-        _score_grad_kernel[(T * H,)](grad_scores.contiguous(), ranks.contiguous(), top_i, ds, T, H,
-                                     n, k, K_PAD=top_i.shape[-1], num_warps=1)
+        g = grad_scores.contiguous()
+        _score_grad_kernel[(T * H,)](g, g if weights is None else weights, ranks.contiguous(),
+                                     top_i, ds, T, H, n, k, K_PAD=top_i.shape[-1],
+                                     SOFTMAX=weights is not None, num_warps=1)
     return ds
 
 
-def bf16_search_backward(grad_scores, top_i, ranks, qb, kb, need_q: bool, need_k: bool):
+def bf16_search_backward(grad_scores, top_i, ranks, qb, kb, need_q: bool, need_k: bool,
+                         weights=None):
     """dscores [T, H, k] -> (dq [T, H, 2, half] bf16 or None, dK [H, 2, n, half] bf16 or None).
     The gradient of every chosen pair goes to its two per-half ranks and from there to the
-    sub-key ids (``score_grad``), then two bf16 GEMMs."""
+    sub-key ids (``score_grad``; given weights, grad_scores is the softmax weights'), then two
+    bf16 GEMMs."""
     T, H, k = grad_scores.shape
     n, half = kb.shape[1], kb.shape[2]
-    ds = score_grad(grad_scores, top_i, ranks, n)
+    ds = score_grad(grad_scores, top_i, ranks, n, weights)
     dq = dk = None
     if need_q:
         dq = torch.bmm(ds, kb).view(H, 2, T, half).permute(2, 0, 1, 3)
@@ -289,35 +304,39 @@ def bf16_search_backward(grad_scores, top_i, ranks, qb, kb, need_q: bool, need_k
 
 
 class _Bf16Search(torch.autograd.Function):
-    """forward(query, keys, k, margin, keys_bf16) -> (scores, indices); gradients reach query
-    and keys."""
+    """forward(query, keys, k, margin, keys_bf16, softmax) -> (scores or their softmax,
+    indices); gradients reach query and keys."""
 
     @staticmethod
-    def forward(ctx, query, keys, k, margin, keys_bf16):
-        scores, indices, top_i, ranks, qb, kb = bf16_search_forward(query, keys, k, margin, keys_bf16)
-        ctx.save_for_backward(top_i, ranks, qb, kb)
+    def forward(ctx, query, keys, k, margin, keys_bf16, softmax):
+        out, indices, top_i, ranks, qb, kb = bf16_search_forward(query, keys, k, margin, keys_bf16,
+                                                                 softmax)
+        ctx.save_for_backward(top_i, ranks, qb, kb, out if softmax else None)
         ctx.dtypes = (query.dtype, keys.dtype)
         ctx.mark_non_differentiable(indices)
-        return scores, indices
+        return out, indices
 
     @staticmethod
     @torch.autograd.function.once_differentiable
-    def backward(ctx, grad_scores, _grad_indices):
-        top_i, ranks, qb, kb = ctx.saved_tensors
+    def backward(ctx, grad_out, _grad_indices):
+        top_i, ranks, qb, kb, weights = ctx.saved_tensors
         need_q, need_k = ctx.needs_input_grad[:2]
-        dq, dk = bf16_search_backward(grad_scores, top_i, ranks, qb, kb, need_q, need_k)
+        dq, dk = bf16_search_backward(grad_out, top_i, ranks, qb, kb, need_q, need_k, weights)
         q_dtype, k_dtype = ctx.dtypes
         return (None if dq is None else dq.to(q_dtype), None if dk is None else dk.to(k_dtype),
-                None, None, None)
+                None, None, None, None)
 
 
 def bf16_product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int,
-                            margin: int = RESCORE_MARGIN, keys_bf16: Optional[torch.Tensor] = None):
+                            margin: int = RESCORE_MARGIN, keys_bf16: Optional[torch.Tensor] = None,
+                            softmax: bool = False):
     """Top-k product keys (same contract as ``triton_product_key_search``); bf16 tensor-core
     scores, candidates re-scored in fp32 from the inputs as given. fp64 runs the reference.
 
     keys_bf16: optional ``keys.to(torch.bfloat16)`` made once by the caller (an inference model
-    whose keys do not change); saves the cast, a read of the fp32 keys, on every call."""
+    whose keys do not change); saves the cast, a read of the fp32 keys, on every call.
+    softmax: return each row's softmax over its k scores (fp32) in place of the scores; the
+    product step writes it and the backward's scatter kernel takes its gradient."""
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
         raise ValueError(f"product_key_search: margin must be an int >= 0, got {margin!r}")
     if keys_bf16 is not None and (keys_bf16.dtype != torch.bfloat16 or keys_bf16.shape != keys.shape
@@ -327,6 +346,7 @@ def bf16_product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int,
                          f"{tuple(keys_bf16.shape)} on {keys_bf16.device}")
     _check(query, keys, k)
     if torch.float64 in (query.dtype, keys.dtype):
-        return product_key_search_reference(query, keys, k)
+        scores, indices = product_key_search_reference(query, keys, k)
+        return (score_softmax(scores) if softmax else scores), indices
     return _Bf16Search.apply(query.contiguous(), keys.contiguous(), k, margin,
-                             None if keys_bf16 is None else keys_bf16.contiguous())
+                             None if keys_bf16 is None else keys_bf16.contiguous(), bool(softmax))

@@ -42,3 +42,9 @@ def product_key_search_reference(query: torch.Tensor, keys: torch.Tensor, k: int
     i1 = top_i[:, :, 0].gather(-1, torch.div(flat, k, rounding_mode="floor"))
     i2 = top_i[:, :, 1].gather(-1, flat % k)
     return scores, i1 * n_keys + i2
+
+
+def score_softmax(scores: torch.Tensor) -> torch.Tensor:
+    """The layer's weights: softmax over the k scores of each (token, head), in float32 (bf16
+    would quantise near-equal scores) or float64 when the scores are."""
+    return torch.softmax(scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32), dim=-1)

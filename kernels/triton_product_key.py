@@ -131,10 +131,12 @@ def _half_topk_kernel(q, keys, top_s, top_i, T, H, n, half,
 @triton.jit
 def _candidates_kernel(top_s, top_i, pair_a, pair_b, scores, indices, ranks, R, n, k,
                        K_PAD: tl.constexpr, P: tl.constexpr, BLOCK_R: tl.constexpr,
-                       WRITE_RANKS: tl.constexpr = False):
+                       WRITE_RANKS: tl.constexpr = False, SOFTMAX: tl.constexpr = False):
     """Program (BLOCK_R rows r = t*H + h): top-k of s1[a] + s2[b] over the P candidate rank
     pairs (padding pairs have a = -1), written as scores and i*n + j; with WRITE_RANKS also the
-    ranks a * K_PAD + b of each choice (int32, for a backward on the per-half lists)."""
+    ranks a * K_PAD + b of each choice (int32, for a backward on the per-half lists); with
+    SOFTMAX the row's softmax over its k scores is written in their place (fp32, max-shifted as
+    torch.softmax; the layer's weights, one launch less than a separate softmax)."""
     rs = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)
     rmask = rs < R
     base = rs.to(tl.int64) * (2 * K_PAD)
@@ -154,6 +156,10 @@ def _candidates_kernel(top_s, top_i, pair_a, pair_b, scores, indices, ranks, R, 
     i = tl.load(top_i + base[:, None] + ra, mask=omask, other=0)
     j = tl.load(top_i + base[:, None] + K_PAD + rb, mask=omask, other=0)
     out = rs.to(tl.int64)[:, None] * k + ks[None, :]
+    if SOFTMAX:
+        live = (ks < k)[None, :]
+        e = tl.where(live, tl.exp(sc - tl.max(tl.where(live, sc, float("-inf")), axis=1)[:, None]), 0.0)
+        sc = e / tl.sum(e, axis=1)[:, None]
     tl.store(scores + out, sc, mask=omask)
     tl.store(indices + out, i.to(tl.int64) * n + j, mask=omask)
     if WRITE_RANKS:
@@ -205,9 +211,11 @@ def half_lists(T: int, H: int, k: int, device) -> tuple:
             torch.empty(T, H, 2, k_pad, dtype=torch.int32, device=device))
 
 
-def product_step(top_s, top_i, n: int, k: int, write_ranks: bool = False) -> tuple:
+def product_step(top_s, top_i, n: int, k: int, write_ranks: bool = False,
+                 softmax: bool = False) -> tuple:
     """Per-half lists top_s / top_i [T, H, 2, K_PAD] -> (scores [T, H, k] fp32, indices int64),
-    and ranks int32 (a * K_PAD + b of each choice) when write_ranks; tiles by R = T * H rows."""
+    and ranks int32 (a * K_PAD + b of each choice) when write_ranks; with softmax the scores'
+    softmax per row instead of the scores. Tiles by R = T * H rows."""
     T, H, _, k_pad = top_s.shape
     dev = top_s.device
     scores = torch.empty(T, H, k, dtype=torch.float32, device=dev)
@@ -219,7 +227,7 @@ def product_step(top_s, top_i, n: int, k: int, write_ranks: bool = False) -> tup
         block_r, warps = (1, 1) if R <= SMALL_ROWS else (CANDIDATES_TILE or (candidates_block(P), 4))
         _candidates_kernel[(triton.cdiv(R, block_r),)](
             top_s, top_i, pa, pb, scores, indices, ranks, R, n, k, K_PAD=k_pad, P=P,
-            BLOCK_R=block_r, WRITE_RANKS=write_ranks, num_warps=warps)
+            BLOCK_R=block_r, WRITE_RANKS=write_ranks, SOFTMAX=softmax, num_warps=warps)
     return (scores, indices, ranks) if write_ranks else (scores, indices)
 
 

@@ -29,7 +29,7 @@ def layer_like(T, H, n, half, seed):
 
 
 def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN, exact_sets=True,
-                      rescore="fused", cast_keys=False, training_rows=None):
+                      rescore="fused", cast_keys=False, training_rows=None, softmax=False):
     """exact_sets: every row selects the fp32 reference's set. Large shapes hold rows whose k-th
     and (k+1)-th scores differ by less than fp32 rounding, where two fp32 searches (torch's
     einsum vs the fused Triton one: 99.997% equal at T=8192) already disagree; there every row
@@ -43,9 +43,12 @@ def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN
     threshold = bs.RESCORE_TRAINING_ROWS
     bs.RESCORE_TRAINING_ROWS = training_rows or threshold   # lowered: training tile at small T
     try:
-        scores, idx = bs.bf16_product_key_search(qt, Kt, k, margin, keys_bf16=kb)
+        scores, idx = bs.bf16_product_key_search(qt, Kt, k, margin, keys_bf16=kb, softmax=softmax)
     finally:
         bs.RESCORE, bs.RESCORE_TRAINING_ROWS = "fused", threshold
+    if softmax:
+        check_softmax_weights(scores, idx, qt, Kt, q, K, dscores)
+        return
     assert scores.dtype == torch.float32 and idx.dtype == torch.int64 and scores.shape == (T, H, k)
     assert torch.all(scores[..., :-1] >= scores[..., 1:]), "scores not descending"
     got_i = idx.cpu()
@@ -66,6 +69,20 @@ def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN
     assert rel_err(Kt.grad, Kr.grad) <= GRAD_TOL, rel_err(Kt.grad, Kr.grad)
 
 
+def check_softmax_weights(weights, idx, qt, Kt, q, K, dweights):
+    """softmax=True: the weights are the softmax of the exact scores of the chosen keys, and
+    the gradients those of autograd through torch.softmax in float64, to bf16 precision."""
+    got_i = idx.cpu()
+    qr, Kr = q.double().requires_grad_(), K.double().requires_grad_()
+    want = torch.softmax(scores_at(qr, Kr, got_i), dim=-1)
+    assert weights.dtype == torch.float32
+    torch.testing.assert_close(weights.cpu().double(), want.detach(), rtol=0, atol=2e-6)
+    want.backward(dweights.double())
+    weights.backward(dweights.to(weights.device))
+    assert rel_err(qt.grad, qr.grad) <= GRAD_TOL, rel_err(qt.grad, qr.grad)
+    assert rel_err(Kt.grad, Kr.grad) <= GRAD_TOL, rel_err(Kt.grad, Kr.grad)
+
+
 SELECT_DEFAULT = dict(bs.SELECT_TILE)
 INTERPRETER_CASES = [
     dict(T=40, H=2, n=64, half=16, k=8),
@@ -76,6 +93,8 @@ INTERPRETER_CASES = [
     dict(T=5, H=1, n=6, half=4, k=4, margin=8, rescore="loop", cast_keys=True),
     dict(T=140, H=2, n=24, half=8, k=6),   # R = T*H > SMALL_ROWS: the product step's large tile
     dict(T=9, H=3, n=37, half=72, k=5, training_rows=1),   # re-scoring's training tile, 3 blocks
+    dict(T=9, H=3, n=37, half=24, k=5, softmax=True),      # the layer's weights, fused softmax
+    dict(T=140, H=2, n=24, half=8, k=6, softmax=True),     # the same in the product step's large tile
 ]
 
 
@@ -138,9 +157,10 @@ def test_sm90_compile_without_spills():
     ptrs = dict(top_s="fp32", top_i="i32", pair_a="i32", pair_b="i32", scores="fp32",
                 indices="i64", ranks="i32")
     for block_r, warps in (pk.CANDIDATES_TILE or (pk.candidates_block(P), 4), (1, 1)):   # large R; decode
-        regs, spills = sm90_compile(pk._candidates_kernel, ptrs, dict(
-            K_PAD=32, P=P, BLOCK_R=block_r, WRITE_RANKS=True), warps)
-        assert spills == 0, f"candidates, {block_r} rows: {regs} registers, {spills} B spilled"
+        for softmax in (False, True):
+            regs, spills = sm90_compile(pk._candidates_kernel, ptrs, dict(
+                K_PAD=32, P=P, BLOCK_R=block_r, WRITE_RANKS=True, SOFTMAX=softmax), warps)
+            assert spills == 0, f"candidates, {block_r} rows: {regs} registers, {spills} B spilled"
 
 
 def test_bad_margin_raises():
@@ -163,6 +183,12 @@ def test_bad_keys_bf16_raises(bad):
     (8192, 4, 1024, 256, 32, False)])
 def test_gpu_matches_fp32_reference(T, H, n, half, k, exact):
     check_bf16_search("cuda", T, H, n, half, k, seed=T + n, exact_sets=exact)
+
+
+@requires_cuda
+@pytest.mark.parametrize("T,H,n,half,k", [(8192, 4, 1024, 256, 32), (33, 3, 100, 24, 7)])
+def test_gpu_softmax_weights(T, H, n, half, k):
+    check_bf16_search("cuda", T, H, n, half, k, seed=T, softmax=True)
 
 
 @requires_cuda
@@ -227,12 +253,49 @@ def test_interpreter_score_grad_matches_torch_form():
 
 
 def test_sm90_score_grad_compiles_without_spills():
-    regs, spills = sm90_compile(bs._score_grad_kernel, dict(grad="fp32", ranks="i32", top_i="i32",
-                                                            ds="bf16"), dict(K_PAD=32), 1)
-    assert spills == 0, f"score grad: {regs} registers, {spills} B spilled"
+    for softmax in (False, True):
+        regs, spills = sm90_compile(bs._score_grad_kernel, dict(
+            grad="fp32", w="fp32", ranks="i32", top_i="i32", ds="bf16"),
+            dict(K_PAD=32, SOFTMAX=softmax), 1)
+        assert spills == 0, f"score grad (softmax {softmax}): {regs} registers, {spills} B spilled"
 
 
 @requires_cuda
 @pytest.mark.parametrize("T,H,n,k", [(8192, 4, 1024, 32), (33, 3, 100, 7)])
 def test_gpu_score_grad_matches_torch_form(T, H, n, k):
     check_score_grad(T, H, n, k, seed=5, device="cuda", half=16)
+
+
+def layer_weights_cases():
+    """MemoryPlus.select with the bf16 search (softmax in its kernels) against the fp32 torch
+    search + torch.softmax, the rest of the layer's path the same: same indices, the weights to
+    fp32 rounding, the gradients of x and the keys to bf16 precision."""
+    from megatron_memory.config import MemoryConfig
+    from megatron_memory.layer import MemoryPlus, MemoryValues
+    from tests.conftest import tiny_transformer_config
+
+    kernels.use_triton = lambda t: True      # the Triton path on CPU tensors (interpreter)
+    cfg = tiny_transformer_config(hidden_size=24, params_dtype=torch.float32)
+    mc = MemoryConfig(n_keys=8, heads=2, k=3, k_dim=16)
+    mc.validate(cfg.num_layers, 24)
+    layer = MemoryPlus(cfg, mc, MemoryValues(cfg, mc), layer_id=1).train()
+    gen = torch.Generator().manual_seed(3)
+    x = torch.randn(20, 24, generator=gen)
+    gw = torch.randn(20, mc.heads * mc.k, generator=gen)
+    out = {}
+    for backend in ("torch", "bf16"):
+        kernels.SEARCH_BACKEND = backend
+        layer.zero_grad()
+        xi = x.clone().requires_grad_()
+        idx, w = layer.select(xi)
+        (w * gw).sum().backward()
+        out[backend] = idx, w, xi.grad, layer.keys.grad.clone()
+    (i0, w0, gx0, gk0), (i1, w1, gx1, gk1) = out["torch"], out["bf16"]
+    assert torch.equal(i0, i1)
+    torch.testing.assert_close(w1, w0, rtol=0, atol=1e-6)
+    assert rel_err(gx1, gx0) <= GRAD_TOL and rel_err(gk1, gk0) <= GRAD_TOL, (rel_err(gx1, gx0), rel_err(gk1, gk0))
+    return 1
+
+
+def test_interpreter_layer_weights_match_torch_search():
+    assert run_interpreted("tests.kernels.test_bf16_search", "layer_weights_cases") == 1

@@ -26,6 +26,7 @@ try:  # Triton is optional: without it every op runs the reference.
     from megatron_memory.kernels import query_prologue as _prologue
     from megatron_memory.kernels import query_norm_train as _query_norm_train
     from megatron_memory.kernels import decode_search as _decode_search
+    from megatron_memory.kernels import key_norm as _key_norm
     from megatron_memory.kernels.triton_embedding_bag import DeferredTableGrad
 
     HAVE_TRITON = True
@@ -94,6 +95,16 @@ def fused_query_prologue(q: torch.Tensor, gain: torch.Tensor, eps: float, half: 
     if not use_triton(q) or _needs_grad(q, gain, mean, scale, shift):
         return None
     return _prologue.triton_query_prologue(q, gain, eps, half, norm, mean, scale, shift)
+
+
+def fused_key_norm(keys: torch.Tensor, eps: float):
+    """The sub-keys' QK-norm for the search as one differentiable op (kernels/key_norm.py):
+    keys [H, 2, n, half] -> (kn fp32 = rms_norm(keys) * half**-0.5, kb = kn in bf16, the bf16
+    search's GEMM input); None when Triton does not serve keys (CPU, reference forced, fp64):
+    the caller runs its torch ops."""
+    if not use_triton(keys) or keys.dtype not in _key_norm.DTYPES or keys.shape[-1] > 1024:
+        return None
+    return _key_norm.key_norm(keys, eps)
 
 
 def fused_query_norm_train(q: torch.Tensor, bn_weight: torch.Tensor, bn_bias: torch.Tensor,

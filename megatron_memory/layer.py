@@ -234,8 +234,12 @@ class MemoryPlus(MegatronModule):
         mc = self.memory_config
         q = self.query(x)
         fused = self._fused_query(q, keep)
+        keys_bf16 = None
         if fused is not None:
-            q, keys = fused, self._normalised_keys(self.keys, fused.dtype)
+            q = fused
+            # the sub-keys' QK-norm as one op, with the bf16 copy the bf16 search multiplies by
+            normed = kernels.fused_key_norm(self.keys, mc.qk_norm_eps)
+            keys, keys_bf16 = normed or (self._normalised_keys(self.keys, fused.dtype), None)
         else:
             if self.query_bn is not None:
                 q_bn = self.query_bn(q, keep, self.values.token_group())
@@ -244,7 +248,7 @@ class MemoryPlus(MegatronModule):
             q, keys = self._normalised(q.view(x.shape[0], mc.heads, 2, self.half), self.keys)
         if self.key_usage is not None and self.training:
             self.key_usage.observe(x, q.reshape(x.shape[0], -1))
-        weights, indices = kernels.product_key_search(q, keys, mc.k, softmax=True)
+        weights, indices = kernels.product_key_search(q, keys, mc.k, keys_bf16=keys_bf16, softmax=True)
         return indices.flatten(1), weights.flatten(1)
 
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -282,9 +282,10 @@ def test_fold_config_caps_columns_at_the_width():
 # CPU: ahead-of-time compilation for sm_90 (Triton's bundled LLVM and ptxas; no GPU needed)
 # ------------------------------------------------------------------------------------------
 
-def sm90_compile(fn, pointers: dict, constexprs: dict, num_warps: int):
+def sm90_compile(fn, pointers: dict, constexprs: dict, num_warps: int, scalars: dict = None):
     """Compile a kernel for sm_90 -> (registers, spill-store bytes) from ``ptxas -v``. Arguments
-    not named in ``pointers`` (name -> element type, e.g. "bf16") or ``constexprs`` are i32."""
+    not named in ``pointers`` (name -> element type, e.g. "bf16"), ``scalars`` (name -> type,
+    e.g. "fp32") or ``constexprs`` are i32."""
     import re
     import tempfile
 
@@ -295,8 +296,9 @@ def sm90_compile(fn, pointers: dict, constexprs: dict, num_warps: int):
     ptxas = Path(triton.__file__).parent / "backends" / "nvidia" / "bin" / "ptxas"
     if not ptxas.exists():
         pytest.skip("Triton's bundled ptxas is missing")
-    sig = {a: "constexpr" if a in constexprs else "*" + pointers[a] if a in pointers else "i32"
-           for a in fn.arg_names}
+    scalars = scalars or {}
+    sig = {a: "constexpr" if a in constexprs else "*" + pointers[a] if a in pointers
+           else scalars.get(a, "i32") for a in fn.arg_names}
     kernel = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=constexprs),
                             target=GPUTarget("cuda", 90, 32), options=dict(num_warps=num_warps))
     with tempfile.NamedTemporaryFile("w", suffix=".ptx") as f:

@@ -29,6 +29,7 @@ ORDER = [
     "megatron_memory.kernels.bf16_search",
     "megatron_memory.kernels.query_prologue",  # inference: query norm + QK-norm in one kernel
     "megatron_memory.kernels.query_norm_train",  # training: query BatchNorm + QK-norm, fused
+    "megatron_memory.kernels.key_norm",          # training: the sub-keys' QK-norm, fused
     "megatron_memory.kernels.decode_search",   # inference: exact search for a few tokens
     "megatron_memory.kernels",
     "megatron_memory.standalone",            # plain torch; kernels optional (copied into exports)

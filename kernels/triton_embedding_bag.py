@@ -226,8 +226,10 @@ FOLD_TILE = dict(BLOCK_D=128, BLOCK_P=8, num_warps=1)
 # Occurrences of one row per fold chunk: the step's runs are ~lookups x longer than one lookup's,
 # and the fp32 partial buffer is sized by M / FOLD_CHUNK (64 MiB at 2^24 occurrences, d = 2048).
 FOLD_CHUNK = 4096
-# Programs per SM along the fold's chunk axis (each walks chunks p, p + P, ...).
-FOLD_PROGRAMS_PER_SM = 16
+# Programs per SM along the fold's chunk axis (each walks chunks p, p + P, ...). One-warp
+# programs: more of them resident hide more gather latency. H200, 24 zipf lookups at d = 2048
+# (benchmarks/RESULTS.md run 22): 4/SM 34.0 ms, 16/SM 31.9, 64/SM 28.3, 128/SM 27.4.
+FOLD_PROGRAMS_PER_SM = 128
 
 
 def fold_config(d: int) -> dict:

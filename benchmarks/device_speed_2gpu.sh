@@ -11,8 +11,6 @@
 #   perlookup Memory+ with --no-defer-table-grad (one main_grad pass per lookup)
 #   deferred  Memory+ with --defer-table-grad (the default; kept for older commands)
 #   dense     the dense model of the same body
-#   gc0-memory, gc0-dense  the same with --gc-interval 0 (Python's automatic collector, as before
-#             run 22: its pauses hit the ranks at different moments)
 # SPEED_STEPS (default 10): training steps per run (2 warm-up; step 9 is profiled, not timed).
 set -u
 source benchmarks/device_speed_setup.sh || exit 1
@@ -32,9 +30,7 @@ for size in ${@:-4 1}; do
       deferred) RUNS+=(--run "mb$size-memory-deferred:$MEMORY $BATCH --defer-table-grad") ;;
       perlookup) RUNS+=(--run "mb$size-memory-perlookup:$MEMORY $BATCH --no-defer-table-grad") ;;
       dense) RUNS+=(--run "mb$size-dense:--preset 8b-dense $BODY $BATCH") ;;
-      gc0-memory) RUNS+=(--run "mb$size-memory-gc0:$MEMORY $BATCH --gc-interval 0") ;;
-      gc0-dense) RUNS+=(--run "mb$size-dense-gc0:--preset 8b-dense $BODY $BATCH --gc-interval 0") ;;
-      *) echo "SPEED_VARIANTS: unknown run $v (memory, nokeys, perlookup, deferred, dense, gc0-memory, gc0-dense)"; exit 2 ;;
+      *) echo "SPEED_VARIANTS: unknown run $v (memory, nokeys, perlookup, deferred, dense)"; exit 2 ;;
     esac
   done
   timeout 400 python3 benchmarks/bench_training.py --gpus 2 \

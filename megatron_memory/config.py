@@ -283,11 +283,6 @@ class TrainConfig:
                                      "touched is counted before it restarts")
     peak_tflops: Optional[float] = opt(None, "per-GPU bf16 peak for MFU; default: by GPU name "
                                        "(H100/H200 989), none on CPU")
-    gc_interval: int = opt(1, "Python garbage collection every N steps at the same point on "
-                           "every rank, with what exists at the start frozen and the automatic "
-                           "collector off (its pauses land at different moments on different "
-                           "ranks, and each collective waits for the slowest; megatron_memory/"
-                           "step_gc.py); 0 keeps Python's automatic collector")
     profile_step: Optional[int] = opt(None, "record this step with the torch profiler; rank 0 "
                                       "prints its kernels by time (the step is left out of the "
                                       "throughput figures)")
@@ -356,9 +351,6 @@ class TrainConfig:
             raise ConfigError(f"train.global_batch_size must be >= 1, got {self.global_batch_size}")
         if self.key_usage_span_tokens < 1:
             raise ConfigError(f"train.key_usage_span_tokens must be >= 1, got {self.key_usage_span_tokens}")
-        if self.gc_interval < 0:
-            raise ConfigError(f"train.gc_interval must be >= 0 (0: Python's automatic collector), "
-                              f"got {self.gc_interval}")
         for name in ("save_interval", "keep_last", "exit_interval", "profile_step"):
             if getattr(self, name) is not None and getattr(self, name) < 1:
                 raise ConfigError(f"train.{name} must be >= 1, got {getattr(self, name)}")

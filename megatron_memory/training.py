@@ -45,7 +45,6 @@ from megatron_memory.metrics import (
 )
 from megatron_memory.model import MemoryGPTModel, optimizer_overrides
 from megatron_memory.optim import configure_adam
-from megatron_memory.step_gc import StepGC
 from megatron_memory.stopping import StopSignals, agreed_stop
 from megatron_memory.tracking import Tracker
 
@@ -350,13 +349,12 @@ class Trainer:
         start = time.time()
         if self.device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()
-        with StopSignals() as stop, StepGC(t.gc_interval) as gc_step:
+        with StopSignals() as stop:
             for step in range(self.iteration + 1, t.steps + 1):
                 t0 = time.time()
                 profiling = step == t.profile_step
                 with (_profiler(self.device) if profiling else contextlib.nullcontext()) as prof:
                     loss, gnorm, vnorm = self.train_step()  # ends in a host sync (loss, grad norm)
-                    gc_step(step)
                 self.iteration = step
                 if profiling:
                     self._log_profile(prof, time.time() - t0)

@@ -28,7 +28,6 @@ BAD = [
     ({"train.min_lr": 1.0}, "min_lr"),
     ({"train.warmup_steps": 10000}, "warmup_steps"),
     ({"train.profile_step": 10**6}, "never be taken"),
-    ({"train.gc_interval": -1}, "gc_interval must be >= 0"),
     ({"data.data_path": ["x"]}, "needs data.tokenizer"),
 ]
 

@@ -51,7 +51,6 @@ ORDER = [
     "megatron_memory.hf_format",             # exported folder: config, names, safetensors I/O
     "megatron_memory.checkpoint",           # save / resume / reshard (config + megatron only)
     "megatron_memory.stopping",             # stop signals / stop file, agreed by all ranks (config)
-    "megatron_memory.step_gc",              # garbage collection at fixed steps
     "megatron_memory.training",
     "megatron_memory.cli",
     "megatron_memory.describe",             # --print-config (cli, preflight, memory_estimate)

@@ -63,6 +63,14 @@ def measure(fn, passes: int) -> dict:
                   "launches": len(ks) / passes, "kernels": ks}
 
 
+def bound(m: dict) -> str:
+    """"host" where enqueueing a pass takes longer than the GPU is busy with it; "-" without
+    GPU times (CPU smoke runs)."""
+    if m["busy"] != m["busy"]:   # NaN: no GPU
+        return "-"
+    return "host" if m["host"] > m["busy"] else "GPU"
+
+
 def parts(d: int, T: int, smoke: bool) -> dict:
     """{name: forward+backward closure} for the FFN, the Memory+ layer and its query+search."""
     torch.manual_seed(0)
@@ -107,7 +115,7 @@ def top_kernels(ks, passes: int, top: int) -> list[list]:
     return [[n[:70].replace("|", "/"), f"{ms:.3f}", f"{c / passes:g}"] for n, (ms, c) in rows]
 
 
-def main() -> int:
+def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, nargs="+", default=[2048, 8192])
     ap.add_argument("--width", type=int, default=4096)
@@ -116,7 +124,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=20, help="kernels of query+search listed")
     ap.add_argument("--smoke", action="store_true", help="tiny shapes on CPU (interpreter)")
     ap.add_argument("--append", action="store_true")
-    args = ap.parse_args()
+    args = ap.parse_args(argv)
     if min(args.tokens) < 1 or args.passes < 1:
         ap.error("--tokens and --passes must be >= 1")
     if args.smoke:
@@ -133,7 +141,7 @@ def main() -> int:
             m = measure(fn, passes)
             rows.append([T, name, f"{m['host']:.3f}", f"{m['wall']:.3f}", f"{m['gpu']:.3f}",
                          f"{m['busy']:.3f}", f"{m['launches']:g}",
-                         "host" if m["host"] > m["busy"] else "GPU"])
+                         bound(m)])
             print("  " + " | ".join(map(str, rows[-1])), flush=True)
             last = m if name == "query+search" else last
         if args.cprofile and T == tokens[0]:

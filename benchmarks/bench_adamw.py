@@ -62,8 +62,9 @@ def main(argv=None) -> int:
     copy = cuda_ms(lambda: dst.copy_(p), args.reps)
     ceiling = 8 * n / copy / 1e6
     rows = [["copy (ceiling)", f"{copy:.3f}", f"{ceiling:.0f}", "100%"]]
-    for name, fn, nbytes in (("torch fused AdamW step", opt.step, 28 * n),
-                             ("gradient norm (_foreach_norm)", lambda: torch._foreach_norm([p.grad]), 4 * n)):
+    ops = (("torch fused AdamW step", opt.step, 28 * n),
+           ("gradient norm (_foreach_norm)", lambda: torch._foreach_norm([p.grad]), 4 * n))
+    for name, fn, nbytes in ops:
         ms = cuda_ms(fn, args.reps)
         gbs = nbytes / ms / 1e6
         rows.append([name, f"{ms:.3f}", f"{gbs:.0f}", f"{gbs / ceiling:.0%}"])

@@ -129,8 +129,8 @@ def interpreter_bf16_cases():
 
 
 def test_interpreter_bf16_search():
-    assert run_interpreted("tests.kernels.test_bf16_search", "interpreter_bf16_cases") \
-        == len(INTERPRETER_CASES)
+    assert run_interpreted("tests.kernels.test_bf16_search", "interpreter_bf16_cases",
+                           timeout=600) == len(INTERPRETER_CASES)
 
 
 def test_sm90_compile_without_spills():
@@ -249,7 +249,8 @@ def interpreter_score_grad_cases():
 
 
 def test_interpreter_score_grad_matches_torch_form():
-    assert run_interpreted("tests.kernels.test_bf16_search", "interpreter_score_grad_cases") == 4
+    assert run_interpreted("tests.kernels.test_bf16_search", "interpreter_score_grad_cases",
+                           timeout=300) == 4
 
 
 def test_sm90_score_grad_compiles_without_spills():
@@ -293,9 +294,11 @@ def layer_weights_cases():
     (i0, w0, gx0, gk0), (i1, w1, gx1, gk1) = out["torch"], out["bf16"]
     assert torch.equal(i0, i1)
     torch.testing.assert_close(w1, w0, rtol=0, atol=1e-6)
-    assert rel_err(gx1, gx0) <= GRAD_TOL and rel_err(gk1, gk0) <= GRAD_TOL, (rel_err(gx1, gx0), rel_err(gk1, gk0))
+    errs = rel_err(gx1, gx0), rel_err(gk1, gk0)
+    assert max(errs) <= GRAD_TOL, errs
     return 1
 
 
 def test_interpreter_layer_weights_match_torch_search():
-    assert run_interpreted("tests.kernels.test_bf16_search", "layer_weights_cases") == 1
+    assert run_interpreted("tests.kernels.test_bf16_search", "layer_weights_cases",
+                           timeout=300) == 1

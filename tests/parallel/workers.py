@@ -129,3 +129,16 @@ def train_then_kill(cfg, out_file: str) -> None:
 
     train(cfg, out_file)
     os.kill(os.getpid(), signal.SIGKILL)
+
+
+def train_triton_all(cfg, out_file: str) -> None:
+    """``train`` with every memory-layer op on its GPU (Triton) path, on CPU under Triton's
+    interpreter (the caller sets TRITON_INTERPRET=1 for the ranks): the fused query and key
+    norms, the bf16 search with its softmax and gradient-scatter kernels, the lookup."""
+    from tests.kernels.test_embedding_bag import install_interpreter_shim
+
+    install_interpreter_shim()
+    from megatron_memory import kernels
+
+    kernels.use_triton = lambda t: kernels.HAVE_TRITON and not kernels._FORCE_REFERENCE
+    train(cfg, out_file)

@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from megatron_memory.kernels.reference import (embedding_bag_reference, product_key_search_reference,
-                                               score_softmax)
+from megatron_memory.kernels.reference import (acc_dtype, embedding_bag_reference,
+                                               product_key_search_reference, score_softmax)
 
 try:  # Triton is optional: without it every op runs the reference.
     # Module imports (not their functions): kernels.triton_* must stay the submodules.
@@ -102,7 +102,8 @@ def fused_key_norm(keys: torch.Tensor, eps: float):
     keys [H, 2, n, half] -> (kn fp32 = rms_norm(keys) * half**-0.5, kb = kn in bf16, the bf16
     search's GEMM input); None when Triton does not serve keys (CPU, reference forced, fp64):
     the caller runs its torch ops."""
-    if not use_triton(keys) or keys.dtype not in _key_norm.DTYPES or keys.shape[-1] > 1024:
+    if (not use_triton(keys) or keys.dtype not in _key_norm.DTYPES
+            or keys.shape[-1] > _key_norm.MAX_HALF):
         return None
     return _key_norm.key_norm(keys, eps)
 

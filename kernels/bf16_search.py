@@ -228,11 +228,11 @@ def _score_grad_kernel(grad, w, ranks, top_i, ds, T, H, n, k, K_PAD: tl.constexp
                        SOFTMAX: tl.constexpr = False):
     """Program (row r = t*H + h): with SOFTMAX, grad is that of the weights w = softmax(scores)
     and becomes the scores' first (w * (grad - <w, grad>), as torch's softmax backward). Then
-    the gradient of the k chosen scores summed onto their per-half
-    ranks (chosen pair j = ranks a_j * K_PAD + b_j adds grad[j] to rank a_j of half 0 and b_j of
-    half 1; a rank is shared by several pairs) and stored as bf16 at the ranks' sub-key ids into
-    the zeroed ds [2H, T, n]. The k ids of a half are distinct: no two stores meet, no atomics.
-    One [K_PAD, K_PAD] one-hot reduction per half, in registers."""
+    the gradient of the k chosen scores is summed onto their per-half ranks (chosen pair
+    j = ranks a_j * K_PAD + b_j adds grad[j] to rank a_j of half 0 and b_j of half 1; a rank is
+    shared by several pairs) and stored as bf16 at the ranks' sub-key ids into the zeroed
+    ds [2H, T, n]. The k ids of a half are distinct: no two stores meet, no atomics. One
+    [K_PAD, K_PAD] one-hot reduction per half, in registers."""
     r = tl.program_id(0)
     t = r // H
     h = r % H

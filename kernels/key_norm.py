@@ -18,7 +18,8 @@ import triton
 import triton.language as tl
 
 DTYPES = (torch.float32, torch.bfloat16, torch.float16)
-BLOCK_ROWS = 8   # rows per program; half <= 1024 columns in one block (the layer's half is 256)
+BLOCK_ROWS = 8   # rows per program
+MAX_HALF = 1024  # a row is one block of columns in registers (the layer's half is 256)
 
 
 @triton.jit
@@ -60,7 +61,7 @@ class _KeyNorm(torch.autograd.Function):
     @staticmethod
     def forward(ctx, keys, eps):
         half = keys.shape[-1]
-        R = keys.numel() // half if half else 0
+        R = keys.numel() // half
         kn = torch.empty(keys.shape, dtype=torch.float32, device=keys.device)
         kb = torch.empty(keys.shape, dtype=torch.bfloat16, device=keys.device)
         if R:
@@ -76,10 +77,8 @@ class _KeyNorm(torch.autograd.Function):
     def backward(ctx, dkn, _dkb):
         (keys,) = ctx.saved_tensors
         half = keys.shape[-1]
-        R = keys.numel() // half if half else 0
-        dkeys = torch.empty_like(keys)
-        if dkn is None:
-            return dkeys.zero_(), None
+        R = keys.numel() // half
+        dkeys = torch.empty_like(keys)   # dkn: zeros when kn went unused (materialised grads)
         if R:
             _key_norm_bwd[_grid(R)](keys, dkn.contiguous(), dkeys, R, half, ctx.eps, half ** -0.5,
                                     BLOCK_R=BLOCK_ROWS, BLOCK_D=triton.next_power_of_2(half))
@@ -91,6 +90,7 @@ def key_norm(keys: torch.Tensor, eps: float) -> tuple[torch.Tensor, torch.Tensor
     scaled by half**-0.5 and their bf16 copy; differentiable through kn."""
     if keys.dtype not in DTYPES:
         raise ValueError(f"key_norm: keys must be one of {DTYPES}, got {keys.dtype}")
-    if not keys.shape[-1] or keys.shape[-1] > 1024:
-        raise ValueError(f"key_norm: the last dim (half) must be in [1, 1024], got {keys.shape[-1]}")
+    if not 1 <= keys.shape[-1] <= MAX_HALF:
+        raise ValueError(f"key_norm: the last dim (half) must be in [1, {MAX_HALF}], "
+                         f"got {keys.shape[-1]}")
     return _KeyNorm.apply(keys.contiguous(), float(eps))

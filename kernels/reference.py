@@ -44,7 +44,11 @@ def product_key_search_reference(query: torch.Tensor, keys: torch.Tensor, k: int
     return scores, i1 * n_keys + i2
 
 
+def acc_dtype(t: torch.Tensor) -> torch.dtype:
+    """float32 for the softmax and norms (bf16 would quantise near-equal scores); float64 kept."""
+    return torch.float64 if t.dtype == torch.float64 else torch.float32
+
+
 def score_softmax(scores: torch.Tensor) -> torch.Tensor:
-    """The layer's weights: softmax over the k scores of each (token, head), in float32 (bf16
-    would quantise near-equal scores) or float64 when the scores are."""
-    return torch.softmax(scores.to(torch.float64 if scores.dtype == torch.float64 else torch.float32), dim=-1)
+    """The layer's weights: softmax over the k scores of each (token, head), in ``acc_dtype``."""
+    return torch.softmax(scores.to(acc_dtype(scores)), dim=-1)

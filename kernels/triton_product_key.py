@@ -158,7 +158,8 @@ def _candidates_kernel(top_s, top_i, pair_a, pair_b, scores, indices, ranks, R, 
     out = rs.to(tl.int64)[:, None] * k + ks[None, :]
     if SOFTMAX:
         live = (ks < k)[None, :]
-        e = tl.where(live, tl.exp(sc - tl.max(tl.where(live, sc, float("-inf")), axis=1)[:, None]), 0.0)
+        top = tl.max(tl.where(live, sc, float("-inf")), axis=1)
+        e = tl.where(live, tl.exp(sc - top[:, None]), 0.0)
         sc = e / tl.sum(e, axis=1)[:, None]
     tl.store(scores + out, sc, mask=omask)
     tl.store(indices + out, i.to(tl.int64) * n + j, mask=omask)

@@ -52,11 +52,6 @@ def register_value_grad_norm_group() -> None:
         mopt.SEPARATE_GRAD_NORM_GROUPS = mopt.SEPARATE_GRAD_NORM_GROUPS + (VALUE_GRAD_NORM_GROUP,)
 
 
-def acc_dtype(t: torch.Tensor) -> torch.dtype:
-    """float32 for the softmax and norms (bf16 would quantise near-equal scores); float64 kept."""
-    return torch.float64 if t.dtype == torch.float64 else torch.float32
-
-
 def seeded_generator(device, seed: int) -> torch.Generator:
     """A private generator: memory params get the same init whatever the TP/PP layout."""
     gen = torch.Generator(device=device)
@@ -206,7 +201,7 @@ class MemoryPlus(MegatronModule):
         if not mc.qk_norm:
             return q, keys
         gain = self.query_norm_weight.view(mc.heads, 2, self.half)
-        acc = acc_dtype(q)
+        acc = kernels.acc_dtype(q)
         q = F.rms_norm(q.to(acc), (self.half,), eps=mc.qk_norm_eps) * gain.to(acc)
         return q, self._normalised_keys(keys, acc)
 

@@ -12,38 +12,19 @@ from __future__ import annotations
 
 import argparse
 import sys
-import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_embedding_bag import emit, env_header, md_table  # noqa: E402
+from bench_embedding_bag import bench_ms, emit, env_header, md_table  # noqa: E402
 
 import torch  # noqa: E402
-
-
-def cuda_ms(fn, reps: int) -> float:
-    """ms per call of fn (CUDA events; wall clock on CPU, for the smoke run)."""
-    fn()
-    if not torch.cuda.is_available():
-        t0 = time.perf_counter()
-        for _ in range(reps):
-            fn()
-        return (time.perf_counter() - t0) * 1e3 / reps
-    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-    torch.cuda.synchronize()
-    start.record()
-    for _ in range(reps):
-        fn()
-    end.record()
-    torch.cuda.synchronize()
-    return start.elapsed_time(end) / reps
 
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--rows", type=int, default=2**20)
     ap.add_argument("--dim", type=int, default=2048)
-    ap.add_argument("--reps", type=int, default=5)
+    ap.add_argument("--rep-ms", type=int, default=100, help="do_bench rep time per measurement")
     ap.add_argument("--smoke", action="store_true", help="a 64 x 32 parameter on CPU (script check)")
     ap.add_argument("--append", action="store_true")
     args = ap.parse_args(argv)
@@ -51,21 +32,21 @@ def main(argv=None) -> int:
         args.rows, args.dim = 64, 32
     elif not torch.cuda.is_available():
         ap.error("needs a GPU (or --smoke)")
-    if min(args.rows, args.dim, args.reps) < 1:
-        ap.error("--rows, --dim and --reps must be >= 1")
+    if min(args.rows, args.dim, args.rep_ms) < 1:
+        ap.error("--rows, --dim and --rep-ms must be >= 1")
     dev = "cuda" if torch.cuda.is_available() else "cpu"
     n = args.rows * args.dim
     p = torch.randn(n, device=dev)
     p.grad = torch.randn(n, device=dev) * 1e-3
     opt = torch.optim.AdamW([p], lr=1e-4, weight_decay=0.1, fused=True)
     dst = torch.empty_like(p)
-    copy = cuda_ms(lambda: dst.copy_(p), args.reps)
+    copy = bench_ms(lambda: dst.copy_(p), args.rep_ms)
     ceiling = 8 * n / copy / 1e6
     rows = [["copy (ceiling)", f"{copy:.3f}", f"{ceiling:.0f}", "100%"]]
     ops = (("torch fused AdamW step", opt.step, 28 * n),
            ("gradient norm (_foreach_norm)", lambda: torch._foreach_norm([p.grad]), 4 * n))
     for name, fn, nbytes in ops:
-        ms = cuda_ms(fn, args.reps)
+        ms = bench_ms(fn, args.rep_ms)
         gbs = nbytes / ms / 1e6
         rows.append([name, f"{ms:.3f}", f"{gbs:.0f}", f"{gbs / ceiling:.0%}"])
         print("  " + " | ".join(rows[-1]), flush=True)

@@ -34,7 +34,7 @@ def test_python_profile_ranks_the_functions_that_take_the_time():
 
 def test_adamw_smoke(monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
-    text = main_output("bench_adamw", ["--smoke", "--reps", "2"])
+    text = main_output("bench_adamw", ["--smoke", "--rep-ms", "1"])
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
             if line.startswith("| ") and not line.startswith("| op")]
     assert [r[0] for r in rows] == ["copy (ceiling)", "torch fused AdamW step",

@@ -138,7 +138,8 @@ def run_interpreted(module: str, function: str, timeout: int = 120):
 
 
 # Tiny cases for the interpreter: every kernel, both strategies, every gradient target,
-# split hot rows (SEGMENT_CHUNK lowered to 3), several column blocks (d=600 fp32), dtypes.
+# split hot rows (SEGMENT_CHUNK lowered to 3), several column blocks (d=600 fp32), several bag
+# tiles, dtypes.
 INTERPRETER_CASES = [
     dict(N=97, d=13, T=5, bag=7, pattern="dup", target="main_grad"),
     dict(N=97, d=13, T=5, bag=7, pattern="dup", target="main_grad", deterministic=False),
@@ -148,6 +149,9 @@ INTERPRETER_CASES = [
          target="grad_existing", w_dtype=torch.bfloat16),
     dict(N=37, d=600, T=3, bag=4, target="main_grad", deterministic=True),
     dict(N=37, d=600, T=3, bag=4, target="plain", deterministic=False),
+    # bag 11 > BAG_BLOCK 8 at 512 fp32 columns: the gathering kernels' index prefetch runs
+    # across a full and a partial bag tile
+    dict(N=37, d=600, T=3, bag=11, pattern="dup", target="main_grad", deterministic=False),
     dict(N=11, d=9, T=6, bag=3, dtype=torch.float16, target="plain"),
     dict(N=11, d=9, T=6, bag=3, target="frozen"),
 ]

@@ -10,8 +10,6 @@
 #   nokeys    Memory+ with --no-key-usage (what the key-usage instruments cost)
 #   perlookup Memory+ with --no-defer-table-grad (one main_grad pass per lookup)
 #   deferred  Memory+ with --defer-table-grad (the default; kept for older commands)
-#   endfold   Memory+ with --no-overlap-table-fold (the whole fold after the last backward,
-#             as before run 23, instead of most of it on a side stream during the last micro-batch)
 #   dense     the dense model of the same body
 # SPEED_STEPS (default 10): training steps per run (2 warm-up; step 9 is profiled, not timed).
 set -u
@@ -31,9 +29,8 @@ for size in ${@:-4 1}; do
       nokeys) RUNS+=(--run "mb$size-memory-nokeys:$MEMORY $BATCH --no-key-usage") ;;
       deferred) RUNS+=(--run "mb$size-memory-deferred:$MEMORY $BATCH --defer-table-grad") ;;
       perlookup) RUNS+=(--run "mb$size-memory-perlookup:$MEMORY $BATCH --no-defer-table-grad") ;;
-      endfold) RUNS+=(--run "mb$size-memory-endfold:$MEMORY $BATCH --no-overlap-table-fold") ;;
       dense) RUNS+=(--run "mb$size-dense:--preset 8b-dense $BODY $BATCH") ;;
-      *) echo "SPEED_VARIANTS: unknown run $v (memory, nokeys, perlookup, deferred, endfold, dense)"; exit 2 ;;
+      *) echo "SPEED_VARIANTS: unknown run $v (memory, nokeys, perlookup, deferred, dense)"; exit 2 ;;
     esac
   done
   timeout 400 python3 benchmarks/bench_training.py --gpus 2 \

@@ -492,13 +492,6 @@ class DeferredTableGrad:
     about max_bytes recorded (twice that during a fold, for the concatenation). ``folded`` tells
     the owner that some gradient reached the buffer since its last ``clear``/``take_folded``
     (an early fold empties the record, so "nothing pending" does not mean "nothing added").
-
-    ``fold(values, stream)`` runs the fold on a side CUDA stream, after the work the current
-    stream has enqueued so far, and returns at once: the owner starts it when most lookups of a
-    step are recorded (MemoryDDP: all micro-batches but the last), so the memory-bound fold
-    overlaps the last micro-batch's GEMMs. ``wait()`` orders the current stream after it; every
-    other method waits first, so a later fold, ``clear`` or the caller's reads of the buffer
-    after ``fold()`` see its sums.
     """
 
     def __init__(self, max_bytes: Optional[int] = None):
@@ -506,7 +499,6 @@ class DeferredTableGrad:
         self.max_bytes = float("inf") if max_bytes is None else max_bytes
         self.recorded = 0   # bytes held in parts
         self.folded = False
-        self.pending: Optional[torch.cuda.Stream] = None   # a side-stream fold not waited for
 
     def add(self, grad_out: torch.Tensor, indices: torch.Tensor, weights: torch.Tensor,
             values: Optional[torch.nn.Parameter] = None) -> None:
@@ -519,7 +511,6 @@ class DeferredTableGrad:
 
     def clear(self) -> None:
         """Drop what is recorded (a step abandoned before its gradient reduction)."""
-        self.wait()
         self.parts, self.recorded, self.folded = [], 0, False
 
     def take_folded(self) -> bool:
@@ -527,17 +518,9 @@ class DeferredTableGrad:
         folded, self.folded = self.folded, False
         return folded
 
-    def wait(self) -> None:
-        """Make the current stream wait for a side-stream fold (a no-op if there is none)."""
-        if self.pending is not None:
-            torch.cuda.current_stream(self.pending.device).wait_stream(self.pending)
-            self.pending = None
-
-    def fold(self, values: torch.nn.Parameter, stream: Optional[torch.cuda.Stream] = None) -> bool:
+    def fold(self, values: torch.nn.Parameter) -> bool:
         """buf[r] += sum over every recorded (t, b) with idx = r of w * grad_out[t], into the
-        table's main_grad/.grad; True if anything was pending. With ``stream`` the fold is
-        enqueued there (class docstring) and ``wait()`` joins it."""
-        self.wait()
+        table's main_grad/.grad; True if anything was pending."""
         if not self.parts:
             return False
         grads, idx, w = zip(*self.parts)
@@ -546,22 +529,11 @@ class DeferredTableGrad:
         if len(bags) > 1:
             raise ValueError(f"DeferredTableGrad: lookups of bag sizes {bags} cannot be folded "
                              "together")
-        # The concatenation runs on the current stream, so its copies come from (and go back
-        # to) that stream's memory pool; the side stream's own allocations are the plan's.
         indices = torch.cat([i.to(idx[0].dtype) for i in idx])
         weights = torch.cat([x.to(w[0].dtype) for x in w])
         grad_out = torch.cat(grads)
         del grads, idx, w   # the recorded parts go as soon as their copies exist
-        buf = _grad_buffer(values)
-        if stream is None:
-            launch_fold(grad_out, indices, weights, buf)
-            return True
-        stream.wait_stream(torch.cuda.current_stream(stream.device))
-        with torch.cuda.stream(stream):
-            launch_fold(grad_out, indices, weights, buf)
-        for t in (grad_out, indices, weights):  # reused only once the side stream has read them
-            t.record_stream(stream)
-        self.pending = stream
+        launch_fold(grad_out, indices, weights, _grad_buffer(values))
         return True
 
 

@@ -267,10 +267,6 @@ class TrainConfig:
                                       "gradients, indices and weights at which the table's "
                                       "gradient is folded before the step ends, bounding that "
                                       "memory at large global batches (twice this during a fold)")
-    overlap_table_fold: bool = opt(True, "with defer_table_grad on CUDA: fold what the "
-                                   "micro-batches before the last recorded on a side stream "
-                                   "while the last one runs, so the memory-bound fold overlaps "
-                                   "its GEMMs (benchmarks/RESULTS.md run 23)")
     ddp_bucket_size: Optional[int] = opt(None, "parameters per data-parallel communication bucket "
                                          "(Megatron-LM's --ddp-bucket-size); default megatron-core's "
                                          "max(40M, 1M x DP)")

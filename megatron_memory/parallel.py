@@ -35,7 +35,6 @@ At bag=128, v=d=4096, p=2, bf16: forward 768 B + 2048 B (+4096 B without SP) per
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Optional
 
 import torch
@@ -72,8 +71,7 @@ class MemoryDDP(DistributedDataParallel):
     """
 
     def __init__(self, config, ddp_config, module, *args, defer_table_grad: bool = False,
-                 defer_max_bytes: Optional[int] = None, overlap_table_fold: bool = False,
-                 **kwargs):
+                 defer_max_bytes: Optional[int] = None, **kwargs):
         super().__init__(config, ddp_config, module, *args, **kwargs)
         # With defer_table_grad the Triton lookups only record their table gradient
         # (kernels.DeferredTableGrad); it is added to main_grad in one pass per step, right
@@ -85,13 +83,6 @@ class MemoryDDP(DistributedDataParallel):
                 if getattr(p, "is_memory_value", False) and p.requires_grad:
                     p.memory_deferred_grad = kernels.DeferredTableGrad(defer_max_bytes)
                     self.deferred_tables.append(p)
-        # overlap_table_fold: what the micro-batches before the last recorded is folded when
-        # the last one starts (``no_sync``); on CUDA on this side stream, so the memory-bound
-        # fold shares the GPU with that micro-batch's GEMMs instead of following them (on CPU,
-        # at once: the same sums, for tests).
-        self.early_fold = overlap_table_fold and bool(self.deferred_tables)
-        cuda = self.early_fold and self.deferred_tables[0].is_cuda
-        self.fold_stream = torch.cuda.Stream(self.deferred_tables[0].device) if cuda else None
 
     def _make_backward_post_hook(self, param: torch.nn.Parameter):
         ddp_hook = super()._make_backward_post_hook(param)
@@ -120,17 +111,6 @@ class MemoryDDP(DistributedDataParallel):
             if deferred.take_folded() and register and self.ddp_config.overlap_grad_reduce \
                     and p in self.param_to_bucket_group:
                 self.param_to_bucket_group[p].register_grad_ready(p, self.force_all_reduce)
-
-    @contextlib.contextmanager
-    def no_sync(self):
-        """Megatron's no_sync (gradients accumulate, no reduction starts). The schedules leave
-        it before the step's last backward (no pipelining: before the last micro-batch), when
-        every other lookup of the step is recorded: that is when the side-stream fold starts."""
-        with super().no_sync():
-            yield
-        if self.early_fold:
-            for p in self.deferred_tables:
-                p.memory_deferred_grad.fold(p, stream=self.fold_stream)
 
     def start_grad_sync(self, *unused):
         self.fold_deferred_grads(register=False)  # every bucket starts here anyway

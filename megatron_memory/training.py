@@ -235,14 +235,11 @@ class Trainer:
             use_distributed_optimizer=self.dist_opt, bucket_size=cfg.train.ddp_bucket_size)
         self.model = parallel.MemoryDDP(self.tconfig, ddp_config, model,
                                         defer_table_grad=self.defer_table_grad,
-                                        defer_max_bytes=int(cfg.train.defer_table_grad_gib * 2**30),
-                                        overlap_table_fold=cfg.train.overlap_table_fold)
+                                        defer_max_bytes=int(cfg.train.defer_table_grad_gib * 2**30))
         self.tconfig.finalize_model_grads_func = parallel.finalize_memory_grads
-        if self.overlap or self.model.early_fold:
-            # Only the last micro-batch's backward marks gradients ready; the others accumulate.
-            # Leaving no_sync also starts the side-stream table fold (MemoryDDP.no_sync).
-            self.tconfig.no_sync_func = self.model.no_sync
         if self.overlap:  # as Megatron-LM's training loop wires its schedules
+            # Only the last micro-batch's backward marks gradients ready; the others accumulate.
+            self.tconfig.no_sync_func = self.model.no_sync
             self.tconfig.grad_sync_func = self.model.start_grad_sync
             if ddp_config.overlap_param_gather:
                 self.tconfig.param_sync_func = self.model.start_param_sync

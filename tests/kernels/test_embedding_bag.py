@@ -172,15 +172,11 @@ def test_interpreter_embedding_bag():
         == len(INTERPRETER_CASES)
 
 
-def check_deferred(device, N, d, T, bag, lookups, dtype=torch.float32, seed=0, max_bytes=None,
-                   side_stream=False):
+def check_deferred(device, N, d, T, bag, lookups, dtype=torch.float32, seed=0, max_bytes=None):
     """``lookups`` lookups into one table with main_grad: per-lookup passes vs one deferred fold
     (DeferredTableGrad) vs the fp64 reference. Weight grads come back at once either way; the
     deferred table gradient touches main_grad only in fold(), without the ready hook. With
-    ``max_bytes`` the record folds whenever it reaches that many bytes, in the backward. With
-    ``side_stream`` (CUDA) the first half is folded on a delayed side stream while the main
-    stream runs the other lookups and overwrites fresh allocations with NaN: the recorded
-    gradients' memory must not be reused before the side stream has read them."""
+    ``max_bytes`` the record folds whenever it reaches that many bytes, in the backward."""
     gen = torch.Generator().manual_seed(seed)
     V = torch.randn(N, d, generator=gen, dtype=torch.float64).to(dtype)
     cases = [(make_indices(N, T, bag, "dup" if n % 2 else "random", gen),
@@ -198,21 +194,12 @@ def check_deferred(device, N, d, T, bag, lookups, dtype=torch.float32, seed=0, m
         table.memory_grad_ready_hook = lambda: calls.append(1)  # noqa: B023
         if mode == "deferred":
             table.memory_deferred_grad = eb.DeferredTableGrad(max_bytes)
-        wgrads, junk = [], []
-        for n, (idx, w, g) in enumerate(cases):
-            if mode == "deferred" and side_stream and n == lookups // 2:
-                stream = torch.cuda.Stream()
-                with torch.cuda.stream(stream):
-                    torch.cuda._sleep(200_000_000)   # ~0.1 s: the main stream runs ahead
-                assert table.memory_deferred_grad.fold(table, stream=stream)
-                junk += [torch.full((rows, d), float("nan"), device=device, dtype=dtype)
-                         for rows in [n * T] + [T] * n]   # the size of the copies, of each part
+        wgrads = []
+        for idx, w, g in cases:
             wt = w.float().to(device).requires_grad_()
             eb.triton_embedding_bag(table, idx.to(device), wt).backward(g.to(dtype).to(device))
             wgrads.append(wt.grad)
-        if mode == "deferred" and side_stream:
-            assert table.memory_deferred_grad.fold(table) and calls == []
-        elif mode == "deferred" and max_bytes is None:
+        if mode == "deferred" and max_bytes is None:
             assert torch.equal(table.main_grad.cpu(), pre.float()) and calls == []
             assert table.memory_deferred_grad.fold(table) and not table.memory_deferred_grad.fold(table)
         elif mode == "deferred":   # folded in the backward whenever the record reached max_bytes
@@ -454,12 +441,6 @@ def test_gpu_split_hot_rows(monkeypatch, nan_empty):
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float32])
 def test_gpu_deferred_table_grad(dtype, nan_empty):
     check_deferred("cuda", N=5000, d=1000, T=300, bag=128, lookups=6, dtype=dtype, seed=9)
-
-
-@requires_cuda
-def test_gpu_deferred_fold_on_a_side_stream(nan_empty):
-    check_deferred("cuda", N=5000, d=1000, T=300, bag=128, lookups=6, dtype=torch.bfloat16,
-                   seed=10, side_stream=True)
 
 
 @requires_cuda

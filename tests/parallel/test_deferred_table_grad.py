@@ -17,16 +17,14 @@ from tests.parallel.dist_utils import run_ranks
 LAYOUTS = {"dp2": (2, 1, 1, 2), "pp2": (2, 1, 2, 4), "tp2": (2, 2, 1, 4)}
 
 
-def _train(tmp, layout: str, defer: bool, triton: bool = True, gib: float = 1.0,
-           early: bool = True) -> dict:
+def _train(tmp, layout: str, defer: bool, triton: bool = True, gib: float = 1.0) -> dict:
     world, tp, pp, mbs = LAYOUTS[layout]
     # small enough for the interpreter: 64 values, 8 per bag, 16-token sequences
     cfg = workers.tiny_config(tp=tp, pp=pp, dp_batch=mbs, steps=3, **{
         "train.global_batch_size": 8, "train.overlap_comm": True,
         "train.defer_table_grad": defer, "train.defer_table_grad_gib": gib,
-        "train.overlap_table_fold": early,
         "model.seq_length": 16, "memory.n_keys": 8, "memory.k": 4, "memory.heads": 2})
-    out = tmp / f"{layout}_{defer}_{triton}_{gib}_{early}.json"
+    out = tmp / f"{layout}_{defer}_{triton}_{gib}.json"
     run_ranks(world, workers.train_triton_lookup if triton else workers.train, cfg, str(out), tp=0)
     return json.load(open(out))
 
@@ -35,19 +33,11 @@ def _train(tmp, layout: str, defer: bool, triton: bool = True, gib: float = 1.0,
 def test_deferred_fold_trains_like_per_lookup_passes(tmp_path, monkeypatch, layout):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
     now, later = _train(tmp_path, layout, False), _train(tmp_path, layout, True)
-    # Two folds per step on rank 0: the first micro-batch's record when the schedule leaves
-    # no_sync for the last one (overlap_table_fold; on CUDA on a side stream), the rest at the
-    # gradient sync.
-    assert now["folds"] == 0 and later["folds"] == 6
+    assert now["folds"] == 0 and later["folds"] == 3      # one fold per step on rank 0
     # the same sums in another order: equal to fp32 rounding, not bit for bit
     assert later["losses"] == pytest.approx(now["losses"], rel=1e-5)
     assert later["value_grad_norms"] == pytest.approx(now["value_grad_norms"], rel=1e-4)
     assert later["grad_norms"] == pytest.approx(now["grad_norms"], rel=1e-4)
-    if layout == "dp2":  # one fold per step without overlap_table_fold, the same training
-        once = _train(tmp_path, layout, True, early=False)
-        assert once["folds"] == 3
-        assert once["losses"] == pytest.approx(later["losses"], rel=1e-5)
-        assert once["value_grad_norms"] == pytest.approx(later["value_grad_norms"], rel=1e-4)
     if layout == "dp2":  # and both match the torch reference lookup (autograd's gradient)
         ref = _train(tmp_path, layout, False, triton=False)
         # Step 1 only: both start from one state, so the lookups' summation order is the only

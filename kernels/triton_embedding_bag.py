@@ -182,7 +182,8 @@ def _token_kernel(grad_out, values, indices, weights, buf, dots, M, bag, d,
             v = tl.load(values + rows[:, None] * stride_v + cols[None, :], mask=m2, other=0.0)
         # Prefetch the next tile's indices while the row loads are in flight (as the forward
         # does): the gather address depends on them, so this takes one memory latency off
-        # every iteration.
+        # every iteration. H200, 24 lookups at d = 2048 (benchmarks/RESULTS.md run 23):
+        # uniform 27.0 -> 23.8 ms, zipf 17.1 -> 15.4 ms.
         nb = b0 + BAG_BLOCK + bs
         rows_next = tl.load(indices + t * bag + nb, mask=nb < bag, other=0).to(tl.int64)
         if NEED_DOTS:

@@ -8,6 +8,7 @@
 # SPEED_VARIANTS (default "memory perlookup dense"): which runs, in order, of
 #   memory    Memory+ as trained by default (the deferred table gradient on CUDA, run 21)
 #   nokeys    Memory+ with --no-key-usage (what the key-usage instruments cost)
+#   graphs    Memory+ with --cuda-graph-memory (each memory layer replayed from CUDA graphs)
 #   perlookup Memory+ with --no-defer-table-grad (one main_grad pass per lookup)
 #   deferred  Memory+ with --defer-table-grad (the default; kept for older commands)
 #   dense     the dense model of the same body
@@ -27,10 +28,11 @@ for size in ${@:-4 1}; do
     case $v in
       memory) RUNS+=(--run "mb$size-memory:$MEMORY $BATCH") ;;
       nokeys) RUNS+=(--run "mb$size-memory-nokeys:$MEMORY $BATCH --no-key-usage") ;;
+      graphs) RUNS+=(--run "mb$size-memory-graphs:$MEMORY $BATCH --cuda-graph-memory") ;;
       deferred) RUNS+=(--run "mb$size-memory-deferred:$MEMORY $BATCH --defer-table-grad") ;;
       perlookup) RUNS+=(--run "mb$size-memory-perlookup:$MEMORY $BATCH --no-defer-table-grad") ;;
       dense) RUNS+=(--run "mb$size-dense:--preset 8b-dense $BODY $BATCH") ;;
-      *) echo "SPEED_VARIANTS: unknown run $v (memory, nokeys, perlookup, deferred, dense)"; exit 2 ;;
+      *) echo "SPEED_VARIANTS: unknown run $v (memory, nokeys, graphs, perlookup, deferred, dense)"; exit 2 ;;
     esac
   done
   timeout 400 python3 benchmarks/bench_training.py --gpus 2 \

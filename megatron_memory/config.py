@@ -267,6 +267,11 @@ class TrainConfig:
                                       "gradients, indices and weights at which the table's "
                                       "gradient is folded before the step ends, bounding that "
                                       "memory at large global batches (twice this during a fold)")
+    cuda_graph_memory: bool = opt(False, "capture each memory layer's forward and backward in "
+                                  "CUDA graphs after two eager passes and replay them (CUDA, "
+                                  "pipeline size 1): at micro-batch 1 a step is bound by the "
+                                  "host's kernel launches, ~130 per memory-layer pass "
+                                  "(megatron_memory/graphs.py)")
     ddp_bucket_size: Optional[int] = opt(None, "parameters per data-parallel communication bucket "
                                          "(Megatron-LM's --ddp-bucket-size); default megatron-core's "
                                          "max(40M, 1M x DP)")
@@ -402,6 +407,10 @@ class RunConfig:
         self.parallel.validate(self.model, world_size)
         self.memory.validate(self.model.num_layers, self.model.hidden_size, self.parallel.tp)
         self.train.validate()
+        if self.train.cuda_graph_memory and self.parallel.pp > 1:
+            raise ConfigError("train.cuda_graph_memory needs parallel.pp = 1: a pipeline schedule "
+                              "keeps several micro-batches of a layer in flight, and a layer's "
+                              "graphs serve one at a time")
         if self.data.data_path and not self.data.tokenizer:
             raise ConfigError("data.data_path needs data.tokenizer (a local tokenizer path)")
         if world_size is not None and self.train.global_batch_size is not None:

@@ -163,6 +163,8 @@ class MemoryPlus(MegatronModule):
         # Not registered as a submodule: the model owns the one table (see module docstring).
         object.__setattr__(self, "values", values)
         self.key_usage = None  # a metrics.KeyUsage when the trainer tracks key usage
+        # a graphs.MemoryLayerGraph when the trainer captures this layer in CUDA graphs
+        self.cuda_graph = None
         kw = dict(device=_param_device(config), dtype=config.params_dtype)
         self.query = torch.nn.Linear(d, mc.heads * mc.k_dim, bias=True, **kw)
         self.keys = torch.nn.Parameter(torch.empty(mc.heads, 2, mc.n_keys, self.half, **kw))
@@ -261,6 +263,12 @@ class MemoryPlus(MegatronModule):
         return self.values.split_tokens(keep).reshape(-1)
 
     def forward(self, hidden_states: torch.Tensor, padding_mask=None):
+        if self.cuda_graph is not None:  # replays its graphs where they serve, else eager
+            return self.cuda_graph(hidden_states, padding_mask), None
+        return self.eager_forward(hidden_states, padding_mask), None
+
+    def eager_forward(self, hidden_states: torch.Tensor, padding_mask=None) -> torch.Tensor:
+        """hidden_states [s, b, d] -> out [s, b, d], op by op (what the CUDA graphs capture)."""
         x = self.values.split_tokens(hidden_states)                # [s', b, d], s' = s / TP
         flat = x.reshape(-1, x.shape[-1])
         indices, weights = self.select(flat, self._keep(padding_mask))
@@ -268,4 +276,4 @@ class MemoryPlus(MegatronModule):
             self.key_usage.update(indices)
         y = self.values(indices, weights)  # a module call: see MemoryValues.forward
         out = self.mix(flat, y.to(flat.dtype)).view(x.shape)
-        return self.values.gather_tokens(out), None
+        return self.values.gather_tokens(out)

@@ -32,6 +32,7 @@ from torch.profiler import ProfilerActivity, profile
 from megatron_memory import checkpoint, data, parallel, step_profile
 from megatron_memory.config import ConfigError, RunConfig, padded_vocab
 from megatron_memory.cpu import install_cpu_shims
+from megatron_memory.graphs import MemoryLayerGraph
 from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
 from megatron_memory.metrics import (
     KeyUsage,
@@ -159,6 +160,8 @@ class Trainer:
         if cfg.model.transformer_impl == "transformer_engine" and self.device.type != "cuda":
             raise ConfigError("model.transformer_impl='transformer_engine' needs CUDA; on CPU "
                               "use 'local'")
+        if cfg.train.cuda_graph_memory and self.device.type != "cuda":
+            raise ConfigError("train.cuda_graph_memory needs CUDA (CUDA graphs); on CPU leave it off")
         self.dist_opt = checkpoint.optimizer_kind(cfg.train.distributed_optimizer, self.dp,
                                                   self.resume, cfg.train.finetune)
         cfg.train.distributed_optimizer = self.dist_opt  # resolved: the memory estimate reads it
@@ -221,6 +224,8 @@ class Trainer:
             if cfg.train.key_usage:
                 layer.key_usage = KeyUsage(cfg.memory.num_values, self.device,
                                            cfg.train.key_usage_span_tokens)
+            if cfg.train.cuda_graph_memory:
+                layer.cuda_graph = MemoryLayerGraph(layer)
         self.vocab_size = vocab
         self.raw_model = model
         if self.bf16:
@@ -499,6 +504,12 @@ class Trainer:
             self.checkpoint_seconds["async_wait"] = time.time() - start
 
     def close(self) -> None:
+        """Release the memory layers' CUDA graphs (before any process group goes: see
+        ``MemoryLayerGraph.release``) and Megatron's model-parallel groups."""
+        for layer in self.raw_model.memory_layers():
+            if layer.cuda_graph is not None:
+                layer.cuda_graph.release()
+                layer.cuda_graph = None
         ps.destroy_model_parallel()
 
 

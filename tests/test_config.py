@@ -29,6 +29,7 @@ BAD = [
     ({"train.warmup_steps": 10000}, "warmup_steps"),
     ({"train.profile_step": 10**6}, "never be taken"),
     ({"data.data_path": ["x"]}, "needs data.tokenizer"),
+    ({"train.cuda_graph_memory": True, "parallel.pp": 2}, "cuda_graph_memory needs parallel.pp = 1"),
 ]
 
 

@@ -43,6 +43,7 @@ ORDER = [
     "megatron_memory.attention",            # SDPA core attention (megatron only)
     "megatron_memory.query_norm",           # query BatchNorm / centring (config only)
     "megatron_memory.layer",                # single-device math: no parallel plan
+    "megatron_memory.graphs",               # CUDA graphs of a memory layer (layer + megatron)
     "megatron_memory.parallel",
     "megatron_memory.spec",
     "megatron_memory.model",

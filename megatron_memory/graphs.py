@@ -12,7 +12,8 @@ CUDA graphs (``megatron.core.transformer.cuda_graphs``):
 - the first ``warmup`` training passes run eagerly (Triton compiles, cuBLAS and NCCL set-up,
   lazily created state such as the key-usage moments), and count only once their backward ran;
 - the next pass captures the forward into a graph, then its backward (``torch.autograd.grad``
-  into static tensors). The backward graph also adds each parameter's gradient into its fp32
+  into static tensors, with respect to views of the input and parameters made inside the
+  capture: see ``_capture``). The backward graph also adds each parameter's gradient into its fp32
   ``main_grad``, as Megatron's fused-accumulation layers do, and returns None to autograd. Setting
   ``_cudagraph_wgrad_ready_event`` tells Megatron DDP's grad hook not to expect ``.grad``;
 - later passes copy the input into the static input, replay, and return the static output;
@@ -34,6 +35,7 @@ Limits (such passes run eagerly, with the same results):
   eagerly, so pipeline schedules stay correct but gain little (the trainer requires PP = 1);
 - the input shape, dtype and device are fixed at capture;
 - no padding mask; grad enabled and training mode only.
+``release`` destroys the graphs; the trainer calls it before the process group goes.
 """
 from __future__ import annotations
 

@@ -254,8 +254,7 @@ class MemoryLayerGraph:
             raise RuntimeError(f"memory layer {self.layer.layer_id}: {', '.join(moved)} moved or "
                                "changed after its CUDA graphs were captured (update such tensors "
                                "in place, as Megatron DDP and its optimizer do)")
-        if x.data_ptr() != self.static_x.data_ptr():
-            self.static_x.detach().copy_(x)
+        self.static_x.detach().copy_(x)
         self.fwd.replay()
         self.pending = True
         self.replays += 1

@@ -222,7 +222,7 @@ def test_gpu_released_graphs_leave_the_layer_eager():
     graph = layer.cuda_graph
     graph.release()
     assert graph.fwd is None and graph.bwd is None
-    rest, state = [], None
+    rest = []
     for x, g in inputs[3:]:
         xc = x.clone().requires_grad_()
         out, _ = layer(xc)

@@ -11,7 +11,9 @@ fit at d=4096 (its lookup materialises [T, bag, d] fp32 twice): then it reads "O
 Breakdown rows time one part's forward+backward alone: query+search (``select``), lookup
 (``values.lookup``), W1/W2 (``mix``), each with the fp32 torch search and the bf16 search; then
 the search alone (fp32 reference, fused Triton, bf16 at three re-scoring margins: ms and the
-share of sets equal to the fp32 reference's); ``--profile`` adds a per-kernel breakdown.
+share of sets equal to the fp32 reference's); ``--profile`` adds a per-kernel breakdown. On a
+GPU, query+search is also timed replayed from a CUDA graph: its GPU time without the host's
+launches, as graphed training runs it.
 ``--smoke`` runs tiny shapes on CPU (interpreter).
 """
 from __future__ import annotations
@@ -78,8 +80,25 @@ def fwd_bwd(fn, *grads):
     return run
 
 
-def time_parts(layer, values, x, rep_ms):
-    """ms of the whole layer and of its three parts, each forward+backward."""
+def graph_replay(fn):
+    """fn captured in a CUDA graph (after warm-up passes on a side stream, as torch's capture
+    needs) -> a closure replaying it: the GPU time of fn without the host's kernel launches,
+    which is what training sees with the memory layers graphed (train.cuda_graph_memory)."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
+def time_parts(layer, values, x, rep_ms, graphed: bool = False):
+    """ms of the whole layer and of its three parts, each forward+backward; with ``graphed``
+    (CUDA) also query+search replayed from a CUDA graph."""
     T, d = x.shape
     H, k = layer.memory_config.heads, layer.memory_config.k
     with torch.no_grad():
@@ -105,7 +124,37 @@ def time_parts(layer, values, x, rep_ms):
             res[name] = None
             print(f"  {name}: OOM", flush=True)
         free_memory()
+    if graphed and x.is_cuda:
+        res["query+search, CUDA graph replay"] = bench_ms(graph_replay(select_grads(layer, x, g_w)),
+                                                          rep_ms)
+        free_memory()
     return res
+
+
+class _Select(torch.nn.Module):
+    """The layer's query+search as a module (for functional_call): x -> the selected weights."""
+    def __init__(self, layer):
+        super().__init__()
+        self.layer = layer
+
+    def forward(self, x):
+        return self.layer.select(x)[1]
+
+
+def select_grads(layer, x, g_w):
+    """A closure: query+search forward and the gradients of its weights w.r.t. x and the
+    layer's parameters, through views made inside the call. Capturable: the parameters' own
+    AccumulateGrad nodes were made on the default stream, and a backward reaching them inside a
+    capture makes the capture wait on that stream (megatron_memory/graphs.py does the same)."""
+    module = _Select(layer)
+    names, params = zip(*module.named_parameters())
+
+    def run():
+        inputs = [x.detach().requires_grad_().view_as(x)] + [p.view_as(p) for p in params]
+        w = torch.func.functional_call(module, dict(zip(names, inputs[1:])), (inputs[0],),
+                                       strict=False, tie_weights=False)
+        return torch.autograd.grad(w, inputs, g_w, allow_unused=True)
+    return run
 
 
 def search_precision(layer, x, rep_ms):
@@ -212,7 +261,7 @@ def bench_width(d: int, T: int, rep_ms: int, smoke: bool, profile: bool, top: in
     kernels.SEARCH_BACKEND = "torch"
     old = time_parts(layer, values, x, rep_ms)
     kernels.SEARCH_BACKEND = "bf16"
-    new = time_parts(layer, values, x, rep_ms)
+    new = time_parts(layer, values, x, rep_ms, graphed=True)
     if micro > 1:
         new.update(time_micro_batches(layer, values, T, micro, rep_ms))
     prec = search_precision(layer, x, rep_ms) if not smoke else []

@@ -6,9 +6,11 @@
 # Arguments: the micro-batch sizes to run (default "4 1"; "4g128": 4 x 2048 at global batch 128,
 # where the table's per-step optimizer update is spread over 32 micro-batches, not 8).
 # SPEED_VARIANTS (default "memory perlookup dense"): which runs, in order, of
-#   memory    Memory+ as trained by default (the deferred table gradient on CUDA, run 21)
+#   memory    Memory+ as trained by default (on CUDA: the deferred table gradient, run 21, and
+#             each memory layer replayed from CUDA graphs, run 25)
+#   eager     Memory+ with --no-cuda-graph-memory (the memory layers run op by op)
 #   nokeys    Memory+ with --no-key-usage (what the key-usage instruments cost)
-#   graphs    Memory+ with --cuda-graph-memory (each memory layer replayed from CUDA graphs)
+#   graphs    Memory+ with --cuda-graph-memory (the default since run 25; kept for older commands)
 #   perlookup Memory+ with --no-defer-table-grad (one main_grad pass per lookup)
 #   deferred  Memory+ with --defer-table-grad (the default; kept for older commands)
 #   dense     the dense model of the same body
@@ -27,12 +29,13 @@ for size in ${@:-4 1}; do
   for v in ${SPEED_VARIANTS:-memory perlookup dense}; do
     case $v in
       memory) RUNS+=(--run "mb$size-memory:$MEMORY $BATCH") ;;
+      eager) RUNS+=(--run "mb$size-memory-eager:$MEMORY $BATCH --no-cuda-graph-memory") ;;
       nokeys) RUNS+=(--run "mb$size-memory-nokeys:$MEMORY $BATCH --no-key-usage") ;;
       graphs) RUNS+=(--run "mb$size-memory-graphs:$MEMORY $BATCH --cuda-graph-memory") ;;
       deferred) RUNS+=(--run "mb$size-memory-deferred:$MEMORY $BATCH --defer-table-grad") ;;
       perlookup) RUNS+=(--run "mb$size-memory-perlookup:$MEMORY $BATCH --no-defer-table-grad") ;;
       dense) RUNS+=(--run "mb$size-dense:--preset 8b-dense $BODY $BATCH") ;;
-      *) echo "SPEED_VARIANTS: unknown run $v (memory, nokeys, graphs, perlookup, deferred, dense)"; exit 2 ;;
+      *) echo "SPEED_VARIANTS: unknown run $v (memory, eager, nokeys, graphs, perlookup, deferred, dense)"; exit 2 ;;
     esac
   done
   timeout 400 python3 benchmarks/bench_training.py --gpus 2 \

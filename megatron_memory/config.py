@@ -267,11 +267,15 @@ class TrainConfig:
                                       "gradients, indices and weights at which the table's "
                                       "gradient is folded before the step ends, bounding that "
                                       "memory at large global batches (twice this during a fold)")
-    cuda_graph_memory: bool = opt(False, "capture each memory layer's forward and backward in "
-                                  "CUDA graphs after two eager passes and replay them (CUDA, "
-                                  "pipeline size 1): at micro-batch 1 a step is bound by the "
-                                  "host's kernel launches, ~130 per memory-layer pass "
-                                  "(megatron_memory/graphs.py)")
+    cuda_graph_memory: Optional[bool] = opt(None, "capture each memory layer's forward and "
+                                            "backward in CUDA graphs after two eager passes and "
+                                            "replay them (megatron_memory/graphs.py): at "
+                                            "micro-batch 1 a step is bound by the host's kernel "
+                                            "launches, ~130 per memory-layer pass; default: on "
+                                            "with CUDA, bf16 and pipeline size 1 (2 x H200, "
+                                            "benchmarks/RESULTS.md run 25: 102.7% of dense "
+                                            "tokens/s at micro-batch 1 against 72.4% eager, "
+                                            "100.0% against 100.2% at micro-batch 4)")
     ddp_bucket_size: Optional[int] = opt(None, "parameters per data-parallel communication bucket "
                                          "(Megatron-LM's --ddp-bucket-size); default megatron-core's "
                                          "max(40M, 1M x DP)")

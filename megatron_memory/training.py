@@ -162,6 +162,10 @@ class Trainer:
                               "use 'local'")
         if cfg.train.cuda_graph_memory and self.device.type != "cuda":
             raise ConfigError("train.cuda_graph_memory needs CUDA (CUDA graphs); on CPU leave it off")
+        # Default: where they are verified and pay (RESULTS.md run 25). A pipeline schedule keeps
+        # several micro-batches of a layer in flight, which one pair of graphs cannot serve.
+        self.cuda_graphs = (cfg.train.cuda_graph_memory if cfg.train.cuda_graph_memory is not None
+                            else self.device.type == "cuda" and self.bf16 and cfg.parallel.pp == 1)
         self.dist_opt = checkpoint.optimizer_kind(cfg.train.distributed_optimizer, self.dp,
                                                   self.resume, cfg.train.finetune)
         cfg.train.distributed_optimizer = self.dist_opt  # resolved: the memory estimate reads it
@@ -224,7 +228,7 @@ class Trainer:
             if cfg.train.key_usage:
                 layer.key_usage = KeyUsage(cfg.memory.num_values, self.device,
                                            cfg.train.key_usage_span_tokens)
-            if cfg.train.cuda_graph_memory:
+            if self.cuda_graphs:
                 layer.cuda_graph = MemoryLayerGraph(layer)
         self.vocab_size = vocab
         self.raw_model = model

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import os
 import tempfile
+import time
 
 import pytest
 import torch
@@ -195,6 +196,10 @@ def _tp_worker(rank: int, world: int, store: str) -> None:
         assert layer.cuda_graph.replays == 3
         _assert_same(*runs)
     finally:
+        # NCCL's communicator cannot be destroyed while a graph that captured one of its
+        # collectives is alive (pytorch/pytorch#115388): release first, as Trainer.close does.
+        if "layer" in locals() and layer.cuda_graph is not None:
+            layer.cuda_graph.release()
         if ps.model_parallel_is_initialized():
             ps.destroy_model_parallel()
         dist.destroy_process_group()
@@ -205,9 +210,15 @@ def test_gpu_tp2_graphed_layer_matches_eager():
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     with tempfile.TemporaryDirectory() as tmp:
-        torch.multiprocessing.start_processes(
-            _tp_worker, args=(2, os.path.join(tmp, "store")), nprocs=2, join=True,
+        ctx = torch.multiprocessing.start_processes(
+            _tp_worker, args=(2, os.path.join(tmp, "store")), nprocs=2, join=False,
             start_method="spawn")
+        deadline = time.monotonic() + 240    # a hang (e.g. at the group's destroy) fails, not blocks
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for proc in ctx.processes:
+                    proc.kill()
+                pytest.fail("the TP = 2 graphed-layer workers did not finish in 240 s")
 
 
 @requires_cuda

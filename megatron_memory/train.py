@@ -41,7 +41,8 @@ def summary(cfg, trainer, hist) -> str:
         f"params     {n_all:,} on this rank ({n_values:,} in the value table)",
         f"layout     TP={cfg.parallel.tp} PP={cfg.parallel.pp} DP={trainer.dp} "
         f"SP={'on' if cfg.parallel.sequence_parallel else 'off'} on {trainer.device.type}, "
-        f"{'bf16' if trainer.bf16 else 'fp32'}",
+        f"{'bf16' if trainer.bf16 else 'fp32'}"
+        + (", memory layers replayed from CUDA graphs" if trainer.cuda_graphs and layers else ""),
         f"loss       {first:.4f} (first 5 steps) -> {last:.4f} (last 10 steps)"
         + (f", validation {hist.valid_loss:.4f}" if hist.valid_loss is not None else ""),
         f"tokens     {hist.tokens:,} in {hist.seconds:.1f} s = {hist.tokens / max(hist.seconds, 1e-9):,.0f} tok/s"

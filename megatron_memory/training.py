@@ -353,7 +353,16 @@ class Trainer:
 
     def fit(self) -> History:
         """Train from ``self.iteration`` (0, or where a checkpoint left off) to ``train.steps``;
-        SIGTERM / Ctrl-C finish the current step, save and return early (``hist.stopped_by``)."""
+        SIGTERM / Ctrl-C finish the current step, save and return early (``hist.stopped_by``).
+        An error releases the CUDA graphs before it propagates, so the process can still exit
+        (see ``release_graphs``)."""
+        try:
+            return self._fit()
+        except BaseException:
+            self.release_graphs()
+            raise
+
+    def _fit(self) -> History:
         t, hist = self.cfg.train, History(first_step=self.iteration + 1)
         start = time.time()
         if self.device.type == "cuda":
@@ -507,13 +516,18 @@ class Trainer:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
             self.checkpoint_seconds["async_wait"] = time.time() - start
 
-    def close(self) -> None:
-        """Release the memory layers' CUDA graphs (before any process group goes: see
-        ``MemoryLayerGraph.release``) and Megatron's model-parallel groups."""
+    def release_graphs(self) -> None:
+        """Free the memory layers' CUDA graphs; later passes run eagerly. NCCL cannot destroy a
+        communicator while a graph that captured one of its collectives is alive (a hang at
+        exit, pytorch/pytorch#115388), so this runs before any process group goes."""
         for layer in self.raw_model.memory_layers():
             if layer.cuda_graph is not None:
                 layer.cuda_graph.release()
                 layer.cuda_graph = None
+
+    def close(self) -> None:
+        """Release the CUDA graphs and Megatron's model-parallel groups."""
+        self.release_graphs()
         ps.destroy_model_parallel()
 
 

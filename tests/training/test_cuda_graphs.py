@@ -10,7 +10,8 @@ the first step on (from the second at DP = 2). Layouts:
 - two GPUs, DP = 2 with the distributed optimizer: DDP's overlapped parameter all-gather, whose
   forward pre-hooks a replay runs by hand.
 Each run then destroys its process group, which hangs if a graph holding an NCCL collective
-is still alive (``Trainer.close`` releases them). CPU: one clear error, before any compute.
+is still alive (``Trainer.close`` releases them); so does a run whose step raises (``fit``
+releases them before the error propagates). CPU: one clear error, before any compute.
 """
 from __future__ import annotations
 
@@ -49,6 +50,33 @@ def _worker(rank: int, world: int, port: int, cfg, out_file: str) -> None:
     assert done.wait(120), "destroy_process_group hung after graphed training"
 
 
+def _failing_worker(rank: int, world: int, port: int, cfg, out_file: str) -> None:
+    """Training that raises at its third step, after the graphs replayed: fit releases them
+    before the error propagates, and the process group can still be destroyed."""
+    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
+                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    from megatron_memory.training import Trainer
+
+    trainer = Trainer(cfg, log=lambda line: None)
+    layers, step, replays = trainer.raw_model.memory_layers(), trainer.train_step, []
+
+    def failing_step():
+        if len(replays) == 2:
+            raise RuntimeError("injected failure")
+        replays.append(sum(m.cuda_graph.replays for m in layers))
+        return step()
+
+    trainer.train_step = failing_step
+    with pytest.raises(RuntimeError, match="injected failure"):
+        trainer.fit()
+    assert replays[-1] > 0 and all(m.cuda_graph is None for m in layers)
+    done = threading.Event()
+    threading.Thread(target=lambda: (dist.destroy_process_group(), done.set()), daemon=True).start()
+    assert done.wait(120), "destroy_process_group hung after a failed graphed step"
+    if rank == 0:
+        json.dump({"replays": replays}, open(out_file, "w"))
+
+
 def _train(tmp, world: int, graphs: Optional[bool], **layout) -> dict:
     cfg = workers.tiny_config(steps=4, dp_batch=2, **layout, **{
         "train.global_batch_size": 8,
@@ -81,6 +109,20 @@ def test_gpu_2gpu_graphed_training_matches_eager(tmp_path, layout):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     _assert_trains_alike(_train(tmp_path, 2, False, **layout), _train(tmp_path, 2, True, **layout))
+
+
+@requires_cuda
+def test_gpu_a_failed_step_releases_the_graphs(tmp_path):
+    if torch.cuda.device_count() < 2:
+        pytest.skip("needs two GPUs")
+    cfg = workers.tiny_config(steps=4, dp_batch=2, tp=2, sp=True, **{"train.global_batch_size": 8})
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    out = tmp_path / "failed.json"
+    torch.multiprocessing.start_processes(_failing_worker, args=(2, port, cfg, str(out)),
+                                          nprocs=2, join=True, start_method="spawn")
+    assert json.load(open(out))["replays"][-1] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU error")

@@ -31,6 +31,12 @@ from tests.conftest import requires_cuda
 from tests.parallel import workers
 
 
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
 def _worker(rank: int, world: int, port: int, cfg, out_file: str) -> None:
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
@@ -82,9 +88,7 @@ def _train(tmp, world: int, graphs: Optional[bool], **layout) -> dict:
         "train.global_batch_size": 8,
         "train.cuda_graph_memory": graphs})
     out = tmp / f"run_{world}_{graphs}.json"
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     torch.multiprocessing.start_processes(_worker, args=(world, port, cfg, str(out)),
                                           nprocs=world, join=True, start_method="spawn")
     return json.load(open(out))
@@ -116,9 +120,7 @@ def test_gpu_a_failed_step_releases_the_graphs(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     cfg = workers.tiny_config(steps=4, dp_batch=2, tp=2, sp=True, **{"train.global_batch_size": 8})
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
+    port = _free_port()
     out = tmp_path / "failed.json"
     torch.multiprocessing.start_processes(_failing_worker, args=(2, port, cfg, str(out)),
                                           nprocs=2, join=True, start_method="spawn")

@@ -33,7 +33,8 @@ import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_embedding_bag import ROOT, copy_gbps, emit, env_header, free_memory, md_table  # noqa: E402
+from bench_embedding_bag import (ROOT, copy_gbps, emit, env_header, free_memory,  # noqa: E402
+                                 graph_replay, md_table)
 
 import torch  # noqa: E402
 
@@ -184,7 +185,8 @@ def measure(model, a: ModelArgs, batch: int, args, modes: list[str], device, dty
         run = one
         try:
             if mode == "graph":
-                run = capture(one, pos, args)
+                pos.fill_(args.prompt)  # the capture's warm-up decodes from the prompt on
+                run = graph_replay(one, args.warmup)
             pos.fill_(args.prompt)
             for _ in range(args.warmup):
                 run()
@@ -222,21 +224,6 @@ def profile_step(model, a: ModelArgs, args, device, dtype) -> tuple[int, str]:
     events = [e for e in prof.events() if e.device_type.name == "CUDA"] if device.type == "cuda" else []
     sort = "self_cuda_time_total" if device.type == "cuda" else "self_cpu_time_total"
     return len(events), prof.key_averages().table(sort_by=sort, row_limit=15)
-
-
-def capture(one, pos, args):
-    """one() captured in a CUDA graph after warm-up on a side stream; returns its replay."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        pos.fill_(args.prompt)
-        for _ in range(args.warmup):
-            one()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        one()
-    return graph.replay
 
 
 def run_base(base: str, args, device, dtype, bandwidth: float, backend: str) -> tuple[str, list]:

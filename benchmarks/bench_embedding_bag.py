@@ -85,6 +85,21 @@ def free_memory() -> None:
         torch.cuda.empty_cache()
 
 
+def graph_replay(fn, warmup: int = 3):
+    """fn captured in a CUDA graph after ``warmup`` calls on a side stream (torch's capture
+    needs them there) -> a closure replaying it: fn's GPU time without the host's launches."""
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(warmup):
+            fn()
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        fn()
+    return graph.replay
+
+
 def copy_gbps(rep_ms: int, nbytes: int = 1 << 30) -> float:
     """Device-to-device copy bandwidth: (read + written bytes) / median time."""
     src = torch.empty(nbytes, dtype=torch.uint8, device=device())

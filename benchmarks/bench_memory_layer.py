@@ -24,7 +24,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from bench_embedding_bag import (ROOT, bench_ms, device, emit, env_header, free_memory,  # noqa: E402
-                                 md_table)
+                                 graph_replay, md_table)
 
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
@@ -80,25 +80,11 @@ def fwd_bwd(fn, *grads):
     return run
 
 
-def graph_replay(fn):
-    """fn captured in a CUDA graph (after warm-up passes on a side stream, as torch's capture
-    needs) -> a closure replaying it: the GPU time of fn without the host's kernel launches,
-    which is what training sees with the memory layers graphed (train.cuda_graph_memory)."""
-    side = torch.cuda.Stream()
-    side.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(side):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(side)
-    graph = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(graph):
-        fn()
-    return graph.replay
-
-
 def time_parts(layer, values, x, rep_ms, graphed: bool = False):
     """ms of the whole layer and of its three parts, each forward+backward; with ``graphed``
-    (CUDA) also query+search replayed from a CUDA graph."""
+    (CUDA) also query+search replayed from a CUDA graph: its GPU time without the host's
+    launches, which is what training sees with the memory layers graphed
+    (train.cuda_graph_memory)."""
     T, d = x.shape
     H, k = layer.memory_config.heads, layer.memory_config.k
     with torch.no_grad():

@@ -31,18 +31,24 @@ from tests.conftest import requires_cuda
 from tests.parallel import workers
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _worker(rank: int, world: int, port: int, cfg, out_file: str) -> None:
+def _trainer(rank: int, world: int, port: int, cfg):
+    """This rank's Trainer; the Trainer initialises the NCCL group from the environment."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     from megatron_memory.training import Trainer
 
-    trainer = Trainer(cfg, log=lambda line: None)
+    return Trainer(cfg, log=lambda line: None)
+
+
+def _destroy_group_within(seconds: float, after: str) -> None:
+    """Destroy the process group, failing (not blocking) if it hangs on a live graph."""
+    done = threading.Event()
+    threading.Thread(target=lambda: (dist.destroy_process_group(), done.set()), daemon=True).start()
+    assert done.wait(seconds), f"destroy_process_group hung after {after}"
+
+
+def _worker(rank: int, world: int, port: int, cfg, out_file: str) -> None:
+    trainer = _trainer(rank, world, port, cfg)
     hist = trainer.fit()
     replays = sum(m.cuda_graph.replays for m in trainer.raw_model.memory_layers()
                   if m.cuda_graph is not None)
@@ -51,19 +57,13 @@ def _worker(rank: int, world: int, port: int, cfg, out_file: str) -> None:
                    "value_grad_norms": hist.value_grad_norms, "replays": replays},
                   open(out_file, "w"))
     trainer.close()   # releases the graphs: NCCL cannot destroy a communicator they captured
-    done = threading.Event()
-    threading.Thread(target=lambda: (dist.destroy_process_group(), done.set()), daemon=True).start()
-    assert done.wait(120), "destroy_process_group hung after graphed training"
+    _destroy_group_within(120, "graphed training")
 
 
 def _failing_worker(rank: int, world: int, port: int, cfg, out_file: str) -> None:
     """Training that raises at its third step, after the graphs replayed: fit releases them
     before the error propagates, and the process group can still be destroyed."""
-    os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
-                      MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from megatron_memory.training import Trainer
-
-    trainer = Trainer(cfg, log=lambda line: None)
+    trainer = _trainer(rank, world, port, cfg)
     layers, step, replays = trainer.raw_model.memory_layers(), trainer.train_step, []
 
     def failing_step():
@@ -76,22 +76,26 @@ def _failing_worker(rank: int, world: int, port: int, cfg, out_file: str) -> Non
     with pytest.raises(RuntimeError, match="injected failure"):
         trainer.fit()
     assert replays[-1] > 0 and all(m.cuda_graph is None for m in layers)
-    done = threading.Event()
-    threading.Thread(target=lambda: (dist.destroy_process_group(), done.set()), daemon=True).start()
-    assert done.wait(120), "destroy_process_group hung after a failed graphed step"
+    _destroy_group_within(120, "a failed graphed step")
     if rank == 0:
         json.dump({"replays": replays}, open(out_file, "w"))
+
+
+def _spawn(worker, world: int, cfg, out) -> dict:
+    """Run ``worker`` on ``world`` GPUs -> what rank 0 wrote to ``out``."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    torch.multiprocessing.start_processes(worker, args=(world, port, cfg, str(out)),
+                                          nprocs=world, join=True, start_method="spawn")
+    return json.load(open(out))
 
 
 def _train(tmp, world: int, graphs: Optional[bool], **layout) -> dict:
     cfg = workers.tiny_config(steps=4, dp_batch=2, **layout, **{
         "train.global_batch_size": 8,
         "train.cuda_graph_memory": graphs})
-    out = tmp / f"run_{world}_{graphs}.json"
-    port = _free_port()
-    torch.multiprocessing.start_processes(_worker, args=(world, port, cfg, str(out)),
-                                          nprocs=world, join=True, start_method="spawn")
-    return json.load(open(out))
+    return _spawn(_worker, world, cfg, tmp / f"run_{world}_{graphs}.json")
 
 
 def _assert_trains_alike(eager: dict, graphed: dict) -> None:
@@ -120,11 +124,7 @@ def test_gpu_a_failed_step_releases_the_graphs(tmp_path):
     if torch.cuda.device_count() < 2:
         pytest.skip("needs two GPUs")
     cfg = workers.tiny_config(steps=4, dp_batch=2, tp=2, sp=True, **{"train.global_batch_size": 8})
-    port = _free_port()
-    out = tmp_path / "failed.json"
-    torch.multiprocessing.start_processes(_failing_worker, args=(2, port, cfg, str(out)),
-                                          nprocs=2, join=True, start_method="spawn")
-    assert json.load(open(out))["replays"][-1] > 0
+    assert _spawn(_failing_worker, 2, cfg, tmp_path / "failed.json")["replays"][-1] > 0
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="the CPU error")

@@ -27,8 +27,8 @@ import torch  # noqa: E402
 from provenance import revision  # noqa: E402 (benchmarks/ is on sys.path)
 
 from megatron_memory.configs.presets import get_preset  # noqa: E402
-from megatron_memory.hf_format import hf_config, write_hf_folder  # noqa: E402
-from megatron_memory.standalone import ModelArgs  # noqa: E402
+from megatron_memory.export.hf_format import hf_config, write_hf_folder  # noqa: E402
+from megatron_memory.export.standalone import ModelArgs  # noqa: E402
 
 GROWTH = """
 from megatron_memory.tools.convert_checkpoint import main
@@ -43,7 +43,7 @@ print('GROWTH', kib('VmHWM:') - start)
 
 def shapes(config: dict) -> dict[str, tuple]:
     """HF name -> shape for every weight of the config (the standalone model's parameters)."""
-    from megatron_memory.standalone import MemoryGPT
+    from megatron_memory.export.standalone import MemoryGPT
 
     with torch.device("meta"):
         model = MemoryGPT(ModelArgs.from_config(config))
@@ -95,7 +95,7 @@ def main() -> None:
     to_hf, t_hf = run_tool(["to-hf", str(work / "megatron"), str(work / "back"), "--tokenizer",
                             str(ROOT / "data" / "default" / "tokenizer.json")])
     shutil.rmtree(work / "megatron")
-    from megatron_memory.standalone import iter_hf_tensors
+    from megatron_memory.export.standalone import iter_hf_tensors
 
     seen = 0
     for name, t in iter_hf_tensors(work / "back"):

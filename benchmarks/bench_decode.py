@@ -41,8 +41,8 @@ import torch  # noqa: E402
 from decode_models import (MODELS, MoEFFN, StaticKVCache, build, decode_step, kv_bytes,  # noqa: E402
                            memory_layer_params, moe_experts, param_count, step_bytes)
 from megatron_memory.configs.presets import get_preset  # noqa: E402
-from megatron_memory.hf_format import hf_config  # noqa: E402
-from megatron_memory.standalone import ModelArgs  # noqa: E402
+from megatron_memory.export.hf_format import hf_config  # noqa: E402
+from megatron_memory.export.standalone import ModelArgs  # noqa: E402
 
 assert str(ROOT) in sys.path
 BASES = {"1.3b": "1.3b-memory", "8b": "8b-memory", "tiny": "tiny"}
@@ -108,7 +108,7 @@ def parse_args(argv):
 
 def use_unfused_memory_path() -> None:
     """Route this process's Memory+ decode through the pre-fusion path (--memory-path unfused)."""
-    from megatron_memory import standalone
+    from megatron_memory.export import standalone
     from megatron_memory.kernels import bf16_search, decode_search
 
     search = standalone.product_key_search

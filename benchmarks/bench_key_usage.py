@@ -41,7 +41,7 @@ def worker(args) -> None:
     sys.path.insert(0, str(ROOT))  # this checkout's package, not another editable install
     from megatron_memory.config import (DataConfig, MemoryConfig, ModelConfig, RunConfig,
                                         TrainConfig)
-    from megatron_memory.training import Trainer
+    from megatron_memory.training.trainer import Trainer
 
     layers, heads, mem, n_keys, mh, k, k_dim, mb, lr = SIZES[args.width]
     cfg = RunConfig(

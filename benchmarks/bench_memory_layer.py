@@ -40,7 +40,7 @@ def build(d: int, smoke: bool):
     from megatron.core.transformer import TransformerConfig
 
     from megatron_memory.config import MemoryConfig
-    from megatron_memory.layer import MemoryPlus, MemoryValues
+    from megatron_memory.model.layer import MemoryPlus, MemoryValues
 
     cfg = TransformerConfig(num_layers=1, hidden_size=d, num_attention_heads=max(1, d // 128),
                             ffn_hidden_size=ffn_width(d), params_dtype=torch.bfloat16,
@@ -131,7 +131,7 @@ def select_grads(layer, x, g_w):
     """A closure: query+search forward and the gradients of its weights w.r.t. x and the
     layer's parameters, through views made inside the call. Capturable: the parameters' own
     AccumulateGrad nodes were made on the default stream, and a backward reaching them inside a
-    capture makes the capture wait on that stream (megatron_memory/graphs.py does the same)."""
+    capture makes the capture wait on that stream (megatron_memory/model/graphs.py does the same)."""
     module = _Select(layer)
     names, params = zip(*module.named_parameters())
 

@@ -24,7 +24,7 @@ import torch.nn.functional as F  # noqa: E402
 from bench_embedding_bag import bench_ms, device, emit, env_header, md_table  # noqa: E402
 from megatron_memory.config import QueryNorm  # noqa: E402
 from megatron_memory.kernels import query_norm_train as qnt  # noqa: E402
-from megatron_memory.query_norm import QueryBatchNorm  # noqa: E402
+from megatron_memory.model.query_norm import QueryBatchNorm  # noqa: E402
 
 # --sweep: settings of kernels/query_norm_train.py, each varied alone ("reduce" etc.: TILES entries)
 SWEEP = ([dict(STATS_TILE=dict(BLOCK_T=t, BLOCK_D=d, num_warps=4)) for t, d in ((32, 128), (16, 128),

@@ -32,7 +32,7 @@ def run_phase(phase: str, ckpt: str, out: str, flags: list[str]) -> None:
     import torch.distributed as dist
 
     from megatron_memory.cli import config_from_args
-    from megatron_memory.training import Trainer
+    from megatron_memory.training.trainer import Trainer
 
     cfg, _ = config_from_args(flags)
     t = cfg.train

@@ -54,8 +54,8 @@ def build_layer(tp: int, d: int, n_keys: int):
     from megatron.core.transformer import TransformerConfig
 
     from megatron_memory.config import MemoryConfig
-    from megatron_memory.layer import MemoryPlus
-    from megatron_memory.model import build_values
+    from megatron_memory.model.layer import MemoryPlus
+    from megatron_memory.model.gpt import build_values
 
     ps.destroy_model_parallel()
     ps.initialize_model_parallel(tensor_model_parallel_size=tp)
@@ -111,7 +111,7 @@ def main() -> int:
     if CUDA:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
-        from megatron_memory.cpu import install_cpu_shims
+        from megatron_memory.training.cpu import install_cpu_shims
 
         install_cpu_shims()
     dist.init_process_group("nccl" if CUDA else "gloo")

@@ -33,7 +33,7 @@ from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 from megatron_memory import kernels  # noqa: E402
 from megatron_memory.config import MemoryConfig, QueryNorm  # noqa: E402
-from megatron_memory.layer import MemoryPlus, MemoryValues  # noqa: E402
+from megatron_memory.model.layer import MemoryPlus, MemoryValues  # noqa: E402
 from tests.conftest import tiny_transformer_config  # noqa: E402
 from tests.kernels.test_embedding_bag import install_interpreter_shim  # noqa: E402
 

@@ -2,7 +2,7 @@
 """The three decode models of bench_decode.py, built from one preset: dense, Memory+ and an MoE
 whose routed FFN sits in the memory layers' slots with the Memory+ layer's parameter count.
 
-All three are the standalone model (megatron_memory/standalone.py: its embedding, blocks,
+All three are the standalone model (megatron_memory/export/standalone.py: its embedding, blocks,
 attention, norms and output layer); only the FFN of the memory layers differs. A static KV cache
 and ``decode_step`` drive those blocks with device-side positions, so one decode step can be
 captured in a CUDA graph (the standalone model's own forward asks its cache for a host-side
@@ -27,7 +27,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from megatron_memory.standalone import MemoryGPT, ModelArgs, rope_cos_sin
+from megatron_memory.export.standalone import MemoryGPT, ModelArgs, rope_cos_sin
 
 MODELS = ("dense", "memory", "moe")
 MOE_TOP_K = 2

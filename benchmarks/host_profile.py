@@ -24,7 +24,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from megatron_memory import train, training  # noqa: E402
+from megatron_memory import train  # noqa: E402
+
+from megatron_memory.training import trainer as training
 
 
 def main(argv: list[str]) -> int:

@@ -13,8 +13,8 @@ from pathlib import Path
 
 from megatron_memory.config import padded_vocab
 from megatron_memory.configs.presets import get_preset
-from megatron_memory.data import Tokenizer
-from megatron_memory.metrics import flops_per_token
+from megatron_memory.training.data import Tokenizer
+from megatron_memory.training.metrics import flops_per_token
 from megatron_memory.tools.plot_run import layer_series, plot_runs, read_scalars
 
 MODELS = ("memory", "dense")

@@ -10,7 +10,7 @@ Shapes: q [T, D] (the query projection's output, bf16/fp16/fp32; D = H*2*half), 
     y = q * scale + (bn_bias - mean * scale),  scale = rsqrt(var + bn_eps) * bn_weight
     out = y * r * gain,  r = rsqrt(mean(y^2 over each half-row) + qk_eps)        r: [T, 2H] fp32
 The formula, the order of its fp32 operations and the gradient through the sums are those of
-``megatron_memory/query_norm.py`` ``_TokenBatchNorm`` followed by ``layer.MemoryPlus._normalised``
+``megatron_memory/model/query_norm.py`` ``_TokenBatchNorm`` followed by ``layer.MemoryPlus._normalised``
 (the torch path, which CPU and eval keep); the tests compare both with a float64 reference.
 
 Why: that torch path is ~60 small ops per memory layer and micro-batch forward+backward, 1.0 ms

@@ -7,7 +7,7 @@ Shapes: q [T, H*2*half] (the query projection's output, bf16/fp16/fp32) -> [T, H
     x = x * scale + shift               (batchnorm: scale = weight / sqrt(running_var + eps))
     x = x * rsqrt(mean(x**2 over half) + eps_qk) * gain
 mean, scale, shift, gain: fp32 [H*2*half]. The torch ops it replaces are those of
-``megatron_memory/standalone.py`` ``Memory.forward`` (its test compares the two).
+``megatron_memory/export/standalone.py`` ``Memory.forward`` (its test compares the two).
 
 Why: in a batch-1 decode step these are six elementwise kernels of ~2 us each (cast, sub, mul,
 add, rms_norm, gain) on 2048 numbers per memory layer; one launch does the same work. No autograd:

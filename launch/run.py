@@ -26,7 +26,7 @@ from typing import Optional
 
 from megatron_memory.cli import absolute_paths, config_from_args
 from megatron_memory.config import STOP_FILE_ENV, ConfigError
-from megatron_memory.preflight import check_inputs
+from megatron_memory.training.preflight import check_inputs
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONUNBUFFERED": "1"}
 

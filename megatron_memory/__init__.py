@@ -1,6 +1,14 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
-"""Memory+ layers for Megatron-Core. Installs as one top-level name: the repository folders
-kernels/, configs/, tools/ and launch/ are its sub-packages ``megatron_memory.kernels`` etc."""
+"""Memory+ layers for Megatron-Core, as one installed top-level name.
+
+Sub-packages, lowest first (an import points only down this list; tests/test_imports.py checks):
+``config`` (the plugin's dataclasses) and ``configs`` (named presets) < ``kernels`` (Triton ops and
+their torch references) < ``model`` (layer math, parallel plan, spec, GPTModel) < ``export``
+(exported folder, standalone model) < ``checkpointing`` < ``training`` < the commands (``cli``,
+``describe``, ``train``) < ``tools`` and ``launch``. The repository folders kernels/, configs/,
+tools/ and launch/ install as ``megatron_memory.kernels`` etc. (pyproject's package-dir); a
+checkout is used through ``pip install -e .`` (setup.sh), which maps them the same way.
+"""
 from pathlib import Path as _Path
 from typing import Optional as _Optional
 
@@ -15,7 +23,3 @@ def _source_root() -> _Optional[_Path]:
 
 
 SOURCE_ROOT = _source_root()
-# A source checkout run without installing (e.g. a copy on a GPU machine): the sub-package
-# folders sit beside this one, so look for them there too. An installed wheel has them inside.
-if SOURCE_ROOT is not None:
-    __path__.append(str(SOURCE_ROOT))  # noqa: F821  (the package's own __path__)

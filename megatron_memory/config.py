@@ -269,7 +269,7 @@ class TrainConfig:
                                       "memory at large global batches (twice this during a fold)")
     cuda_graph_memory: Optional[bool] = opt(None, "capture each memory layer's forward and "
                                             "backward in CUDA graphs after two eager passes and "
-                                            "replay them (megatron_memory/graphs.py): at "
+                                            "replay them (megatron_memory/model/graphs.py): at "
                                             "micro-batch 1 a step is bound by the host's kernel "
                                             "launches, ~130 per memory-layer pass; default: on "
                                             "with CUDA, bf16 and pipeline size 1 (2 x H200, "

@@ -14,8 +14,8 @@ import os
 
 from megatron_memory.cli import format_config
 from megatron_memory.config import RunConfig, replace
-from megatron_memory.memory_estimate import estimate  # the per-layer parameter counting
-from megatron_memory.preflight import load_tokenizer, model_vocab
+from megatron_memory.training.memory_estimate import estimate  # the per-layer parameter counting
+from megatron_memory.training.preflight import load_tokenizer, model_vocab
 
 
 def _tokenizer_vocab(cfg: RunConfig) -> tuple[int, str]:
@@ -23,7 +23,7 @@ def _tokenizer_vocab(cfg: RunConfig) -> tuple[int, str]:
     if cfg.data.data_path:
         return load_tokenizer(cfg.data.tokenizer).vocab_size, cfg.data.tokenizer
     # Lazy: data imports Megatron's dataset code, needed only for the embedded corpus's tokenizer.
-    from megatron_memory.data import Tokenizer, ensure_default_data
+    from megatron_memory.training.data import Tokenizer, ensure_default_data
 
     _, tok = ensure_default_data()
     return Tokenizer(tok).vocab_size, tok

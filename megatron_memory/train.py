@@ -10,12 +10,12 @@ import warnings
 from pathlib import Path
 from typing import Optional
 
-from megatron_memory.checkpoint import CheckpointError
+from megatron_memory.checkpointing.checkpoint import CheckpointError
 from megatron_memory.cli import config_from_args
 from megatron_memory.config import ConfigError
 from megatron_memory.describe import describe
-from megatron_memory.memory_estimate import estimate
-from megatron_memory.preflight import check_inputs
+from megatron_memory.training.memory_estimate import estimate
+from megatron_memory.training.preflight import check_inputs
 
 
 def _quiet_libraries() -> None:
@@ -91,7 +91,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     # Lazy: torch and Megatron load only to train, so --help and --print-config answer at once.
     import torch.distributed as dist
 
-    from megatron_memory.training import Trainer
+    from megatron_memory.training.trainer import Trainer
 
     t0 = time.time()
     try:

@@ -22,7 +22,7 @@ def megatron_world():
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_memory.training import init_distributed
+    from megatron_memory.training.trainer import init_distributed
 
     init_distributed()
     if not ps.model_parallel_is_initialized():

@@ -1,8 +1,8 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
-"""Dependencies point one way: every module of the installed package imports only modules before
-it in ``ORDER`` (read from the source with ``ast``, function-local imports included), the core
-never reaches up into tools, launchers, benchmarks or tests, and each function-local import says
-why it is local."""
+"""Dependencies point one way: every module of the installed package imports only its own layer of
+``LAYERS`` or lower ones (read from the source with ``ast``, function-local imports included), no
+imports form a cycle, the core never reaches up into tools, launchers, benchmarks or tests, and
+each function-local import says why it is local."""
 from __future__ import annotations
 
 import ast
@@ -12,61 +12,34 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 
-# Each module may import only those listed before it. The chain of the issue is
-# config, kernels < layer < parallel < spec < model < training < cli / train / tools; the leaf
-# helpers (cpu, data, metrics, memory_estimate) import at most config and sit below the layer.
-ORDER = [
-    "megatron_memory",                      # package __init__: finds the source checkout
-    "megatron_memory.config",
-    # configs/ stays a sub-package of plain preset data that imports only megatron_memory.config
-    # (test_presets_import_only_config), so cli's import of the presets is a downward import.
-    "megatron_memory.configs",
-    "megatron_memory.configs.presets",
-    "megatron_memory.kernels.reference",
-    "megatron_memory.kernels.segment_plan",    # the segment backward's plan (torch only)
-    "megatron_memory.kernels.triton_embedding_bag",
-    "megatron_memory.kernels.triton_product_key",
-    "megatron_memory.kernels.bf16_search",
-    "megatron_memory.kernels.query_prologue",  # inference: query norm + QK-norm in one kernel
-    "megatron_memory.kernels.query_norm_train",  # training: query BatchNorm + QK-norm, fused
-    "megatron_memory.kernels.key_norm",          # training: the sub-keys' QK-norm, fused
-    "megatron_memory.kernels.decode_search",   # inference: exact search for a few tokens
-    "megatron_memory.kernels",
-    "megatron_memory.standalone",            # plain torch; kernels optional (copied into exports)
-    "megatron_memory.cpu",
-    "megatron_memory.data",
-    "megatron_memory.metrics",
-    "megatron_memory.memory_estimate",
-    "megatron_memory.step_profile",         # a profiled step's time by kernel kind (kernels)
-    "megatron_memory.tracking",             # TensorBoard / W&B (config + metrics)
-    "megatron_memory.preflight",            # input checks before the model (config, data)
-    "megatron_memory.attention",            # SDPA core attention (megatron only)
-    "megatron_memory.query_norm",           # query BatchNorm / centring (config only)
-    "megatron_memory.layer",                # single-device math: no parallel plan
-    "megatron_memory.graphs",               # CUDA graphs of a memory layer (layer + megatron)
-    "megatron_memory.parallel",
-    "megatron_memory.spec",
-    "megatron_memory.model",
-    "megatron_memory.integrity",            # parallel SHA-256 manifest (torch.distributed only)
-    "megatron_memory.optim",                # fused torch AdamW inside megatron's wrappers (torch only)
-    "megatron_memory.hf_format",             # exported folder: config, names, safetensors I/O
-    "megatron_memory.checkpoint",           # save / resume / reshard (config + megatron only)
-    "megatron_memory.stopping",             # stop signals / stop file, agreed by all ranks (config)
-    "megatron_memory.training",
-    "megatron_memory.cli",
-    "megatron_memory.describe",             # --print-config (cli, preflight, memory_estimate)
-    "megatron_memory.train",
-    "megatron_memory.generate",
-    "megatron_memory.tools",
-    "megatron_memory.tools.preprocess_data",
-    "megatron_memory.tools.memory_calculator",
-    "megatron_memory.tools.convert_checkpoint",
-    "megatron_memory.tools.plot_run",
-    "megatron_memory.tools.build_text_corpus",
-    "megatron_memory.tools.fact_recall",
-    "megatron_memory.launch",
-    "megatron_memory.launch.run",
+# The package's layers, lowest first. A module may import its own layer or lower ones, never a
+# higher one; inside a layer the imports must not form a cycle (test_no_import_cycles). A module
+# belongs to the longest prefix listed. config and configs (plain preset data) sit at the bottom;
+# the layer math (model.layer) knows nothing of the parallel plan (test_layer_knows_no_parallel_plan).
+LAYERS = [
+    ("megatron_memory", "megatron_memory.config", "megatron_memory.configs"),
+    ("megatron_memory.kernels",),        # Triton ops and their torch references
+    ("megatron_memory.model",),          # layer math, parallel plan, spec, GPTModel, CUDA graphs
+    ("megatron_memory.export",),         # exported folder, standalone model (plain torch)
+    ("megatron_memory.checkpointing",),  # save / resume / reshard, integrity manifest
+    ("megatron_memory.training",),       # trainer, data, optimizer, metrics, CPU shims
+    ("megatron_memory.cli", "megatron_memory.describe", "megatron_memory.train"),  # commands
+    ("megatron_memory.tools",),
+    ("megatron_memory.launch",),
 ]
+LAYER_OF = {unit: i for i, units in enumerate(LAYERS) for unit in units}
+
+
+def layer_of(module: str) -> int:
+    """The layer of a module of the package: that of the longest listed prefix."""
+    parts = module.split(".")
+    for n in range(len(parts), 0, -1):
+        unit = ".".join(parts[:n])
+        if unit in LAYER_OF and (n > 1 or module == unit):
+            return LAYER_OF[unit]
+    raise KeyError(module)
+
+
 # Top-level names that must never be imported from the package: the repository folders that
 # install under megatron_memory (their bare names exist only in a source checkout), and the
 # folders that do not install at all.
@@ -80,8 +53,9 @@ def package_files() -> dict[str, Path]:
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     files = {}
     for package, folder in tool["package-dir"].items():
-        for path in sorted((ROOT / folder).glob("*.py")):
-            files[package if path.stem == "__init__" else f"{package}.{path.stem}"] = path
+        for path in sorted((ROOT / folder).rglob("*.py")):
+            parts = (package, *path.relative_to(ROOT / folder).with_suffix("").parts)
+            files[".".join(parts[:-1] if parts[-1] == "__init__" else parts)] = path
     return files
 
 
@@ -130,20 +104,48 @@ def _has_reason(lines: list[str], line: int) -> bool:
     return k >= 0 and lines[k].strip().startswith("#")
 
 
-def test_every_module_has_a_place_in_the_order():
-    files = package_files()
-    assert set(files) == set(ORDER), (f"place new modules in ORDER: {sorted(set(files) - set(ORDER))}; "
-                                      f"gone: {sorted(set(ORDER) - set(files))}")
+def test_every_module_has_a_layer():
+    homeless = []
+    for module in package_files():
+        try:
+            layer_of(module)
+        except KeyError:
+            homeless.append(module)
+    assert not homeless, f"give these modules a layer in LAYERS: {homeless}"
 
 
-def test_imports_point_down_the_order():
-    rank = {m: i for i, m in enumerate(ORDER)}
+def test_imports_point_down_the_layers():
     upward = []
     for module, path in package_files().items():
         for target, line, _ in imports_of(module, path):
-            if target.split(".")[0] == "megatron_memory" and rank.get(target, len(ORDER)) >= rank[module]:
+            if target.split(".")[0] == "megatron_memory" and layer_of(target) > layer_of(module):
                 upward.append(f"{path.relative_to(ROOT)}:{line} {module} imports {target}")
-    assert not upward, "imports against the order:\n" + "\n".join(upward)
+    assert not upward, "imports against the layers:\n" + "\n".join(upward)
+
+
+def _graph() -> dict[str, set[str]]:
+    """{module: the package's modules it imports}, function-local imports included; importing a
+    package counts as importing its __init__ module, which is its own name here."""
+    files = package_files()
+    return {m: {t for t, _, _ in imports_of(m, p) if t in files and t != m} for m, p in files.items()}
+
+
+def test_no_import_cycles():
+    graph, state, cycles = _graph(), {}, []
+
+    def visit(m, stack):
+        state[m] = 1
+        for t in sorted(graph[m]):
+            if state.get(t) == 1:
+                cycles.append(" -> ".join(stack[stack.index(t):] + [t]))
+            elif t not in state:
+                visit(t, stack + [t])
+        state[m] = 2
+
+    for m in sorted(graph):
+        if m not in state:
+            visit(m, [m])
+    assert not cycles, "import cycles:\n" + "\n".join(cycles)
 
 
 def test_no_foreign_or_upward_packages():
@@ -157,10 +159,10 @@ def test_no_foreign_or_upward_packages():
 
 
 def test_layer_knows_no_parallel_plan():
-    layer = [t for t, _, _ in imports_of("megatron_memory.layer", package_files()["megatron_memory.layer"])
+    layer = [t for t, _, _ in imports_of("megatron_memory.model.layer", package_files()["megatron_memory.model.layer"])
              if t.startswith("megatron_memory")]
     assert sorted(set(layer)) == ["megatron_memory.config", "megatron_memory.kernels",
-                             "megatron_memory.query_norm"]
+                             "megatron_memory.model.query_norm"]
 
 
 def test_presets_import_only_config():

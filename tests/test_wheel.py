@@ -65,7 +65,7 @@ def test_wheel_has_one_top_level_name(installed):
 
 def test_installed_package_runs_from_the_wheel(installed):
     _, site, env, elsewhere = installed
-    code = ("import megatron_memory as m, megatron_memory.kernels as k, megatron_memory.data as d; "
+    code = ("import megatron_memory as m, megatron_memory.kernels as k, megatron_memory.training.data as d; "
             "print(m.__file__, k.__file__, m.SOURCE_ROOT, d.DEFAULT_DATA_DIR, sep='\\n')")
     pkg, kernels, source_root, data_dir = _run([sys.executable, "-c", code], cwd=elsewhere,
                                                env=env).stdout.split()
@@ -82,7 +82,7 @@ def test_installed_package_runs_from_the_wheel(installed):
      "-m megatron_memory.train --steps 1"),
     (["-m", "megatron_memory.tools.preprocess_data", "--help"], "--output-prefix"),
     (["-m", "megatron_memory.tools.convert_checkpoint", "--help"], "to-megatron"),
-    (["-m", "megatron_memory.generate", "--help"], "--max-new-tokens"),
+    (["-m", "megatron_memory.export.generate", "--help"], "--max-new-tokens"),
 ], ids=["train", "calculator", "launch", "preprocess", "convert", "generate"])
 def test_module_entry_points(installed, argv, expect):
     _, _, env, elsewhere = installed

@@ -41,7 +41,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterable, Optional
 
-from megatron_memory.data import Tokenizer, train_bpe_tokenizer, write_indexed_dataset
+from megatron_memory.training.data import Tokenizer, train_bpe_tokenizer, write_indexed_dataset
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ to-hf: CKPT is a training --save directory (its latest step) or one iter_* direc
 TP/PP (dist checkpoints hold global tensors). OUT gets config.json, model.safetensors (sharded with
 model.safetensors.index.json above --max-shard-size), the tokenizer and the remote code that
 ``AutoModelForCausalLM.from_pretrained(OUT, trust_remote_code=True)`` and
-``python -m megatron_memory.generate --checkpoint OUT`` load.
+``python -m megatron_memory.export.generate --checkpoint OUT`` load.
 
 to-megatron: OUT becomes a --save-style directory holding a weights-only checkpoint (step 0) that
 ``python -m megatron_memory.train --load OUT`` loads at any TP/PP and trains from.
@@ -38,9 +38,11 @@ from torch.distributed.checkpoint.default_planner import DefaultSavePlanner
 from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
 
-from megatron_memory import checkpoint, data
+from megatron_memory.checkpointing import checkpoint
+
+from megatron_memory.training import data
 from megatron_memory.config import ConfigError
-from megatron_memory.hf_format import (
+from megatron_memory.export.hf_format import (
     SAFETENSORS_DTYPES,
     hf_config,
     hf_to_megatron,
@@ -51,8 +53,8 @@ from megatron_memory.hf_format import (
     run_config_from_hf,
     write_hf_folder,
 )
-from megatron_memory.integrity import write_manifest
-from megatron_memory.standalone import weight_files
+from megatron_memory.checkpointing.integrity import write_manifest
+from megatron_memory.export.standalone import weight_files
 
 COMMON_KEY = "common_state/shard_0_1"  # where megatron-core's torch_dist format keeps common state
 

@@ -4,7 +4,7 @@
     # facts.jsonl (training documents, optionally mixed into another jsonl) + questions.jsonl
     python -m megatron_memory.tools.fact_recall generate --out data/facts --entities 20000 \\
         [--per-fact 3] [--qa-share 0.5] [--mix-with data/doctext/text.jsonl] [--seed 0]
-    # exact-match recall of an exported checkpoint (megatron_memory.standalone)
+    # exact-match recall of an exported checkpoint (megatron_memory.export.standalone)
     python -m megatron_memory.tools.fact_recall evaluate --checkpoint exported/ \\
         --questions data/facts/questions.jsonl [--limit 2000] [--device cuda]
 
@@ -188,8 +188,8 @@ def cmd_evaluate(args) -> int:
     # Function-local: torch and the model load only to evaluate, not to generate data.
     import torch
 
-    from megatron_memory.data import Tokenizer
-    from megatron_memory.standalone import MemoryGPT, generate
+    from megatron_memory.training.data import Tokenizer
+    from megatron_memory.export.standalone import MemoryGPT, generate
 
     model = MemoryGPT.from_pretrained(args.checkpoint, device=args.device)
     tok = Tokenizer(args.checkpoint)

@@ -7,17 +7,17 @@ shard, activations, for every pipeline stage of a TP x PP x DP layout.
     python -m megatron_memory.tools.memory_calculator --world-size 4 --gpu-gib 80 --pick -- TRAIN FLAGS
 
 TRAIN FLAGS are those of ``python -m megatron_memory.train`` (e.g. --preset 8b-memory --tp 2
---pp 2). The estimate itself is ``megatron_memory.memory_estimate.estimate``; what it counts:
+--pp 2). The estimate itself is ``megatron_memory.training.memory_estimate.estimate``; what it counts:
 """
 from __future__ import annotations
 
 import argparse
 import sys
 
-from megatron_memory import memory_estimate
+from megatron_memory.training import memory_estimate
 from megatron_memory.cli import config_from_args
 from megatron_memory.config import ConfigError
-from megatron_memory.memory_estimate import GIB, Layout, StageMemory, estimate, layouts
+from megatron_memory.training.memory_estimate import GIB, Layout, StageMemory, estimate, layouts
 
 
 def format_table(rows: list[StageMemory], gpu_gib: float) -> str:

@@ -19,7 +19,7 @@ import sys
 import time
 from pathlib import Path
 
-from megatron_memory.data import Tokenizer, read_jsonl, write_indexed_dataset
+from megatron_memory.training.data import Tokenizer, read_jsonl, write_indexed_dataset
 
 
 def _check(args, inp: Path, out: Path) -> Tokenizer:

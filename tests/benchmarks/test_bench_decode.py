@@ -91,7 +91,7 @@ def test_bad_arguments_exit_2(capsys):
 
 def test_unfused_memory_path_runs(tmp_path, monkeypatch):
     """--memory-path unfused reroutes this process to the pre-fusion decode path and still runs."""
-    from megatron_memory import standalone
+    from megatron_memory.export import standalone
     from megatron_memory.kernels import bf16_search, decode_search
 
     for owner, name in ((standalone, "product_key_search"), (standalone, "fused_query_prologue"),

@@ -21,7 +21,7 @@ def tiny_run_config(**memory) -> RunConfig:
 def tiny_megatron_model(groups: int = 4, seed: int = 0, **memory):
     """A MemoryGPTModel on one rank (needs the megatron_world fixture), with every weight random
     (norm gains and biases too, so a swapped name cannot go unnoticed)."""
-    from megatron_memory.model import MemoryGPTModel
+    from megatron_memory.model.gpt import MemoryGPTModel
 
     cfg = tiny_run_config(**memory)
     tconfig = tiny_transformer_config(num_query_groups=groups)
@@ -42,7 +42,7 @@ def tiny_megatron_model(groups: int = 4, seed: int = 0, **memory):
 
 def export(model, cfg, folder, groups: int = 4, **write_kw):
     """Stream a one-rank Megatron model into an exported folder (as the converter does)."""
-    from megatron_memory import hf_format
+    from megatron_memory.export import hf_format
 
     config = hf_format.hf_config(cfg, VOCAB, num_query_groups=groups, eos_token_id=0)
     tensors = hf_format.megatron_to_hf(hf_format.megatron_model_tensors(model), config)

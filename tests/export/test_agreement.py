@@ -9,7 +9,7 @@ import json
 import pytest
 import torch
 
-from megatron_memory.standalone import MemoryGPT, generate
+from megatron_memory.export.standalone import MemoryGPT, generate
 
 transformers = pytest.importorskip("transformers")
 

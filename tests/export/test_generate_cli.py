@@ -1,5 +1,5 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
-"""``python -m megatron_memory.generate`` on an exported folder; one-line errors, exit 2."""
+"""``python -m megatron_memory.export.generate`` on an exported folder; one-line errors, exit 2."""
 from __future__ import annotations
 
 import json
@@ -9,12 +9,12 @@ import sys
 
 import pytest
 
-from megatron_memory import generate as cli
+from megatron_memory.export import generate as cli
 
 
 def test_cli_generates(trained_export):
     folder = trained_export[0]
-    run = subprocess.run([sys.executable, "-m", "megatron_memory.generate", "--checkpoint", str(folder),
+    run = subprocess.run([sys.executable, "-m", "megatron_memory.export.generate", "--checkpoint", str(folder),
                           "--prompt", "Karito Zelanvi was born in", "--prompt", "The favourite colour",
                           "--max-new-tokens", "6"], capture_output=True, text=True, timeout=120)
     assert run.returncode == 0, run.stderr
@@ -24,7 +24,7 @@ def test_cli_generates(trained_export):
     # with the library's own generate() rather than ask for more text.
     from tokenizers import Tokenizer
 
-    from megatron_memory.standalone import MemoryGPT, generate
+    from megatron_memory.export.standalone import MemoryGPT, generate
 
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     config = json.loads((folder / "config.json").read_text())

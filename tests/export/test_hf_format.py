@@ -7,8 +7,8 @@ import json
 import pytest
 import torch
 
-from megatron_memory import hf_format
-from megatron_memory.standalone import MemoryGPT, ModelArgs
+from megatron_memory.export import hf_format
+from megatron_memory.export.standalone import MemoryGPT, ModelArgs
 from tests.export.helpers import VOCAB, tiny_megatron_model, tiny_run_config
 
 

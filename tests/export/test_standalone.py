@@ -10,8 +10,8 @@ import textwrap
 import pytest
 import torch
 
-from megatron_memory import standalone
-from megatron_memory.standalone import MemoryGPT, generate
+from megatron_memory.export import standalone
+from megatron_memory.export.standalone import MemoryGPT, generate
 from tests.export.helpers import VOCAB, export, megatron_logits, tiny_megatron_model
 
 TOKENS = torch.randint(0, VOCAB, (3, 12), generator=torch.Generator().manual_seed(5))

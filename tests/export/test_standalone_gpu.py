@@ -8,8 +8,10 @@ import dataclasses
 import pytest
 import torch
 
-from megatron_memory import hf_format, kernels, standalone
-from megatron_memory.standalone import MemoryGPT, ModelArgs, generate
+from megatron_memory import kernels
+
+from megatron_memory.export import hf_format, standalone
+from megatron_memory.export.standalone import MemoryGPT, ModelArgs, generate
 from tests.conftest import requires_cuda
 from tests.export.helpers import tiny_run_config
 

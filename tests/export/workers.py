@@ -9,8 +9,9 @@ def export(cfg, folder: str, tokens_file: str) -> None:
     """Load ``cfg.train.load`` at TP=1 in this one process (dist checkpoints reshard), stream the
     model's full tensors into an exported folder, and save the first training micro-batch's
     tokens (the batch ``tests/parallel/workers.logits`` evaluates)."""
-    from megatron_memory import data, hf_format
-    from megatron_memory.training import Trainer
+    from megatron_memory.training import data
+    from megatron_memory.export import hf_format
+    from megatron_memory.training.trainer import Trainer
 
     cfg.train.finetune = True  # the weights, and the data from its start, as workers.logits
     trainer = Trainer(cfg, log=lambda line: None)

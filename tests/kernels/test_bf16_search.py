@@ -272,7 +272,7 @@ def layer_weights_cases():
     search + torch.softmax, the rest of the layer's path the same: same indices, the weights to
     fp32 rounding, the gradients of x and the keys to bf16 precision."""
     from megatron_memory.config import MemoryConfig
-    from megatron_memory.layer import MemoryPlus, MemoryValues
+    from megatron_memory.model.layer import MemoryPlus, MemoryValues
     from tests.conftest import tiny_transformer_config
 
     kernels.use_triton = lambda t: True      # the Triton path on CPU tensors (interpreter)

@@ -51,7 +51,7 @@ def close(got, want, tol, floor=None):
 
 def torch_path(q, weight, bias, gain, keep, half, step_sums):
     """The layer's torch ops (QueryBatchNorm's _TokenBatchNorm, then _normalised's query part)."""
-    from megatron_memory.query_norm import _TokenBatchNorm
+    from megatron_memory.model.query_norm import _TokenBatchNorm
 
     y = _TokenBatchNorm.apply(q.float(), weight, bias, keep, None, BN_EPS, step_sums)
     y = y.view(q.shape[0], -1, 2, half)
@@ -148,7 +148,7 @@ def layer_cases():
     step's sums; once more on integer-valued queries, where every sum is exact, bit for bit."""
     from megatron_memory import kernels
     from megatron_memory.config import MemoryConfig
-    from megatron_memory.layer import MemoryPlus, MemoryValues
+    from megatron_memory.model.layer import MemoryPlus, MemoryValues
     from tests.conftest import tiny_transformer_config
 
     kernels.SEARCH_BACKEND = "torch"   # the search stays the reference on both paths

@@ -9,7 +9,7 @@ import signal
 import subprocess
 import sys
 
-from megatron_memory import checkpoint
+from megatron_memory.checkpointing import checkpoint
 from tests.launch.test_multinode import env, stand_ins
 
 SCONTROL = """#!/usr/bin/env bash

@@ -7,7 +7,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from megatron_memory.attention import SDPAttention
+from megatron_memory.model.attention import SDPAttention
 from megatron_memory.config import ConfigError, MemoryConfig, ModelConfig, ParallelConfig, replace
 from tests.conftest import tiny_transformer_config
 from tests.parallel.dist_utils import run_ranks
@@ -18,7 +18,7 @@ MC = dict(n_keys=8, heads=2, k=4, k_dim=16)
 def _logits_and_grads(attention: str, tokens, **tcfg):
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
-    from megatron_memory.model import MemoryGPTModel
+    from megatron_memory.model.gpt import MemoryGPTModel
 
     torch.manual_seed(7)
     model_parallel_cuda_manual_seed(7)
@@ -70,7 +70,8 @@ def test_query_group_validation():
 
 
 def test_presets_and_exported_config_carry_query_groups():
-    from megatron_memory import checkpoint, hf_format
+    from megatron_memory.checkpointing import checkpoint
+    from megatron_memory.export import hf_format
     from megatron_memory.configs.presets import get_preset
 
     cfg = get_preset("8b-memory")

@@ -1,5 +1,5 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
-"""CUDA graphs of a memory layer (megatron_memory/graphs.py) give the eager layer's results.
+"""CUDA graphs of a memory layer (megatron_memory/model/graphs.py) give the eager layer's results.
 
 GPU (skips on CPU): a layer captured after two eager passes, then replayed on fresh inputs,
 matches an eager copy of itself pass by pass:
@@ -24,9 +24,9 @@ from megatron.core import parallel_state as ps
 
 from megatron_memory import kernels
 from megatron_memory.config import MemoryConfig
-from megatron_memory.graphs import MemoryLayerGraph
-from megatron_memory.layer import MemoryPlus, MemoryValues
-from megatron_memory.metrics import KeyUsage
+from megatron_memory.model.graphs import MemoryLayerGraph
+from megatron_memory.model.layer import MemoryPlus, MemoryValues
+from megatron_memory.training.metrics import KeyUsage
 from tests.conftest import requires_cuda, tiny_transformer_config
 from tests.kernels.test_embedding_bag import rel_err
 from tests.model.test_no_host_sync import _gpu_layer

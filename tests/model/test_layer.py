@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_memory.config import MemoryConfig, QueryNorm
-from megatron_memory.layer import MemoryPlus, MemoryValues
+from megatron_memory.model.layer import MemoryPlus, MemoryValues
 from tests.conftest import tiny_transformer_config
 
 

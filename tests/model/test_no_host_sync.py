@@ -25,10 +25,10 @@ from megatron.core import parallel_state as ps
 
 from megatron_memory import kernels
 from megatron_memory.config import MemoryConfig
-from megatron_memory.layer import MemoryPlus
-from megatron_memory.metrics import KeyUsage
-from megatron_memory.model import build_values
-from megatron_memory.parallel import finish_query_norm_step, reduce_tp_partial_grads
+from megatron_memory.model.layer import MemoryPlus
+from megatron_memory.training.metrics import KeyUsage
+from megatron_memory.model.gpt import build_values
+from megatron_memory.model.parallel import finish_query_norm_step, reduce_tp_partial_grads
 from megatron_memory.kernels.reference import embedding_bag_reference, product_key_search_reference
 from tests.conftest import requires_cuda, tiny_transformer_config
 from tests.kernels.test_embedding_bag import rel_err

@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 
 from megatron_memory.config import ConfigError, MemoryConfig, QueryNorm
-from megatron_memory.layer import MemoryPlus, MemoryValues
+from megatron_memory.model.layer import MemoryPlus, MemoryValues
 from tests.conftest import tiny_transformer_config
 
 
@@ -164,7 +164,7 @@ def _batchnorm_by_autograd(q, weight, bias, keep, eps):
 
 @pytest.mark.parametrize("padded", [False, True])
 def test_written_out_batchnorm_matches_autograd_of_its_formula(padded):
-    from megatron_memory.query_norm import _TokenBatchNorm
+    from megatron_memory.model.query_norm import _TokenBatchNorm
 
     gen = torch.Generator().manual_seed(3)
     q = (torch.randn(11, 6, generator=gen, dtype=torch.float64) * 2 + 1).requires_grad_()

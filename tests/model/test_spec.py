@@ -7,8 +7,8 @@ import torch
 from megatron.core.transformer.mlp import MLP
 
 from megatron_memory.config import MemoryConfig, default_memory_layers
-from megatron_memory.layer import MemoryPlus
-from megatron_memory.model import MemoryGPTModel, optimizer_overrides
+from megatron_memory.model.layer import MemoryPlus
+from megatron_memory.model.gpt import MemoryGPTModel, optimizer_overrides
 from tests.conftest import tiny_transformer_config
 
 MC = dict(n_keys=8, heads=2, k=4, k_dim=16)

@@ -14,10 +14,10 @@ import pytest
 import torch
 from megatron.core.transformer.identity_op import IdentityOp
 
-from megatron_memory import spec as spec_mod
+from megatron_memory.model import spec as spec_mod
 from megatron_memory.config import ConfigError, MemoryConfig, replace
 from megatron_memory.configs.presets import get_preset
-from megatron_memory.layer import MemoryPlus
+from megatron_memory.model.layer import MemoryPlus
 from tests.conftest import tiny_transformer_config
 
 HAVE_TE = importlib.util.find_spec("transformer_engine") is not None

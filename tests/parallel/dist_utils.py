@@ -14,7 +14,7 @@ def _entry(rank: int, world: int, store_file: str, fn, tp: int, pp: int, args: t
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_memory.cpu import install_cpu_shims
+    from megatron_memory.training.cpu import install_cpu_shims
 
     install_cpu_shims()
     torch.set_num_threads(1)  # several ranks share 2 cores

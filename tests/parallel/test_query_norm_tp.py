@@ -29,7 +29,7 @@ def _parity(sp: bool, norm: str, fused: bool = False) -> None:
         kernels.fused_query_norm_train = lambda *a, **k: calls.append(1) or qnt.query_norm_train(*a, **k)
 
     from megatron_memory.config import MemoryConfig
-    from megatron_memory.parallel import finish_query_norm_step, reduce_tp_partial_grads
+    from megatron_memory.model.parallel import finish_query_norm_step, reduce_tp_partial_grads
     from tests.conftest import tiny_transformer_config
 
     tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()

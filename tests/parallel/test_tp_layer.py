@@ -21,8 +21,8 @@ def _randomise(module: torch.nn.Module, seed: int) -> None:
 def layer_pair(cfg, mc):
     """(table, layer) of this rank's layout and an unsharded reference (table, layer), with the
     same random weights (imports inside: the spawned ranks import Megatron after their shims)."""
-    from megatron_memory.layer import MemoryPlus, MemoryValues
-    from megatron_memory.model import build_values
+    from megatron_memory.model.layer import MemoryPlus, MemoryValues
+    from megatron_memory.model.gpt import build_values
 
     values = build_values(cfg, mc)
     layer = MemoryPlus(cfg, mc, values, layer_id=2)
@@ -41,7 +41,7 @@ def _layer_parity(sp: bool) -> None:
     from megatron.core import parallel_state as ps
 
     from megatron_memory.config import MemoryConfig
-    from megatron_memory.parallel import ShardedMemoryValues, reduce_tp_partial_grads
+    from megatron_memory.model.parallel import ShardedMemoryValues, reduce_tp_partial_grads
     from tests.conftest import tiny_transformer_config
 
     tp, r = ps.get_tensor_model_parallel_world_size(), ps.get_tensor_model_parallel_rank()

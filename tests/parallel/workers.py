@@ -26,9 +26,9 @@ def train(cfg, out_file: str) -> None:
     """Train; rank 0 writes losses and grad norms, every rank holding the table writes it."""
     import torch.distributed as dist
 
-    from megatron_memory.training import Trainer
+    from megatron_memory.training.trainer import Trainer
 
-    from megatron_memory.optim import torch_adams
+    from megatron_memory.training.optim import torch_adams
 
     trainer = Trainer(cfg, log=lambda line: None)
     hist = trainer.fit()
@@ -77,7 +77,7 @@ def train_triton_lookup(cfg, out_file: str) -> None:
 def save_init(cfg, directory: str) -> None:
     """Save the freshly initialised model: a common start for layouts whose init differs
     (Megatron draws dense weights stage by stage, so a PP=2 init differs from PP=1)."""
-    from megatron_memory.training import Trainer
+    from megatron_memory.training.trainer import Trainer
 
     trainer = Trainer(cfg, log=lambda line: None)
     trainer.save(directory)
@@ -90,7 +90,7 @@ def logits(cfg, out_file: str) -> None:
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel import gather_from_tensor_model_parallel_region
 
-    from megatron_memory.training import Trainer
+    from megatron_memory.training.trainer import Trainer
 
     from megatron.core.pipeline_parallel import get_forward_backward_func
 

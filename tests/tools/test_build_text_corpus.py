@@ -46,7 +46,7 @@ def test_clean_drops_markup_lines_and_keeps_prose():
 def test_build_writes_tokenizer_dataset_and_manifest(tmp_path):
     from megatron.core.datasets.indexed_dataset import IndexedDataset
 
-    from megatron_memory.data import Tokenizer
+    from megatron_memory.training.data import Tokenizer
 
     arch = _sdist(tmp_path / "pkg-1.0.tar.gz", {
         "docs/b.txt": PROSE * 20, "docs/a.rst": "Second document. " * 200,

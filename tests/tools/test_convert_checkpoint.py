@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from megatron_memory import checkpoint
+from megatron_memory.checkpointing import checkpoint
 from megatron_memory.tools.convert_checkpoint import main, megatron_tensors
 from tests.parallel import workers
 from tests.parallel.dist_utils import run_ranks

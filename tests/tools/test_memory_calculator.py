@@ -11,7 +11,7 @@ import torch
 from megatron_memory.config import replace
 from megatron_memory.configs.presets import get_preset
 from megatron_memory.cli import config_from_args
-from megatron_memory.memory_estimate import GIB, _activations, estimate, layouts
+from megatron_memory.training.memory_estimate import GIB, _activations, estimate, layouts
 from megatron_memory.tools.memory_calculator import main
 from tests.parallel import workers
 from tests.parallel.dist_utils import run_ranks
@@ -21,7 +21,7 @@ def _count_params(cfg, out_file: str) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_memory.training import Trainer
+    from megatron_memory.training.trainer import Trainer
 
     trainer = Trainer(cfg, log=lambda line: None)
     model = trainer.raw_model

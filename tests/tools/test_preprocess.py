@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 
-from megatron_memory.data import Tokenizer, default_corpus, train_bpe_tokenizer
+from megatron_memory.training.data import Tokenizer, default_corpus, train_bpe_tokenizer
 from megatron_memory.tools.preprocess_data import main
 
 

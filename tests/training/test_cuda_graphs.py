@@ -1,5 +1,5 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
-"""Training with ``train.cuda_graph_memory`` (megatron_memory/graphs.py; on by default with CUDA,
+"""Training with ``train.cuda_graph_memory`` (megatron_memory/model/graphs.py; on by default with CUDA,
 bf16 and PP = 1).
 
 GPU (skips on CPU): the same losses and gradient norms as eager training, step by step. Global
@@ -35,7 +35,7 @@ def _trainer(rank: int, world: int, port: int, cfg):
     """This rank's Trainer; the Trainer initialises the NCCL group from the environment."""
     os.environ.update(RANK=str(rank), WORLD_SIZE=str(world), LOCAL_RANK=str(rank),
                       MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
-    from megatron_memory.training import Trainer
+    from megatron_memory.training.trainer import Trainer
 
     return Trainer(cfg, log=lambda line: None)
 

@@ -17,7 +17,7 @@ STEPS = 20
 
 
 def _train_all(out_file: str) -> None:
-    from megatron_memory.training import Trainer
+    from megatron_memory.training.trainer import Trainer
 
     out = {}
     for attention in ("local", "sdpa", "foreach-adam"):

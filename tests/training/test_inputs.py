@@ -15,8 +15,8 @@ import pytest
 
 from megatron_memory.cli import config_from_args
 from megatron_memory.config import ConfigError, replace
-from megatron_memory.data import default_corpus, train_bpe_tokenizer
-from megatron_memory.preflight import check_inputs
+from megatron_memory.training.data import default_corpus, train_bpe_tokenizer
+from megatron_memory.training.preflight import check_inputs
 from megatron_memory.tools.preprocess_data import main as preprocess
 from megatron_memory.train import main
 

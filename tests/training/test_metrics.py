@@ -8,7 +8,7 @@ import torch
 
 from megatron_memory.configs.presets import get_preset
 from megatron_memory.config import replace
-from megatron_memory.metrics import (
+from megatron_memory.training.metrics import (
     KeyUsage,
     UsageStats,
     flops_per_token,

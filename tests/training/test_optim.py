@@ -8,7 +8,7 @@ from types import SimpleNamespace
 
 import torch
 
-from megatron_memory.optim import configure_adam, torch_adams
+from megatron_memory.training.optim import configure_adam, torch_adams
 
 
 def _wrapped(steps: int = 3):

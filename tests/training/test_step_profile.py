@@ -3,7 +3,9 @@
 import pytest
 import torch
 
-from megatron_memory import kernels, step_profile as sp
+from megatron_memory import kernels
+
+from megatron_memory.training import step_profile as sp
 
 
 def test_busy_is_the_union_of_intervals():

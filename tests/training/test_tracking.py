@@ -12,7 +12,7 @@ from pathlib import Path
 
 import torch
 
-from megatron_memory.metrics import USAGE_BUCKETS, KeyUsage, usage_histogram
+from megatron_memory.training.metrics import USAGE_BUCKETS, KeyUsage, usage_histogram
 
 ROOT = Path(__file__).resolve().parents[2]
 

@@ -2,7 +2,7 @@
 """transformers model of an exported Memory+ GPT: ``AutoModelForCausalLM.from_pretrained(dir,
 trust_remote_code=True)`` and ``generate()``.
 
-A thin wrapper: the math is megatron_memory.standalone (copied beside this file as
+A thin wrapper: the math is megatron_memory.export.standalone (copied beside this file as
 megatron_memory_standalone.py), whose modules carry the checkpoint's names (``model.*``,
 ``lm_head``). transformers' Cache (DynamicCache) serves as the KV cache: the standalone attention
 calls ``cache.update(k, v, layer_idx)`` exactly as transformers' own models do.
@@ -21,12 +21,12 @@ from transformers.modeling_outputs import CausalLMOutputWithPast
 try:  # inside an exported folder (transformers' dynamic module package)
     from .megatron_memory_standalone import Gain, MemoryGPTModel, ModelArgs, RMSNorm, Values
 except ImportError:  # inside the megatron_memory package
-    from megatron_memory.standalone import Gain, MemoryGPTModel, ModelArgs, RMSNorm, Values
+    from megatron_memory.export.standalone import Gain, MemoryGPTModel, ModelArgs, RMSNorm, Values
 
 try:
     from .configuration_megatron_memory import MemoryGPTConfig
 except ImportError:
-    from megatron_memory.hf_remote.configuration_megatron_memory import MemoryGPTConfig
+    from megatron_memory.export.hf_remote.configuration_megatron_memory import MemoryGPTConfig
 
 
 def _args(config: MemoryGPTConfig) -> ModelArgs:
@@ -49,7 +49,7 @@ class MemoryGPTForCausalLM(PreTrainedModel, GenerationMixin):
     @torch.no_grad()
     def _init_weights(self, module):
         """Fresh init only (from_pretrained overwrites it): the reference's scales."""
-        from transformers import initialization as init
+        from transformers import initialization as init  # transformers loads this file: present then
 
         if isinstance(module, (nn.Linear, nn.Embedding)):
             init.normal_(module.weight, mean=0.0, std=0.02)

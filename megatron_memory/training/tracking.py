@@ -19,7 +19,7 @@ import torch.distributed as dist
 from megatron.core import parallel_state as ps
 
 from megatron_memory.config import RunConfig
-from megatron_memory.metrics import USAGE_BUCKETS, USAGE_STATS
+from megatron_memory.training.metrics import USAGE_BUCKETS, USAGE_STATS
 
 def default_run_dir(root: str = "runs") -> str:
     """runs/<date-time>, made unique if two runs start in the same second."""

@@ -11,15 +11,15 @@ from megatron.core.optimizer.optimizer_config import ParamKey
 from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_memory.config import MemoryConfig
-from megatron_memory.layer import MemoryPlus, MemoryValues
-from megatron_memory.parallel import (
+from megatron_memory.model.layer import MemoryPlus, MemoryValues
+from megatron_memory.model.parallel import (
     ShardedMemoryValues,
     build_stage_group,
     local_layer_ids,
     memory_stages,
     tp_world_size,
 )
-from megatron_memory.spec import memory_gpt_block_spec
+from megatron_memory.model.spec import memory_gpt_block_spec
 
 
 def build_values(config: TransformerConfig, memory_config: MemoryConfig) -> MemoryValues:

@@ -17,10 +17,10 @@ from megatron.core.transformer.spec_utils import ModuleSpec
 from megatron.core.transformer.transformer_block import TransformerBlockSubmodules
 from megatron.core.transformer.transformer_config import TransformerConfig
 
-from megatron_memory.attention import core_attention_module
+from megatron_memory.model.attention import core_attention_module
 from megatron_memory.config import MemoryConfig
-from megatron_memory.layer import MemoryPlus, MemoryValues
-from megatron_memory.parallel import local_layer_ids
+from megatron_memory.model.layer import MemoryPlus, MemoryValues
+from megatron_memory.model.parallel import local_layer_ids
 
 try:  # Apex is not on PyPI; Megatron's fused norms need it.
     import apex  # noqa: F401

@@ -122,7 +122,7 @@ def parse_split(split: str) -> list[float]:
 
 def load_tokenizer(path: str):
     # Lazy: data imports Megatron's dataset code; the other checks (and --help) need none of it.
-    from megatron_memory.data import Tokenizer
+    from megatron_memory.training.data import Tokenizer
 
     try:
         return Tokenizer(path)

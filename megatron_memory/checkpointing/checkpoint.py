@@ -50,8 +50,7 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_memory.config import ConfigError, QueryNorm, RunConfig
-from megatron_memory.integrity import MANIFEST, IntegrityError, verify_manifest, write_manifest
-from megatron_memory.optim import configure_adam
+from megatron_memory.checkpointing.integrity import MANIFEST, IntegrityError, verify_manifest, write_manifest
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
@@ -444,10 +443,8 @@ def load(trainer, target: Path, common: dict) -> int:
                               f"unexpected {result.unexpected_keys[:3]}")
     if not full:
         return 0
+    # the saved param groups replace the trainer's: it chooses its Adam implementation again
     trainer.optimizer.load_state_dict(state["optimizer"])
-    # the saved param groups replace ours: choose the Adam implementation again, and give each
-    # parameter its own step (megatron restores one shared tensor)
-    configure_adam(trainer.optimizer, trainer.cfg.train.fused_adam)
     trainer.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         set_rng_state(state["rng_state"])

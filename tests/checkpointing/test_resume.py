@@ -15,7 +15,7 @@ import json
 import pytest
 import torch.multiprocessing as mp
 
-from megatron_memory import checkpoint
+from megatron_memory.checkpointing import checkpoint
 from tests.parallel import workers
 from tests.parallel.dist_utils import run_ranks
 

@@ -1,6 +1,6 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """Text generation from an exported folder with the standalone model (no Megatron, no process
-group): ``python -m megatron_memory.generate --checkpoint DIR --prompt "..."`` (see --help).
+group): ``python -m megatron_memory.export.generate --checkpoint DIR --prompt "..."`` (see --help).
 
 Each prompt is printed followed by its continuation; several --prompt flags run as one batch.
 Bad input gives one line on stderr and exit status 2 before the model is loaded.
@@ -18,7 +18,7 @@ DTYPES = ("float32", "bfloat16", "float16")
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m megatron_memory.generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        prog="python -m megatron_memory.export.generate", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         description="Continue prompts with a Memory+ GPT exported to a Hugging-Face-style folder "
                     "(config.json, safetensors, tokenizer.json), using a KV cache.")
     p.add_argument("--checkpoint", required=True, help="exported model folder")
@@ -40,7 +40,7 @@ def _check(args) -> tuple[Path, dict]:
     # Lazy (here and in main): --help and argument errors answer before torch loads.
     import torch
 
-    from megatron_memory.standalone import ModelArgs, check_sampling, weight_files
+    from megatron_memory.export.standalone import ModelArgs, check_sampling, weight_files
 
     folder = Path(args.checkpoint)
     if not folder.is_dir():
@@ -82,7 +82,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     import torch
     from tokenizers import Tokenizer
 
-    from megatron_memory.standalone import MemoryGPT, generate
+    from megatron_memory.export.standalone import MemoryGPT, generate
 
     tok = Tokenizer.from_file(str(folder / "tokenizer.json"))
     dtype = getattr(torch, args.dtype) if args.dtype else None

@@ -29,12 +29,16 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 from torch.profiler import ProfilerActivity, profile
 
-from megatron_memory import checkpoint, data, parallel, step_profile
+from megatron_memory.checkpointing import checkpoint
+
+from megatron_memory.training import data, step_profile
+
+from megatron_memory.model import parallel
 from megatron_memory.config import ConfigError, RunConfig, padded_vocab
-from megatron_memory.cpu import install_cpu_shims
-from megatron_memory.graphs import MemoryLayerGraph
-from megatron_memory.layer import VALUE_GRAD_NORM_GROUP
-from megatron_memory.metrics import (
+from megatron_memory.training.cpu import install_cpu_shims
+from megatron_memory.model.graphs import MemoryLayerGraph
+from megatron_memory.model.layer import VALUE_GRAD_NORM_GROUP
+from megatron_memory.training.metrics import (
     KeyUsage,
     UsageStats,
     flops_per_token,
@@ -44,10 +48,10 @@ from megatron_memory.metrics import (
     unpack_usage,
     usage_scalars,
 )
-from megatron_memory.model import MemoryGPTModel, optimizer_overrides
-from megatron_memory.optim import configure_adam
-from megatron_memory.stopping import StopSignals, agreed_stop
-from megatron_memory.tracking import Tracker
+from megatron_memory.model.gpt import MemoryGPTModel, optimizer_overrides
+from megatron_memory.training.optim import configure_adam
+from megatron_memory.training.stopping import StopSignals, agreed_stop
+from megatron_memory.training.tracking import Tracker
 
 
 def init_distributed() -> torch.device:
@@ -286,6 +290,9 @@ class Trainer:
             self.optimizer.reload_model_params()
             what = "weights"
         else:
+            # the loaded param groups replaced ours: choose the Adam implementation again, and
+            # give each parameter its own step (megatron restores one shared tensor)
+            configure_adam(self.optimizer, t.fused_adam)
             per_rank = self.cfg.train.micro_batch_size * self.dp
             consumed = common["consumed_samples"]
             if consumed % per_rank:

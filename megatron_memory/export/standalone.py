@@ -4,7 +4,7 @@
 No Megatron, no process group. The math is that of Megatron's local GPT as this project builds
 it (RMSNorm, RoPE as Megatron applies it: non-interleaved rotate-half on cat(freqs, freqs),
 causal softmax attention with grouped query heads, SwiGLU, untied output layer) and of
-``megatron_memory/layer.py`` for the memory layers (QK-norm, product-key search, fp32 softmax,
+``megatron_memory/model/layer.py`` for the memory layers (QK-norm, product-key search, fp32 softmax,
 lookup, W2(y * silu(W1 x))).
 
 This file is also copied, alone, into every exported folder (as megatron_memory_standalone.py,
@@ -85,7 +85,7 @@ except ImportError:  # this file alone in an exported folder
 
 @dataclasses.dataclass
 class ModelArgs:
-    """The architecture fields of config.json (written by megatron_memory.hf_format.hf_config)."""
+    """The architecture fields of config.json (written by megatron_memory.export.hf_format.hf_config)."""
 
     vocab_size: int
     hidden_size: int
@@ -267,7 +267,7 @@ class QueryStats(nn.Module):
 
 
 class Memory(nn.Module):
-    """Memory+ block (megatron_memory/layer.py MemoryPlus) in the FFN slot."""
+    """Memory+ block (megatron_memory/model/layer.py MemoryPlus) in the FFN slot."""
 
     def __init__(self, a: ModelArgs):
         super().__init__()

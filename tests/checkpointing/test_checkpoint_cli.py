@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 
-from megatron_memory import checkpoint
+from megatron_memory.checkpointing import checkpoint
 
 ROOT = Path(__file__).resolve().parents[2]
 SMALL = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2",

@@ -53,7 +53,7 @@ from megatron.core.transformer.transformer_layer import get_transformer_layer_of
 
 from megatron_memory import kernels
 from megatron_memory.config import MemoryConfig
-from megatron_memory.layer import MemoryPlus, MemoryValues
+from megatron_memory.model.layer import MemoryPlus, MemoryValues
 
 
 class MemoryDDP(DistributedDataParallel):

@@ -9,7 +9,7 @@ import os
 import pytest
 from megatron.core.dist_checkpointing.validation import save_integrity_manifest
 
-from megatron_memory.integrity import MANIFEST, IntegrityError, verify_manifest, write_manifest
+from megatron_memory.checkpointing.integrity import MANIFEST, IntegrityError, verify_manifest, write_manifest
 from tests.parallel.dist_utils import run_ranks
 
 

@@ -25,7 +25,7 @@ from tokenizers import Tokenizer
 
 from megatron_memory.config import ConfigError, MemoryConfig, ModelConfig, RunConfig
 # The reader lives in standalone.py, which must work alone in an exported folder.
-from megatron_memory.standalone import (INDEX_FILE, SINGLE_FILE, ModelArgs,  # noqa: F401
+from megatron_memory.export.standalone import (INDEX_FILE, SINGLE_FILE, ModelArgs,  # noqa: F401
                                         iter_hf_tensors, weight_files)
 CONFIG_FILE = "config.json"
 MODEL_TYPE = "megatron_memory_gpt"

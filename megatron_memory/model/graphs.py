@@ -47,7 +47,7 @@ from typing import Optional
 import torch
 from megatron.core.transformer import cuda_graphs as mcore_graphs
 
-from megatron_memory.layer import MemoryPlus
+from megatron_memory.model.layer import MemoryPlus
 
 
 class _Record:

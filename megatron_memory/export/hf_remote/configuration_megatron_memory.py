@@ -1,6 +1,6 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """transformers config of an exported Memory+ GPT (config.json, written by
-megatron_memory.hf_format.hf_config); loaded with ``trust_remote_code=True``."""
+megatron_memory.export.hf_format.hf_config); loaded with ``trust_remote_code=True``."""
 from __future__ import annotations
 
 from transformers import PretrainedConfig
@@ -9,7 +9,7 @@ from transformers import PretrainedConfig
 class MemoryGPTConfig(PretrainedConfig):
     """Megatron local GPT (RMSNorm, RoPE, SwiGLU, untied output) with Memory+ layers.
 
-    Field meanings as in megatron_memory.standalone.ModelArgs; ``memory_layers`` are 0-based.
+    Field meanings as in megatron_memory.export.standalone.ModelArgs; ``memory_layers`` are 0-based.
     """
 
     model_type = "megatron_memory_gpt"

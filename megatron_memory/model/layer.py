@@ -33,7 +33,7 @@ from megatron.core.transformer.utils import make_sharded_tensors_for_checkpoint
 
 from megatron_memory import kernels
 from megatron_memory.config import MemoryConfig, QueryNorm
-from megatron_memory.query_norm import QueryBatchNorm
+from megatron_memory.model.query_norm import QueryBatchNorm
 
 VALUE_GRAD_NORM_GROUP = "memory_values"
 # Rows generated per chunk when initialising the table: bounds the temporary [rows, v] buffer.

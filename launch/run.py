@@ -194,7 +194,9 @@ def resolve(a) -> None:
     if a.master_port < 1 or a.master_port > 65535:
         raise ValueError(f"--master-port {a.master_port} is not a port (1..65535)")
     cfg, _ = config_from_args(a.train_args)
-    check_inputs(cfg, world_size=a.nnodes * a.nproc_per_node)  # data, tokenizer, vocab: one line
+    # data, tokenizer, vocab: one line. cuda=True: this host may lack the workers' GPUs, whose
+    # CUDA-only flags each worker checks itself
+    check_inputs(cfg, world_size=a.nnodes * a.nproc_per_node, cuda=True)
 
 
 def main(argv=None) -> int:

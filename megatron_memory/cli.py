@@ -174,5 +174,8 @@ def format_config(cfg: RunConfig) -> str:
     lines = []
     for section in _SECTIONS:
         for f in dataclasses.fields(getattr(cfg, section)):
-            lines.append(f"{section}.{f.name} = {getattr(getattr(cfg, section), f.name)!r}")
+            value = getattr(getattr(cfg, section), f.name)
+            if isinstance(value, enum.Enum):  # as the flag takes it: batchnorm, not <QueryNorm...>
+                value = value.value
+            lines.append(f"{section}.{f.name} = {value!r}")
     return "\n".join(lines)

@@ -8,6 +8,7 @@ the field and the fix.
 """
 from __future__ import annotations
 
+import copy
 import dataclasses
 import enum
 import importlib.util
@@ -23,6 +24,32 @@ STOP_FILE_ENV = "MEGATRON_MEMORY_STOP_FILE"
 
 class ConfigError(ValueError):
     """A configuration value is invalid; the message names the field and what to change."""
+
+
+class _Section:
+    """Base of the config sections. ``resolve`` returns a frozen copy: what the Trainer,
+    ``--print-config``, the calculator and preflight read cannot be changed behind their backs
+    (``replace`` makes a copy whose replaced sections are unfrozen)."""
+
+    _frozen = False
+
+    def __setattr__(self, name, value):
+        if self._frozen:
+            raise dataclasses.FrozenInstanceError(
+                f"{type(self).__name__}.{name}: a resolved config is frozen; use replace()")
+        super().__setattr__(name, value)
+
+    def _freeze(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            if isinstance(value, _Section):
+                value._freeze()
+        object.__setattr__(self, "_frozen", True)
+
+    @property
+    def resolved(self) -> bool:
+        """Whether this is ``resolve``'s output (every derived default filled in)."""
+        return self._frozen
 
 
 def opt(default, help: str, **kw):
@@ -63,7 +90,7 @@ class QueryNorm(str, enum.Enum):
 
 
 @dataclass
-class MemoryConfig:
+class MemoryConfig(_Section):
     """Memory / Memory+ layer hyper-parameters (Berges et al. 2025; reference defaults)."""
 
     layers: Optional[list[int]] = opt(
@@ -134,7 +161,7 @@ class MemoryConfig:
         if self.value_lr_mult <= 0:
             raise ConfigError(f"memory.value_lr_mult must be > 0, got {self.value_lr_mult}")
         try:
-            self.query_norm = QueryNorm(self.query_norm)
+            QueryNorm(self.query_norm)
         except ValueError:
             raise ConfigError(f"memory.query_norm={self.query_norm!r}: choose one of "
                               f"{', '.join(q.value for q in QueryNorm)}") from None
@@ -145,7 +172,7 @@ class MemoryConfig:
 
 
 @dataclass
-class ModelConfig:
+class ModelConfig(_Section):
     """GPT body (Megatron-Core GPTModel, local spec: RMSNorm, SwiGLU, RoPE, no linear biases)."""
 
     num_layers: int = opt(6, "transformer layers")
@@ -203,7 +230,7 @@ class ModelConfig:
 
 
 @dataclass
-class ParallelConfig:
+class ParallelConfig(_Section):
     """Layout of the ranks; data-parallel size = world size / (tp * pp)."""
 
     tp: int = opt(1, "tensor-parallel size (the value table is split along its width)")
@@ -232,7 +259,7 @@ class ParallelConfig:
 
 
 @dataclass
-class TrainConfig:
+class TrainConfig(_Section):
     """Optimisation and schedule (AdamW as in the reference: betas 0.9/0.95, wd 0.1)."""
 
     steps: int = opt(300, "optimizer steps")
@@ -371,7 +398,7 @@ class TrainConfig:
 
 
 @dataclass
-class DataConfig:
+class DataConfig(_Section):
     """Training data: Megatron indexed datasets (.bin/.idx), or the embedded default corpus."""
 
     data_path: Optional[list[str]] = opt(None, "indexed-dataset prefixes (weight prefix weight "
@@ -383,7 +410,7 @@ class DataConfig:
 
 
 @dataclass
-class RunConfig:
+class RunConfig(_Section):
     """One training run: the sections below, each validated before any process starts."""
 
     model: ModelConfig = field(default_factory=ModelConfig)
@@ -439,3 +466,74 @@ def replace(cfg, **changes):
     for sec, sub in nested.items():
         flat[sec] = replace(getattr(cfg, sec), **sub)
     return dataclasses.replace(cfg, **flat)
+
+
+@dataclass(frozen=True)
+class Environment:
+    """What a run's derived defaults depend on besides its flags."""
+
+    world_size: int = 1
+    cuda: bool = False
+    # The optimizer kind (distributed or not) a resumed checkpoint's state was saved with, which
+    # the run must keep (``checkpoint.optimizer_kind`` decides it); None: no optimizer state.
+    resumed_distributed_optimizer: Optional[bool] = None
+
+
+def _thawed_copy(cfg: RunConfig) -> RunConfig:
+    r = copy.deepcopy(cfg)
+    for section in (r, *(getattr(r, f.name) for f in dataclasses.fields(r))):
+        section.__dict__.pop("_frozen", None)
+    return r
+
+
+def resolve(cfg: RunConfig, env: Environment) -> RunConfig:
+    """The one place where defaults are derived: a validated, frozen copy of ``cfg`` with every
+    ``None`` that means "derive it" replaced by what the run will use. The Trainer,
+    ``--print-config``, the memory calculator and preflight all read this; raises ConfigError."""
+    cfg.validate(env.world_size)
+    r = _thawed_copy(cfg)  # the caller's config is left as it was
+    m, mem, p, t = r.model, r.memory, r.parallel, r.train
+    dp = env.world_size // (p.tp * p.pp)
+    m.ffn_hidden_size = m.ffn_size()
+    m.num_query_groups = m.query_groups()
+    mem.layers = mem.resolved_layers(m.num_layers)
+    mem.v_dim = mem.value_dim(m.hidden_size)
+    mem.value_init_std = mem.value_init_std or mem.v_dim ** -0.5
+    mem.query_norm = QueryNorm(mem.query_norm)
+    t.global_batch_size = t.global_batch_size or t.micro_batch_size * dp
+    t.warmup_steps = t.warmup()
+    t.bf16 = env.cuda if t.bf16 is None else t.bf16
+    if t.bf16 and not env.cuda:
+        raise ConfigError("train.bf16 needs CUDA; on CPU train in fp32 (--no-bf16)")
+    if m.transformer_impl == "transformer_engine" and not env.cuda:
+        raise ConfigError("model.transformer_impl='transformer_engine' needs CUDA; on CPU use 'local'")
+    if t.cuda_graph_memory and not env.cuda:
+        raise ConfigError("train.cuda_graph_memory needs CUDA (CUDA graphs); on CPU leave it off")
+    # Graphs by default where they are verified and pay: CUDA, bf16, and one pipeline stage (a
+    # pipeline schedule keeps several micro-batches of a layer in flight; one pair of graphs
+    # serves one at a time).
+    if t.cuda_graph_memory is None:
+        t.cuda_graph_memory = env.cuda and t.bf16 and p.pp == 1
+    # Overlapped DP communication and the deferred table gradient pay on GPUs (Triton lookups);
+    # on CPU they only add bookkeeping.
+    if t.overlap_comm is None:
+        t.overlap_comm = env.cuda
+    if t.defer_table_grad is None:
+        t.defer_table_grad = env.cuda
+    if env.resumed_distributed_optimizer is not None:
+        t.distributed_optimizer = env.resumed_distributed_optimizer
+    elif t.distributed_optimizer is None:
+        t.distributed_optimizer = dp > 1
+    r._freeze()
+    return r
+
+
+def with_vocab(resolved: RunConfig, vocab_size: int) -> RunConfig:
+    """``resolved`` with ``model.vocab_size`` filled in: the one derived value that needs the
+    tokenizer (or a checkpoint) and so is settled after ``resolve``. Frozen as ``resolved``."""
+    if not resolved.resolved:
+        raise ValueError("with_vocab takes resolve()'s output")
+    r = _thawed_copy(resolved)
+    r.model.vocab_size = vocab_size
+    r._freeze()
+    return r

@@ -9,11 +9,10 @@ tests check against built models at TP x PP.
 """
 from __future__ import annotations
 
-import copy
 import os
 
 from megatron_memory.cli import format_config
-from megatron_memory.config import RunConfig, replace
+from megatron_memory.config import Environment, RunConfig, replace, resolve, with_vocab
 from megatron_memory.training.memory_estimate import estimate  # the per-layer parameter counting
 from megatron_memory.training.preflight import load_tokenizer, model_vocab
 
@@ -29,34 +28,24 @@ def _tokenizer_vocab(cfg: RunConfig) -> tuple[int, str]:
     return Tokenizer(tok).vocab_size, tok
 
 
-def resolve(cfg: RunConfig, world_size: int, tokenizer_vocab: int, cuda: bool) -> RunConfig:
-    """A copy of ``cfg`` with every derived default filled in as the Trainer derives it."""
-    r = copy.deepcopy(cfg)
-    m, mem, t, p = r.model, r.memory, r.train, r.parallel
-    dp = world_size // (p.tp * p.pp)
-    m.ffn_hidden_size = m.ffn_size()
-    m.vocab_size = model_vocab(cfg, tokenizer_vocab)
-    mem.layers = mem.resolved_layers(m.num_layers)
-    mem.v_dim = mem.value_dim(m.hidden_size)
-    mem.value_init_std = mem.value_init_std or mem.v_dim ** -0.5
-    t.global_batch_size = t.global_batch_size or t.micro_batch_size * dp
-    t.warmup_steps = t.warmup()
-    t.bf16 = cuda if t.bf16 is None else t.bf16
-    t.distributed_optimizer = dp > 1 if t.distributed_optimizer is None else t.distributed_optimizer
-    return r
+def resolved_for_display(cfg: RunConfig, world_size: int, tokenizer_vocab: int,
+                         cuda: bool) -> RunConfig:
+    """``resolve``'s config (what the Trainer will run) with the vocabulary filled in too."""
+    return with_vocab(resolve(cfg, Environment(world_size, cuda)), model_vocab(cfg, tokenizer_vocab))
 
 
-def parameter_lines(r: RunConfig, world_size: int) -> list[str]:
-    """Total, value table and per-stage (per GPU) parameter counts of a resolved config."""
+def parameter_lines(cfg: RunConfig, r: RunConfig, world_size: int, cuda: bool) -> list[str]:
+    """Total, value table and per-stage (per GPU) parameter counts of ``r``, the resolved
+    ``cfg``."""
     vocab = r.model.vocab_size
-    single = replace(r, **{"parallel.tp": 1, "parallel.pp": 1, "parallel.sequence_parallel": False,
-                           "train.global_batch_size": r.train.micro_batch_size})
-    whole = estimate(single, 1, vocab)[0]
+    single = replace(cfg, **{"parallel.tp": 1, "parallel.pp": 1, "parallel.sequence_parallel": False,
+                             "train.global_batch_size": None})
+    whole = estimate(single, 1, vocab, cuda)[0]
     total = whole.dense_params + whole.table_params
     lines = [f"params     total {total:,}: value table {whole.table_params:,} "
              f"({r.memory.num_values:,} x {r.memory.v_dim}), the rest {whole.dense_params:,}"
              if whole.table_params else f"params     total {total:,} (no memory layer)"]
-    for s in estimate(r, world_size, vocab, bf16=r.train.bf16):
+    for s in estimate(r, world_size, vocab, cuda):
         span = f"{s.layers[0]}-{s.layers[-1]}"
         lines.append(f"stage {s.stage:<4} layers {span}, memory layers {s.memory_layers or 'none'}: "
                      f"{s.dense_params + s.table_params:,} per GPU (value table shard "
@@ -69,9 +58,9 @@ def describe(cfg: RunConfig, world_size: int = 1) -> str:
     import torch  # lazy: only to tell whether CUDA (hence the bf16 default) is there
 
     cuda = torch.cuda.is_available()
-    cfg.validate(world_size)
+    resolve(cfg, Environment(world_size, cuda))  # a bad config fails before the tokenizer loads
     vocab, tok = _tokenizer_vocab(cfg)
-    r = resolve(cfg, world_size, vocab, cuda)
+    r = resolved_for_display(cfg, world_size, vocab, cuda)
     t, p = r.train, r.parallel
     dp = world_size // (p.tp * p.pp)
     micro = t.global_batch_size // (t.micro_batch_size * dp)
@@ -86,5 +75,5 @@ def describe(cfg: RunConfig, world_size: int = 1) -> str:
              f"{t.steps:,} steps",
              f"vocab      {r.model.vocab_size:,} (tokenizer {tok}: {vocab:,})",
              f"logging    tensorboard {tb or 'off'}, W&B {t.wandb_project or 'off'}",
-             *parameter_lines(r, world_size)]
+             *parameter_lines(cfg, r, world_size, cuda)]
     return "\n".join(lines)

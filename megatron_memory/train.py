@@ -28,11 +28,12 @@ def _quiet_libraries() -> None:
 
 
 def summary(cfg, trainer, hist) -> str:
+    """The closing block; ``cfg`` is the Trainer's resolved config."""
     n_values = trainer.raw_model.memory_values.weight.numel() if trainer.raw_model.memory_values is not None else 0
     n_all = sum(p.numel() for p in trainer.raw_model.parameters())
     first = sum(hist.losses[:5]) / min(5, len(hist.losses))
     last = sum(hist.losses[-10:]) / min(10, len(hist.losses))
-    layers = cfg.memory.resolved_layers(cfg.model.num_layers)
+    layers = cfg.memory.layers
     steady = hist.steady_tokens_per_s(trainer.tokens_per_step)
     lines = [
         "=" * 72,
@@ -49,7 +50,8 @@ def summary(cfg, trainer, hist) -> str:
         f" ({steady:,.0f} tok/s after step 3)",
     ]
     if hist.peak_gib:
-        predicted = estimate(cfg, trainer.world_size, trainer.vocab_size, bf16=trainer.bf16)
+        predicted = estimate(cfg, trainer.world_size, trainer.vocab_size,
+                             cuda=trainer.device.type == "cuda")
         lines.append("peak mem   " + ", ".join(
             f"stage {s}: {g:.1f} GiB (calculator {predicted[s].total / 2**30:.1f})"
             for s, g in hist.peak_gib.items()))
@@ -77,6 +79,12 @@ def _fail(err: Exception) -> int:
     return 2
 
 
+def _cuda_available() -> bool:
+    import torch  # lazy: --help answers without loading torch
+
+    return torch.cuda.is_available()
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     try:
         cfg, args = config_from_args(argv)
@@ -84,7 +92,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         if args.print_config:
             print(describe(cfg, world_size))
             return 0
-        check_inputs(cfg, world_size)  # data, tokenizer, vocabulary, outputs: seconds, no model
+        # data, tokenizer, vocabulary, outputs: seconds, no model
+        check_inputs(cfg, world_size, cuda=_cuda_available())
     except ConfigError as err:
         return _fail(err)
     _quiet_libraries()
@@ -104,7 +113,7 @@ def main(argv: Optional[list[str]] = None) -> int:
               f"of {trainer.global_batch} x {cfg.model.seq_length} tokens", flush=True)
     hist = trainer.fit()
     if dist.get_rank() == 0:
-        print(summary(cfg, trainer, hist), flush=True)
+        print(summary(trainer.cfg, trainer, hist), flush=True)
     trainer.close()
     _shutdown()
     return 0

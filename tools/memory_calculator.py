@@ -44,7 +44,7 @@ def format_layouts(rows: list[Layout], gpu_gib: float) -> str:
 
 def pick(cfg, a) -> int:
     """Print every layout (best first) and ``pick: FLAGS`` for the best one that fits."""
-    rows = layouts(cfg, a.world_size, a.vocab_size, a.gpu_gib * GIB, a.headroom, bf16=not a.fp32)
+    rows = layouts(cfg, a.world_size, a.vocab_size, a.gpu_gib * GIB, a.headroom, cuda=not a.fp32)
     print(format_layouts(rows, a.gpu_gib))
     if not rows or not rows[0].fits:
         print(f"error: no TP x PP layout of {a.world_size} GPUs keeps the peak under "
@@ -67,7 +67,9 @@ def main(argv=None) -> int:
     ap.add_argument("--world-size", type=int, required=True, help="GPUs in the job")
     ap.add_argument("--vocab-size", type=int, default=32000, help="padded vocabulary")
     ap.add_argument("--gpu-gib", type=float, default=80.0, help="memory per GPU, to flag overflow")
-    ap.add_argument("--fp32", action="store_true", help="fp32 training (as on CPU) instead of bf16")
+    ap.add_argument("--fp32", action="store_true",
+                    help="plan a CPU run (fp32, torch lookups) instead of GPUs; for fp32 on GPUs "
+                         "pass --no-bf16 among the TRAIN FLAGS")
     ap.add_argument("--pick", action="store_true",
                     help="choose the layout: list every TP x PP (TP <= 8, sequence parallelism "
                          "with TP > 1; the TRAIN FLAGS' own --tp/--pp are ignored), best first, "
@@ -87,7 +89,7 @@ def main(argv=None) -> int:
         cfg, _ = config_from_args(train_args)
         if a.pick:
             return pick(cfg, a)
-        rows = estimate(cfg, a.world_size, a.vocab_size, bf16=not a.fp32)
+        rows = estimate(cfg, a.world_size, a.vocab_size, cuda=not a.fp32)
     except (ConfigError, KeyError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2

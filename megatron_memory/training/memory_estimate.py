@@ -18,8 +18,7 @@ mixed-precision optimizer over torch's fused AdamW, local GPT spec, fused Triton
   of activations on a stage; the last stage adds the logits (e + 4 fp32 bytes per vocab entry
   and token).
 
-  Deferred table gradient (``train.defer_table_grad``, on by default with CUDA; bf16/CUDA
-  only): every lookup of a step keeps its output gradient [T, v/t] (e bytes) and
+  Deferred table gradient (``train.defer_table_grad``, on by default with CUDA): every lookup of a step keeps its output gradient [T, v/t] (e bytes) and
   indices/weights (12 B per token and bag entry) until the fold, which concatenates them (a
   second copy). Counted as
   max(activations + stash, 2 x stash), with stash = L x T*(e*v/t + 12*bag) for the
@@ -39,7 +38,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
-from megatron_memory.config import ConfigError, RunConfig, replace
+from megatron_memory.config import ConfigError, Environment, RunConfig, replace, resolve
 
 GIB = 1024 ** 3
 
@@ -108,14 +107,16 @@ def _activations(cfg: RunConfig, layers: list[int], mem_layers: set[int], mbs: i
     return sum(attention + (memory if i in mem_layers else dense) for i in layers)
 
 
-def estimate(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True) -> list[StageMemory]:
-    """Per-GPU memory of each pipeline stage (the max over its TP/DP ranks)."""
-    cfg.validate(world_size)
+def estimate(cfg: RunConfig, world_size: int, vocab_size: int, cuda: bool = True) -> list[StageMemory]:
+    """Per-GPU memory of each pipeline stage (the max over its TP/DP ranks) of a run on
+    ``world_size`` ranks on CUDA (else CPU). ``cfg`` is resolved for them unless it is already
+    ``resolve``'s output: the calculator reads the same derived defaults as the Trainer."""
+    r = cfg if cfg.resolved else resolve(cfg, Environment(world_size, cuda))
+    cfg, t = r, r.train
     tp, pp = cfg.parallel.tp, cfg.parallel.pp
     dp = world_size // (tp * pp)
-    t = cfg.train
-    dist_opt = t.distributed_optimizer if t.distributed_optimizer is not None else dp > 1
-    micro = (t.global_batch_size or t.micro_batch_size * dp) // (t.micro_batch_size * dp)
+    dist_opt, bf16 = t.distributed_optimizer, t.bf16
+    micro = t.global_batch_size // (t.micro_batch_size * dp)
     e, b_w, b_g, b_o = (2, 2, 4, 12) if bf16 else (4, 4, 4, 8)
     mem = set(cfg.memory.resolved_layers(cfg.model.num_layers))
     h, v = cfg.model.hidden_size, cfg.memory.value_dim(cfg.model.hidden_size)
@@ -142,8 +143,8 @@ def estimate(cfg: RunConfig, world_size: int, vocab_size: int, bf16: bool = True
         tokens = t.micro_batch_size * cfg.model.seq_length
         per_lookup = tokens * (e * v / tp + 12 * cfg.memory.bag_size)
         lookups = min(micro * len(here), math.ceil(t.defer_table_grad_gib * 2**30 / per_lookup))
-        defer = t.defer_table_grad if t.defer_table_grad is not None else bf16   # bf16: CUDA
-        deferred = lookups * per_lookup if defer and bf16 and here else 0.0
+        # only Triton lookups (CUDA) record; the torch reference returns its gradient at once
+        deferred = lookups * per_lookup if t.defer_table_grad and cuda and here else 0.0
         out.append(StageMemory(stage, layers, here, sharded + replicated,
                                table, params * b_w, params * b_g, optimizer, acts,
                                save_extra=optimizer * (dp - 1) if dist_opt else 0.0,
@@ -170,7 +171,7 @@ class Layout:
 
 
 def layouts(cfg: RunConfig, world_size: int, vocab_size: int, gpu_bytes: float,
-            headroom: float = 0.1, max_tp: int = 8, bf16: bool = True) -> list[Layout]:
+            headroom: float = 0.1, max_tp: int = 8, cuda: bool = True) -> list[Layout]:
     """Every valid TP x PP layout of ``world_size`` GPUs for ``cfg`` (TP <= ``max_tp``: one
     node's NVLink domain), best first: fitting ones (peak, training or checkpoint save, whichever
     is larger, <= (1 - headroom) x card, the rest for
@@ -183,7 +184,7 @@ def layouts(cfg: RunConfig, world_size: int, vocab_size: int, gpu_bytes: float,
             trial = replace(cfg, **{"parallel.tp": tp, "parallel.pp": pp,
                                     "parallel.sequence_parallel": tp > 1})
             try:
-                peak = max(s.save_peak for s in estimate(trial, world_size, vocab_size, bf16))
+                peak = max(s.save_peak for s in estimate(trial, world_size, vocab_size, cuda))
             except ConfigError:  # heads, groups, layers or the batch do not divide
                 continue
             out.append(Layout(tp, pp, world_size // (tp * pp), peak, peak <= (1 - headroom) * gpu_bytes))

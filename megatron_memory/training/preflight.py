@@ -1,7 +1,7 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """Input checks that run in seconds, before any process group or model exists.
 
-``check_inputs(cfg, world_size)`` reads only file headers, the tokenizer and (for data without a
+``check_inputs(cfg, world_size, cuda)`` reads only file headers, the tokenizer and (for data without a
 preprocessing sidecar) the token ids themselves: every indexed dataset of the blend, the split,
 the tokenizer, the vocabulary the data was tokenised with against the model's, and the output
 directories. Each problem is one ``ConfigError`` naming the file and the field; ``train.main``
@@ -19,7 +19,7 @@ from typing import Optional
 
 import numpy as np
 
-from megatron_memory.config import ConfigError, RunConfig, padded_vocab
+from megatron_memory.config import ConfigError, Environment, RunConfig, padded_vocab, resolve
 
 _IDX_MAGIC = b"MMIDIDX\x00\x00"
 # Megatron's IndexedDataset dtype codes (megatron/core/datasets/indexed_dataset.py, DType).
@@ -170,9 +170,9 @@ def check_outputs(cfg: RunConfig) -> None:
                               "(pip install wandb, or drop --wandb-project)")
 
 
-def check_inputs(cfg: RunConfig, world_size: int = 1) -> None:
+def check_inputs(cfg: RunConfig, world_size: int = 1, cuda: bool = False) -> None:
     """Every input of a run, before the model is built; raises one ConfigError."""
-    cfg.validate(world_size)
+    cfg = resolve(cfg, Environment(world_size, cuda))  # the flags, as the Trainer will read them
     parse_split(cfg.data.split)
     check_outputs(cfg)
     if cfg.data.tokenizer and not cfg.data.data_path:

@@ -34,7 +34,8 @@ from megatron_memory.checkpointing import checkpoint
 from megatron_memory.training import data, step_profile
 
 from megatron_memory.model import parallel
-from megatron_memory.config import ConfigError, RunConfig, padded_vocab
+from megatron_memory.config import (ConfigError, Environment, RunConfig, padded_vocab, resolve,
+                                    with_vocab)
 from megatron_memory.training.cpu import install_cpu_shims
 from megatron_memory.model.graphs import MemoryLayerGraph
 from megatron_memory.model.layer import VALUE_GRAD_NORM_GROUP
@@ -140,10 +141,12 @@ class Trainer:
     """Builds everything from a validated RunConfig; ``fit()`` trains and returns a History."""
 
     def __init__(self, cfg: RunConfig, log=print):
+        """``cfg``: the user's config; the Trainer runs ``resolve(cfg, its environment)``, kept
+        as ``self.cfg`` (frozen): every derived default is read from there."""
         self.device = init_distributed()
         self.world_size = dist.get_world_size()
-        cfg.validate(self.world_size)
-        self.cfg, self.log = cfg, log
+        cfg.validate(self.world_size)  # before reading a checkpoint named in it
+        self.log = log
         self.iteration = 0
         self.checkpoint_seconds: dict[str, float] = {}  # last load / save, wall seconds
         self.checkpoint_bytes_read = 0  # tensor bytes this rank read from storage at the last load
@@ -155,31 +158,23 @@ class Trainer:
                 self.resume[0].parent) is not None else None
             checkpoint.check_save_dir(cfg.train.save, root)
         p = cfg.parallel
+        dp = self.world_size // (p.tp * p.pp)
+        resumed_kind = (checkpoint.optimizer_kind(cfg.train.distributed_optimizer, dp, self.resume,
+                                                  cfg.train.finetune) if self.resume else None)
+        cfg = self.cfg = resolve(cfg, Environment(self.world_size, self.device.type == "cuda",
+                                                  resumed_kind))
         ps.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
         self.rank = dist.get_rank()
         self.dp = ps.get_data_parallel_world_size()
-        self.bf16 = cfg.train.bf16 if cfg.train.bf16 is not None else torch.cuda.is_available()
-        if self.bf16 and not torch.cuda.is_available():
-            raise ConfigError("train.bf16 needs CUDA; on CPU train in fp32 (--no-bf16)")
-        if cfg.model.transformer_impl == "transformer_engine" and self.device.type != "cuda":
-            raise ConfigError("model.transformer_impl='transformer_engine' needs CUDA; on CPU "
-                              "use 'local'")
-        if cfg.train.cuda_graph_memory and self.device.type != "cuda":
-            raise ConfigError("train.cuda_graph_memory needs CUDA (CUDA graphs); on CPU leave it off")
-        # Default: where they are verified and pay (RESULTS.md run 25). A pipeline schedule keeps
-        # several micro-batches of a layer in flight, which one pair of graphs cannot serve.
-        self.cuda_graphs = (cfg.train.cuda_graph_memory if cfg.train.cuda_graph_memory is not None
-                            else self.device.type == "cuda" and self.bf16 and cfg.parallel.pp == 1)
-        self.dist_opt = checkpoint.optimizer_kind(cfg.train.distributed_optimizer, self.dp,
-                                                  self.resume, cfg.train.finetune)
-        cfg.train.distributed_optimizer = self.dist_opt  # resolved: the memory estimate reads it
+        t = cfg.train
+        self.bf16, self.cuda_graphs, self.dist_opt = t.bf16, t.cuda_graph_memory, t.distributed_optimizer
+        self.overlap, self.defer_table_grad = t.overlap_comm, t.defer_table_grad
         if self.resume and self.dist_opt != (self.dp > 1) and self.rank == 0:
             log(f"optimizer: {'distributed' if self.dist_opt else 'non-distributed'} at DP={self.dp}, "
                 f"the kind checkpoint {self.resume[0].name} was saved with (its state format)")
-        gbs = cfg.train.global_batch_size or cfg.train.micro_batch_size * self.dp
-        self.num_micro = gbs // (cfg.train.micro_batch_size * self.dp)
-        self.global_batch = gbs
-        self.tokens_per_step = gbs * cfg.model.seq_length
+        self.global_batch = t.global_batch_size
+        self.num_micro = self.global_batch // (t.micro_batch_size * self.dp)
+        self.tokens_per_step = self.global_batch * cfg.model.seq_length
         torch.manual_seed(cfg.train.seed)
         model_parallel_cuda_manual_seed(cfg.train.seed)
         self._build_data()
@@ -216,6 +211,7 @@ class Trainer:
         if vocab < self.tokenizer.vocab_size:
             raise ConfigError(f"model.vocab_size={vocab} is smaller than the tokenizer's "
                               f"{self.tokenizer.vocab_size}")
+        self.cfg = cfg = with_vocab(cfg, vocab)
         if self.resume:  # before building: a different model is one clear error, not a traceback
             checkpoint.check_architecture(self.resume[1]["architecture"],
                                           checkpoint.architecture(cfg, vocab), self.resume[0])
@@ -238,10 +234,6 @@ class Trainer:
         self.raw_model = model
         if self.bf16:
             model = Float16Module(self.tconfig, model)
-        self.overlap = (cfg.train.overlap_comm if cfg.train.overlap_comm is not None
-                        else self.device.type == "cuda")
-        self.defer_table_grad = (cfg.train.defer_table_grad if cfg.train.defer_table_grad is not None
-                                 else self.device.type == "cuda")
         ddp_config = DistributedDataParallelConfig(
             grad_reduce_in_fp32=True, overlap_grad_reduce=self.overlap,
             overlap_param_gather=self.overlap and self.dist_opt,

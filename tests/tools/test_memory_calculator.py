@@ -143,13 +143,13 @@ def test_deferred_table_grad_counts_its_stash():
         assert after.total == before.total - before.activations + max(before.activations + stash,
                                                                        2 * stash)
     assert any(s.memory_layers for s in deferred) and deferred[0].deferred > GIB  # 1.4 GiB here
-    assert estimate(cfg, 4, 32000, bf16=False)[0].deferred == 0   # CPU: the reference lookup
+    assert estimate(cfg, 4, 32000, cuda=False)[0].deferred == 0   # CPU: the reference lookup
     # the default bound, 1 GiB: folds as soon as the record reaches it (a whole lookup over it)
     capped = estimate(config_from_args(args + ["--defer-table-grad"])[0], 4, 32000)
     one = tokens * (2 * v / 2 + 12 * bag)
     assert capped[0].deferred == -(-GIB // one) * one and GIB <= capped[0].deferred < GIB + one
-    # on by default where the lookups run in Triton (CUDA, bf16), off on CPU
+    # on by default where the lookups run in Triton (CUDA), off on CPU
     default = config_from_args(args)[0]
     assert default.train.defer_table_grad is None
     assert estimate(default, 4, 32000) == capped
-    assert estimate(default, 4, 32000, bf16=False) == estimate(cfg, 4, 32000, bf16=False)
+    assert estimate(default, 4, 32000, cuda=False) == estimate(cfg, 4, 32000, cuda=False)

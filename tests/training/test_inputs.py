@@ -184,11 +184,12 @@ def test_print_config_is_resolved_with_parameter_counts(capsys, monkeypatch):
         assert line in out.splitlines(), line
     assert "global 16 = micro-batch 2 x DP 2 x 4 micro-batches per step; 32,768 tokens per step" in out
     cfg, _ = config_from_args(argv)
-    single = estimate(replace(cfg, **{"parallel.tp": 1, "parallel.pp": 1, "train.global_batch_size": None}), 1, 1024)[0]
+    single = estimate(replace(cfg, **{"parallel.tp": 1, "parallel.pp": 1, "train.global_batch_size": None}), 1, 1024,
+                      cuda=False)[0]
     assert single.table_params == 2**20 * 1024
     assert (f"params     total {single.dense_params + single.table_params:,}: value table "
             f"{2**20 * 1024:,} (1,048,576 x 1024), the rest {single.dense_params:,}") in out
-    for s in estimate(cfg, 8, 1024, bf16=False):
+    for s in estimate(cfg, 8, 1024, cuda=False):
         assert f"{s.dense_params + s.table_params:,} per GPU (value table shard {s.table_params:,})" in out
 
 

@@ -30,9 +30,8 @@ mixed-precision optimizer over torch's fused AdamW, local GPT spec, fused Triton
   fully-reshardable save all-gathers the data-parallel group's optimizer state onto every rank
   (NCCL, its default), so a rank briefly holds DP x its shard. The blocks freed by the
   activations are not reused for those buffers in practice, so the save peak is the training
-  peak plus (DP - 1) x the optimizer shard: on 4 x H200 (RESULTS.md run 10, TP=2, DP=2, 8B
-  Memory+) the ranks held 104.5 GiB while saving, against 78.2 GiB in training and 106.8 GiB
-  predicted this way.
+  peak plus (DP - 1) x the optimizer shard, which matched the measured save peak of the 8B
+  Memory+ model on 4 x H200 (TP=2, DP=2; see benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 

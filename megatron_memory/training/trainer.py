@@ -166,7 +166,7 @@ class Trainer:
                               "use 'local'")
         if cfg.train.cuda_graph_memory and self.device.type != "cuda":
             raise ConfigError("train.cuda_graph_memory needs CUDA (CUDA graphs); on CPU leave it off")
-        # Default: where they are verified and pay (RESULTS.md run 25). A pipeline schedule keeps
+        # Default where they are verified and pay (benchmarks/RESULTS.md). A pipeline schedule keeps
         # several micro-batches of a layer in flight, which one pair of graphs cannot serve.
         self.cuda_graphs = (cfg.train.cuda_graph_memory if cfg.train.cuda_graph_memory is not None
                             else self.device.type == "cuda" and self.bf16 and cfg.parallel.pp == 1)

@@ -5,8 +5,8 @@ Shapes: query [T, H, 2, half], keys [H, 2, n, half] (fp32 or bf16/fp16, unit las
 scores [T, H, k] fp32 descending, indices [T, H, k] int64 = i * n + j; the contract of
 ``product_key_search`` without autograd.
 
-Why a separate path: at T = 1 the bf16 search (kernels/bf16_search.py) is slow for its size
-(measured on an H100, benchmarks/RESULTS.md), because each of its stages has only 2H * T programs (8 at the
+Why a separate path: at T = 1 the bf16 search (kernels/bf16_search.py) is latency-bound on
+an H100 (benchmarks/RESULTS.md), because each of its stages has only 2H * T programs (8 at the
 paper's 4 heads) and long dependent chains (17 bisection rounds, a bitonic top-k) on them. Here
 the n sub-keys of each (token, head, half) are split across programs instead:
   1. ``_chunk_topk_kernel``, program (t, h*2 + c, chunk of BLOCK_N sub-keys): exact fp32 scores

@@ -3,7 +3,7 @@
 
 Why: a few optimizer steps into training every token's memory input carries one shared direction
 (90-99% of its energy), all queries point the same way and pick the same keys. Statistics over
-tokens remove that shared part; per-token norms (QK-norm) cannot (key-usage-findings.md).
+tokens remove that shared part; per-token norms (QK-norm) cannot (see benchmarks/RESULTS.md).
 
 Shapes: q [T, D] with D = heads * k_dim (the whole query, before the half split and QK-norm).
 

@@ -5,7 +5,7 @@
 2025, authors' answers) come as ``<size>-memory`` (Memory+ in three layers, 2**20 values) and
 ``<size>-dense`` (no memory layer). Memory layers sit where Meta's released configs put them,
 4/12/20, in every preset of 21+ layers (its 373M has 24 layers, its 7B/8B 32): deeper memory layers
-lose their keys faster (shared/notes/key-usage-findings.md), and the even spacing would give
+lose their keys faster (in every key-usage run of the study), and the even spacing would give
 5/16/26 at 32 layers. The 12-layer 134M keeps the even spacing (2/6/10).
 """
 from __future__ import annotations

@@ -42,19 +42,18 @@ SELECT = "threshold"
 # How the candidates are re-scored. "fused" (``_rescore_topk_kernel``): gather, fp32 dot and
 # top-k in one kernel with every candidate row load in flight at once; a decode step (T = 1)
 # takes one launch where "loop" took ~38 us of dependent loads plus ~6 small torch kernels
-# (H100 profile, benchmarks/RESULTS.md run 12). "loop": ``_rescore_kernel`` + torch.topk.
+# (H100 profile; see benchmarks/RESULTS.md). "loop": ``_rescore_kernel`` + torch.topk.
 RESCORE = "fused"
-# Launch tiles of the training-size kernels, from the H200 sweep of benchmarks/RESULTS.md run 20
-# (``bench_search.py --sweep``: the whole forward per tile at T = 4096 and 8192).
-# _select_kernel: rows per program and warps; 2 warps were 4% faster than 4, 8 warps 9% slower;
-# the early exit took the whole forward from 1078 to 1046 us (run 21, same sets).
+# Launch tiles of the training-size kernels, from an H200 sweep (benchmarks/RESULTS.md;
+# ``bench_search.py --sweep``: the whole forward per tile at T = 4096 and 8192).
+# _select_kernel: rows per program and warps; 2 warps were faster than 4 or 8; the early exit
+# shortened the whole forward by a few percent.
 SELECT_TILE = dict(ROWS=1, num_warps=2, EARLY=True)
 # _rescore_topk_kernel: None takes ``rescore_config``; a dict(BLOCK_D=, num_warps=) overrides it.
 RESCORE_TILE = None
 # At or above this many (token, head, half) rows the re-scoring takes the training tile of
-# ``rescore_config``: 32 columns per block on 2 warps cut the T = 8192 forward by 17% (300 us on
-# an H200, run 20), 16 columns another 6% (run 21); decode-sized calls keep the tile their
-# latency was measured with (run 19).
+# ``rescore_config``: fewer columns per block on 2 warps (32, then 16) made the T = 8192 forward
+# faster on an H200; decode-sized calls keep the tile their latency was measured with.
 RESCORE_TRAINING_ROWS = 8192
 
 
@@ -170,8 +169,8 @@ def rescore_config(half: int, rows: int = 1) -> dict:
     """_rescore_topk_kernel tiles for ``rows`` = T * 2H programs: [K1_PAD, BLOCK_D] gathered fp32
     values and their int64 addresses live in registers. Few rows (decode): 64 columns per block
     on 4 warps, the fewest dependent steps per program. Many rows (training): 16 columns on 2
-    warps, more programs resident per SM (16 columns: 6% faster forward at T = 8192 on an H200,
-    benchmarks/RESULTS.md run 21). Both compile for sm_90 without spills at K1_PAD = 64
+    warps, more programs resident per SM (16 columns measured faster than 32 at T = 8192 on an
+    H200, benchmarks/RESULTS.md). Both compile for sm_90 without spills at K1_PAD = 64
     (tests/kernels/test_bf16_search.py)."""
     if rows >= RESCORE_TRAINING_ROWS:
         return dict(BLOCK_D=16, num_warps=2)

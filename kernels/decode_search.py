@@ -5,8 +5,8 @@ Shapes: query [T, H, 2, half], keys [H, 2, n, half] (fp32 or bf16/fp16, unit las
 scores [T, H, k] fp32 descending, indices [T, H, k] int64 = i * n + j; the contract of
 ``product_key_search`` without autograd.
 
-Why a separate path: at T = 1 the bf16 search (kernels/bf16_search.py) runs ~40 us on an H100
-(benchmarks/RESULTS.md run 19), because each of its stages has only 2H * T programs (8 at the
+Why a separate path: at T = 1 the bf16 search (kernels/bf16_search.py) is latency-bound on
+an H100 (benchmarks/RESULTS.md), because each of its stages has only 2H * T programs (8 at the
 paper's 4 heads) and long dependent chains (17 bisection rounds, a bitonic top-k) on them. Here
 the n sub-keys of each (token, head, half) are split across programs instead:
   1. ``_chunk_topk_kernel``, program (t, h*2 + c, chunk of BLOCK_N sub-keys): exact fp32 scores
@@ -27,7 +27,7 @@ from megatron_memory.kernels.triton_product_key import _check, _pack, _row_dots,
 
 # The dispatcher (kernels.product_key_search) takes this path for T <= MAX_TOKENS when no
 # gradient is needed.
-MAX_TOKENS = 4   # H100, run 19: 33-39 us vs the bf16 search's 40-42 at T = 1..4, 58 vs 43 at T = 16
+MAX_TOKENS = 4   # H100: faster than the bf16 search at T = 1..4, slower at T = 16
 
 
 @triton.jit
@@ -66,7 +66,7 @@ def decode_config(half: int, k_pad: int) -> dict:
     """Tiles of _chunk_topk_kernel: [BLOCK_N, BLOCK_D] fp32 values and their int64 addresses in
     registers (4096 of each at the layer's sizes; 4 warps, no spills on sm_90: the kernel test
     compiles it); BLOCK_N >= K_PAD for the chunk's top-k. 64 x 64 was the fastest at T = 1 and
-    4 of 27 tilings swept on an H100 (bench_search.py --profile, RESULTS.md run 19)."""
+    4 of 27 tilings swept on an H100 (bench_search.py --profile; benchmarks/RESULTS.md)."""
     return dict(BLOCK_N=max(64, k_pad), BLOCK_D=max(16, min(64, triton.next_power_of_2(half))),
                 num_warps=4)
 

@@ -6,7 +6,7 @@ keys [H, 2, n, half] (the parameter, bf16 or fp32) -> kn = rms_norm(keys) * half
 Triton kernel forward and one backward. The torch form (cast, rms_norm, scale, then the
 search's bf16 cast; in the backward the scale, rms_norm and cast backwards) dispatches four ops
 each way. The keys are small (2^21 values at the paper's sizes), so the time here is host
-launches: with micro-batch 1 a training step is host-bound (benchmarks/RESULTS.md run 20).
+launches: with micro-batch 1 a training step is host-bound (see benchmarks/RESULTS.md).
 
 Forward per row: r = (mean(x^2) + eps)^-1/2, y = s * x * r. Backward, from dy:
 dx = s * r * (dy - x_hat * mean(dy * x_hat)), x_hat = x * r (r recomputed from the keys).

@@ -182,8 +182,8 @@ def _token_kernel(grad_out, values, indices, weights, buf, dots, M, bag, d,
             v = tl.load(values + rows[:, None] * stride_v + cols[None, :], mask=m2, other=0.0)
         # Prefetch the next tile's indices while the row loads are in flight (as the forward
         # does): the gather address depends on them, so this takes one memory latency off
-        # every iteration. H200, 24 lookups at d = 2048 (benchmarks/RESULTS.md run 23):
-        # uniform 27.0 -> 23.8 ms, zipf 17.1 -> 15.4 ms.
+        # every iteration (measured ~10% faster on an H200, uniform and zipf indices;
+        # benchmarks/RESULTS.md).
         nb = b0 + BAG_BLOCK + bs
         rows_next = tl.load(indices + t * bag + nb, mask=nb < bag, other=0).to(tl.int64)
         if NEED_DOTS:
@@ -216,19 +216,19 @@ def gather_config(d: int, esize: int, bag: int) -> dict:
 
 def segment_config(d: int, esize: int) -> dict:
     """Small programs, many in flight: a run averages ~1.6 occurrences at T*bag ~ N, so each
-    program is a short chain of dependent loads and occupancy hides their latency. H200 sweep at
-    d=4096, T=8192 (RESULTS.md, run 5-6): BLOCK_D=512 (bf16), one occurrence per step, 2 warps
-    ran fwd+bwd+main_grad in 11.8 ms vs 13.1 ms for 1024/2/2 and 16.3 ms for 1024/4/4; zipf-skewed
-    indices stay within 5% of the best swept config."""
+    program is a short chain of dependent loads and occupancy hides their latency. In an H200
+    sweep at d=4096, T=8192 (benchmarks/tune_segment.py; benchmarks/RESULTS.md): BLOCK_D=512
+    (bf16), one occurrence per step, 2 warps ran fwd+bwd+main_grad fastest, ahead of 1024/2/2 and
+    1024/4/4, and zipf-skewed indices stayed close to the best swept config."""
     block_d = max(16, min(triton.next_power_of_2(d), 1024 // esize))
     return dict(BLOCK_D=block_d, BLOCK_P=1, num_warps=max(1, min(8, block_d // 256)))
 
 
 # The deferred fold's tile, from the H200 sweep of ``bench_table_grad.py --sweep`` (24 lookups,
-# benchmarks/RESULTS.md run 21): each program keeps BLOCK_P gradient slices of BLOCK_D columns in
-# flight on one warp. 128 x 8 on 1 warp folded in 29.4 ms where the per-lookup tile (512 x 1 on
-# 2 warps) took 34.7 ms. Narrower blocks, meant to keep one block's slice of every gradient in L2,
-# were slower (64 columns: 48.5 ms): every occurrence still moves its gradient slice, from L2
+# benchmarks/RESULTS.md): each program keeps BLOCK_P gradient slices of BLOCK_D columns in
+# flight on one warp. 128 x 8 on 1 warp folded faster than the per-lookup tile (512 x 1 on
+# 2 warps). Narrower blocks, meant to keep one block's slice of every gradient in L2,
+# were slower (64 columns): every occurrence still moves its gradient slice, from L2
 # instead of HBM, and L2 bandwidth is not much above HBM's.
 FOLD_TILE = dict(BLOCK_D=128, BLOCK_P=8, num_warps=1)
 # Occurrences of one row per fold chunk: the step's runs are ~lookups x longer than one lookup's,
@@ -236,7 +236,7 @@ FOLD_TILE = dict(BLOCK_D=128, BLOCK_P=8, num_warps=1)
 FOLD_CHUNK = 4096
 # Programs per SM along the fold's chunk axis (each walks chunks p, p + P, ...). One-warp
 # programs: more of them resident hide more gather latency. H200, 24 zipf lookups at d = 2048
-# (benchmarks/RESULTS.md run 22): 4/SM 34.0 ms, 16/SM 31.9, 64/SM 28.3, 128/SM 27.4.
+# (benchmarks/RESULTS.md): the time fell steadily from 4 to 128 programs per SM.
 FOLD_PROGRAMS_PER_SM = 128
 
 

@@ -194,13 +194,13 @@ def candidates_block(P: int) -> int:
 
 
 # Below this many (t, h) rows the product step runs one row per program on one warp. A decode
-# step (T = 1, 4 heads) has 4 rows: as one 16-row program on 4 warps the kernel took 23.4 us of
-# a 35 us search on an H100 (benchmarks/RESULTS.md run 19); its sorting network is latency-bound.
+# step (T = 1, 4 heads) has 4 rows: as one 16-row program on 4 warps the kernel took two thirds
+# of the search on an H100 (benchmarks/RESULTS.md); its sorting network is latency-bound.
 SMALL_ROWS = 256
 # (rows per program, warps) of the product step above SMALL_ROWS rows; None: (candidates_block, 4).
-# One warp per 4-row program: the H200 sweep of benchmarks/RESULTS.md run 20 (bench_search.py
-# --sweep) measured the T = 8192 training forward 18% faster than with 16 rows on 4 warps (the
-# product step from ~350 to ~40 us); its sorting network is latency-bound, like a decode step's.
+# One warp per 4-row program: an H200 sweep (bench_search.py --sweep; benchmarks/RESULTS.md)
+# measured the T = 8192 training forward faster than with 16 rows on 4 warps (the product step
+# several times faster); its sorting network is latency-bound, like a decode step's.
 CANDIDATES_TILE = (4, 1)
 
 

@@ -76,9 +76,9 @@ class QueryNorm(str, enum.Enum):
     """Normalisation of the memory query across tokens (before the half split and QK-norm).
 
     Why: in training the residual stream soon carries one direction shared by every token; the
-    queries then all point the same way and pick the same few keys (key-usage collapse,
-    ``shared/notes/key-usage-findings.md``). Per-token norms (QK-norm) cannot remove what is
-    shared across tokens; statistics over tokens can.
+    queries then all point the same way and pick the same few keys (key-usage collapse; see
+    "Key usage by query norm" in benchmarks/RESULTS.md). Per-token norms (QK-norm) cannot remove
+    what is shared across tokens; statistics over tokens can.
     """
 
     NONE = "none"            # query as is (reference)
@@ -288,8 +288,8 @@ class TrainConfig(_Section):
                                            "read-modify-write pass per lookup; keeps each lookup's "
                                            "output gradient until then (up to "
                                            "defer_table_grad_gib); default: on with CUDA (Triton "
-                                           "lookups; 98.6% vs 96.7% of dense tokens/s on 2 x H200, "
-                                           "benchmarks/RESULTS.md run 21)")
+                                           "lookups; measured faster than per-lookup passes on "
+                                           "H200, see benchmarks/RESULTS.md)")
     defer_table_grad_gib: float = opt(1.0, "with defer_table_grad: GiB of recorded output "
                                       "gradients, indices and weights at which the table's "
                                       "gradient is folded before the step ends, bounding that "
@@ -299,10 +299,10 @@ class TrainConfig(_Section):
                                             "replay them (megatron_memory/model/graphs.py): at "
                                             "micro-batch 1 a step is bound by the host's kernel "
                                             "launches, ~130 per memory-layer pass; default: on "
-                                            "with CUDA, bf16 and pipeline size 1 (2 x H200, "
-                                            "benchmarks/RESULTS.md run 25: 102.7% of dense "
-                                            "tokens/s at micro-batch 1 against 72.4% eager, "
-                                            "100.0% against 100.2% at micro-batch 4)")
+                                            "with CUDA, bf16 and pipeline size 1 (measured "
+                                            "faster than eager at micro-batch 1 on H200 and "
+                                            "as fast at micro-batch 4, see "
+                                            "benchmarks/RESULTS.md)")
     ddp_bucket_size: Optional[int] = opt(None, "parameters per data-parallel communication bucket "
                                          "(Megatron-LM's --ddp-bucket-size); default megatron-core's "
                                          "max(40M, 1M x DP)")

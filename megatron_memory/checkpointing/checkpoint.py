@@ -326,8 +326,8 @@ def save_strategy(fully_parallel: bool, threads: int = 1):
     """megatron-core's torch_dist save strategy writing each rank's share with ``threads``
     threads (one file each); with ``fully_parallel`` and DP > 1 wrapped so
     that each tensor the DP ranks hold in common is written by one of them, balanced by size,
-    instead of all by DP rank 0. Why: run 10's 130 GiB 8B checkpoint took ~450 s to save at DP=2
-    with DP rank 0 writing everything (0.27 GiB/s on a disk that loads at 0.8 GiB/s). Same format
+    instead of all by DP rank 0. Why: with DP rank 0 writing everything, a 130 GiB 8B checkpoint
+    saved at DP=2 at about a third of the disk's read bandwidth. Same format
     either way (only which rank wrote which file differs): any layout loads either."""
     strategy = get_default_save_sharded_strategy()
     strategy.thread_count = threads
@@ -361,8 +361,8 @@ def load_strategy(base: TorchDistLoadShardedStrategy, fully_parallel: bool):
     """``base`` alone, or with ``fully_parallel`` and DP > 1 wrapped so that each tensor the DP
     ranks need in common (the weights, the fully reshardable optimizer state) is read from storage
     by one of them and broadcast to the others, instead of read by every DP rank (as Megatron-LM's
-    --ckpt-fully-parallel-load). Why: run 10's 8B load took 163 s at DP=2 with both ranks reading
-    the whole 130 GiB; a shared file system's bandwidth is split, a broadcast over NVLink is not."""
+    --ckpt-fully-parallel-load). Why: otherwise every DP rank reads the whole checkpoint (130 GiB
+    for the 8B model); a shared file system's bandwidth is split, a broadcast over NVLink is not."""
     group = _parallel_io_group(fully_parallel)
     return FullyParallelLoadStrategyWrapper(base, group) if group is not None else base
 

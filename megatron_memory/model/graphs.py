@@ -3,9 +3,9 @@
 
 Why: at micro-batch 1 a training step is bound by the host, not the GPU. One Memory+ pass
 enqueues ~130 kernels: 16 Triton launches at ~22 us of host time each, autograd Functions at
-~70 us, the TP collectives. That is 4-6 ms of host time for ~1 ms of GPU work (RESULTS.md run
-23). Two graphs per layer, its forward and its backward with the weight-gradient accumulation,
-replace all of it with two graph launches and a few copies.
+~70 us, the TP collectives. That is 4-6 ms of host time for ~1 ms of GPU work (measured on
+an H200, benchmarks/RESULTS.md). Two graphs per layer, its forward and its backward with the
+weight-gradient accumulation, replace all of it with two graph launches and a few copies.
 
 How: the recipe of ``torch.cuda.make_graphed_callables``, with the DDP side of Megatron's local
 CUDA graphs (``megatron.core.transformer.cuda_graphs``):

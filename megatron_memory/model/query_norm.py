@@ -3,7 +3,7 @@
 
 Why: a few optimizer steps into training every token's memory input carries one shared direction
 (90-99% of its energy), all queries point the same way and pick the same keys. Statistics over
-tokens remove that shared part; per-token norms (QK-norm) cannot (key-usage-findings.md).
+tokens remove that shared part; per-token norms (QK-norm) cannot (see benchmarks/RESULTS.md).
 
 Shapes: q [T, D] with D = heads * k_dim (the whole query, before the half split and QK-norm).
 
@@ -72,7 +72,7 @@ class _TokenBatchNorm(torch.autograd.Function):
 
     Why written out: autograd of the same formula runs ~55 ops per layer and micro-batch, most of
     them on [D] vectors (benchmarks/count_layer_ops.py); at micro-batch 1 the step is host-bound
-    and launches are what it spends (benchmarks/RESULTS.md run 20). This runs ~30, and five
+    and launches are what it spends (see benchmarks/RESULTS.md). This runs ~30, and five
     passes over [T, D] forward and backward where autograd made ~16. The gradient is the
     formula's: through the sums, d sum q = dmean / n and d sum q^2 = dvar / n with
     dmean = -sum(dy) * scale - 2 * mean * dvar, dvar = -1/2 * rstd^2 * scale * sum(dy * (q - mean)).

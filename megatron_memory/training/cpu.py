@@ -1,7 +1,7 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """Run real Megatron-Core on a machine without CUDA (tests, CI, the tiny default job).
 
-Megatron-Core 0.19.2 assumes CUDA in a handful of places (see shared notes, megatron-on-cpu.md);
+Megatron-Core 0.19.2 assumes CUDA in a handful of places;
 each shim below points one of them at the CPU. They touch private names, which is why
 megatron-core is pinned, and they are installed only when CUDA is unavailable.
 """

@@ -7,7 +7,7 @@ mixed-precision optimizer over torch's fused AdamW, local GPT spec, fused Triton
 
   bf16: weights 2 B/param, grad buffer 4 B, fp32 master + Adam m, v 12 B (/DP with the
   distributed optimizer); fp32 (CPU): 4 + 4 + 8. No optimizer-step temporary is counted: on the
-  H200 runs of benchmarks/RESULTS.md (2026-11-26) peaks showed none the size of a param group.
+  H200 runs of benchmarks/RESULTS.md peaks showed none the size of a param group.
   Activations per micro-batch and layer (e = 2 bytes, T = s*b tokens, t = TP, t_sp = t with
   sequence parallelism else 1), counted from the tensors autograd saves (checked on CPU in
   tests/tools): attention e*T*h*(3/t_sp + 4/t) + 6*b*(a/t)*s^2 (fp32 softmax kept for its
@@ -29,9 +29,8 @@ mixed-precision optimizer over torch's fused AdamW, local GPT spec, fused Triton
   fully-reshardable save all-gathers the data-parallel group's optimizer state onto every rank
   (NCCL, its default), so a rank briefly holds DP x its shard. The blocks freed by the
   activations are not reused for those buffers in practice, so the save peak is the training
-  peak plus (DP - 1) x the optimizer shard: on 4 x H200 (RESULTS.md run 10, TP=2, DP=2, 8B
-  Memory+) the ranks held 104.5 GiB while saving, against 78.2 GiB in training and 106.8 GiB
-  predicted this way.
+  peak plus (DP - 1) x the optimizer shard, which matched the measured save peak of the 8B
+  Memory+ model on 4 x H200 (TP=2, DP=2; see benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 

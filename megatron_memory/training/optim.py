@@ -4,8 +4,8 @@ step counters.
 
 Without Apex or Transformer Engine, megatron-core 0.19.2 builds ``torch.optim.AdamW`` with its
 default, the foreach implementation: about ten elementwise passes over every fp32 state tensor
-per step. For the value table that is the largest fixed cost of a step (2xH200, 8B width, TP=2:
-the optimizer step took 71.8 ms with Memory+ vs 26.4 ms dense, benchmarks/RESULTS.md run 8): the
+per step. For the value table that is the largest fixed cost of a step (at the 8B width the
+optimizer step measured well over twice the dense model's; see benchmarks/RESULTS.md): the
 table's 2^20 x 2048 fp32 slice per rank is read and written many times over. torch's fused AdamW
 (one kernel per device and dtype, CUDA and CPU) reads the parameter, gradient and both moments
 once and writes them once. Megatron gives no way to ask for it, so it is switched on in place,

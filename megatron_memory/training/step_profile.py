@@ -96,8 +96,8 @@ def device_kernels(prof) -> list[tuple[str, float, float]]:
     Kineto also puts every ``record_function`` range that ran GPU work on the GPU timeline
     ("gpu_user_annotation": ``Optimizer.step#AdamW.step``, c10d's ``nccl:all_reduce``), with
     device type CUDA and a span covering its kernels. Those are left out: counted as kernels
-    they doubled the optimizer and NCCL kinds (run 21's "optimizer +33 ms" was 16.5 ms of AdamW
-    kernels plus its annotation)."""
+    they doubled the optimizer and NCCL kinds (an optimizer step's AdamW kernels counted once
+    more as their annotation)."""
     from torch.autograd import DeviceType  # only when a profile is summarised
 
     return [(e.name, e.time_range.start, e.time_range.end) for e in prof.events()

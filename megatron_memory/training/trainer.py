@@ -89,7 +89,7 @@ def transformer_config(cfg: RunConfig, bf16: bool):
         use_cpu_initialization=on_cpu,
         recompute_granularity="selective" if cfg.train.recompute_activations else None,
         recompute_modules=["core_attn", "mlp"] if cfg.train.recompute_activations else None,
-        # Fused paths need CUDA extensions; batch_p2p_comm on gloo swaps activations (shared notes).
+        # Fused paths need CUDA extensions; batch_p2p_comm on gloo swaps the activations it sends.
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         batch_p2p_comm=not on_cpu, batch_p2p_sync=not on_cpu,

@@ -25,8 +25,9 @@ from pathlib import Path
 from typing import Optional
 
 from megatron_memory.cli import absolute_paths, config_from_args
-from megatron_memory.config import STOP_FILE_ENV, ConfigError
+from megatron_memory.config import STOP_FILE_ENV
 from megatron_memory.training.preflight import check_inputs
+from megatron_memory.errors import InputError, MegatronMemoryError, command
 
 ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "PYTHONUNBUFFERED": "1"}
 
@@ -199,13 +200,15 @@ def resolve(a) -> None:
     check_inputs(cfg, world_size=a.nnodes * a.nproc_per_node, cuda=True)
 
 
+@command
 def main(argv=None) -> int:
     a = parse(sys.argv[1:] if argv is None else argv)
     try:
         resolve(a)
-    except (ValueError, ConfigError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    except MegatronMemoryError:
+        raise
+    except (ValueError, KeyError) as err:  # a hostfile, address or port as given
+        raise InputError(str(err)) from err
     env_line = " ".join(f"{k}={v}" for k, v in ENV.items())
     if a.launcher == "slurm":
         script = slurm_script(a)
@@ -226,8 +229,7 @@ def main(argv=None) -> int:
             print(f"{where}{env_line} {shlex.join(cmd)}")
         return 0
     if len(cmds) > 1:
-        print("error: torchrun on several nodes: run this on each node with --node-rank", file=sys.stderr)
-        return 2
+        raise InputError("torchrun on several nodes: run this on each node with --node-rank")
     return subprocess.call(cmds[0], env={**os.environ, **ENV})
 
 

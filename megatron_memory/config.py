@@ -15,15 +15,13 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_memory.errors import ConfigError  # noqa: F401  (raised here; importers take it from here too)
+
 
 # A file whose appearance stops a run like SIGTERM (finish the step, save, exit 0). The SLURM
 # script sets it: a signal sent to the batch shell before the time limit cannot reach the training
 # processes behind srun and torchrun, whose agent kills its workers before a large save completes.
 STOP_FILE_ENV = "MEGATRON_MEMORY_STOP_FILE"
-
-
-class ConfigError(ValueError):
-    """A configuration value is invalid; the message names the field and what to change."""
 
 
 class _Section:

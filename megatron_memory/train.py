@@ -2,29 +2,17 @@
 """Entry point: ``python -m megatron_memory.train [--preset NAME] [flags]`` (see --help)."""
 from __future__ import annotations
 
-import logging
 import os
 import sys
 import time
-import warnings
 from pathlib import Path
 from typing import Optional
 
-from megatron_memory.checkpointing.checkpoint import CheckpointError
 from megatron_memory.cli import config_from_args
-from megatron_memory.config import ConfigError
 from megatron_memory.describe import describe
+from megatron_memory.errors import command
 from megatron_memory.training.memory_estimate import estimate
 from megatron_memory.training.preflight import check_inputs
-
-
-def _quiet_libraries() -> None:
-    """Megatron and torch warn about optional extras (Apex, TE, CUDA) on every rank; the run
-    prints what matters itself."""
-    warnings.filterwarnings("ignore")
-    warnings.filterwarnings("default", module="megatron_memory")
-    for name in ("megatron", "torch.distributed", "torch.utils.cpp_extension"):
-        logging.getLogger(name).setLevel(logging.ERROR)
 
 
 def summary(cfg, trainer, hist) -> str:
@@ -72,31 +60,21 @@ def summary(cfg, trainer, hist) -> str:
     return "\n".join(lines + ["=" * 72])
 
 
-def _fail(err: Exception) -> int:
-    """One line on stderr (once per node under a launcher), exit code 2."""
-    if os.environ.get("LOCAL_RANK", "0") == "0":
-        print(f"error: {err}", file=sys.stderr)
-    return 2
-
-
 def _cuda_available() -> bool:
     import torch  # lazy: --help answers without loading torch
 
     return torch.cuda.is_available()
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
-    try:
-        cfg, args = config_from_args(argv)
-        world_size = int(os.environ.get("WORLD_SIZE", "1"))
-        if args.print_config:
-            print(describe(cfg, world_size))
-            return 0
-        # data, tokenizer, vocabulary, outputs: seconds, no model
-        check_inputs(cfg, world_size, cuda=_cuda_available())
-    except ConfigError as err:
-        return _fail(err)
-    _quiet_libraries()
+    cfg, args = config_from_args(argv)
+    world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    if args.print_config:
+        print(describe(cfg, world_size))
+        return 0
+    # data, tokenizer, vocabulary, outputs: seconds, no model
+    check_inputs(cfg, world_size, cuda=_cuda_available())
     # Lazy: torch and Megatron load only to train, so --help and --print-config answer at once.
     import torch.distributed as dist
 
@@ -105,9 +83,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     t0 = time.time()
     try:
         trainer = Trainer(cfg)
-    except (ConfigError, FileNotFoundError, FileExistsError, CheckpointError) as err:
-        _shutdown()
-        return _fail(err)
+    except BaseException:
+        _shutdown()  # the process group first: then the error line (command) and exit code 2
+        raise
     if dist.get_rank() == 0:
         print(f"built in {time.time() - t0:.1f} s; training {cfg.train.steps} steps "
               f"of {trainer.global_batch} x {cfg.model.seq_length} tokens", flush=True)

@@ -42,6 +42,7 @@ from pathlib import Path
 from typing import Iterable, Optional
 
 from megatron_memory.training.data import Tokenizer, train_bpe_tokenizer, write_indexed_dataset
+from megatron_memory.errors import InputError, command
 
 
 @dataclass(frozen=True)
@@ -328,6 +329,7 @@ def build(archives: list[tuple[Path, "Source | DebSource"]], out: Path, vocab_si
     return manifest
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_memory.tools.build_text_corpus",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -340,18 +342,15 @@ def main(argv: Optional[list[str]] = None) -> int:
                    help="also the Debian documentation packages of DEBIAN_SOURCES (~50 MB of prose)")
     args = p.parse_args(argv)
     if args.vocab_size < 300:
-        print("error: --vocab-size must be >= 300 (256 bytes + specials + merges)", file=sys.stderr)
-        return 2
+        raise InputError("--vocab-size must be >= 300 (256 bytes + specials + merges)")
     if (args.out / "text_document.bin").exists():
-        print(f"error: {args.out} already holds a corpus; choose another --out", file=sys.stderr)
-        return 2
+        raise InputError(f"{args.out} already holds a corpus; choose another --out")
     try:
         sources = SOURCES + (DEBIAN_SOURCES if args.debian else ())
         archives = [(src.fetch(args.cache), src) for src in sources]
         manifest = build(archives, args.out, args.vocab_size)
     except RuntimeError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise InputError(str(err)) from err
     print(f"wrote {args.out}: {manifest['documents']:,} documents, {manifest['tokens']:,} tokens")
     return 0
 

@@ -41,7 +41,6 @@ from tqdm import tqdm
 from megatron_memory.checkpointing import checkpoint
 
 from megatron_memory.training import data
-from megatron_memory.config import ConfigError
 from megatron_memory.export.hf_format import (
     SAFETENSORS_DTYPES,
     hf_config,
@@ -55,6 +54,7 @@ from megatron_memory.export.hf_format import (
 )
 from megatron_memory.checkpointing.integrity import write_manifest
 from megatron_memory.export.standalone import weight_files
+from megatron_memory.errors import InputError, MegatronMemoryError, command
 
 COMMON_KEY = "common_state/shard_0_1"  # where megatron-core's torch_dist format keeps common state
 
@@ -216,6 +216,7 @@ def to_megatron(hf_dir: str, out: str) -> Path:
 # CLI
 # ---------------------------------------------------------------------------------------------
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megatron_memory.tools.convert_checkpoint",
                                  description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -237,10 +238,10 @@ def main(argv: Optional[list[str]] = None) -> int:
             path = to_hf(a.checkpoint, a.out, a.tokenizer, a.max_shard_size, verify=not a.no_verify)
         else:
             path = to_megatron(a.folder, a.out)
-    except (ConfigError, checkpoint.CheckpointError, FileNotFoundError, FileExistsError,
-            KeyError, ValueError) as err:
-        print(f"error: {str(err).strip(chr(39))}", file=sys.stderr)
-        return 2
+    except MegatronMemoryError:
+        raise
+    except (KeyError, ValueError) as err:  # a tensor name or shape the folder lacks: its fault
+        raise InputError(str(err).strip("'")) from err
     print(f"wrote {path}")
     return 0
 

@@ -31,6 +31,8 @@ import sys
 from pathlib import Path
 from typing import Callable, Iterable, Optional
 
+from megatron_memory.errors import InputError, command
+
 _SYL = ("ka ri to ze lan vi mo su der ba ne gol fa tir un es ho qui ma ren sa lo pe dra "
         "cor mil tan ve bo ri ul am").split()
 JOBS = ("baker weaver pilot doctor painter farmer sailor teacher miner judge poet architect "
@@ -205,6 +207,7 @@ def cmd_evaluate(args) -> int:
     return 0
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_memory.tools.fact_recall",
                                 description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -227,23 +230,18 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     if args.cmd == "generate":
         if args.entities < 1 or args.per_fact < 1:
-            print("error: --entities and --per-fact must be >= 1", file=sys.stderr)
-            return 2
+            raise InputError("--entities and --per-fact must be >= 1")
         if not 0 <= args.qa_share < 1:
-            print("error: --qa-share must be in [0, 1) (some entities must stay held out)", file=sys.stderr)
-            return 2
+            raise InputError("--qa-share must be in [0, 1) (some entities must stay held out)")
         if args.mix_with and not args.mix_with.is_file():
-            print(f"error: --mix-with {args.mix_with} not found", file=sys.stderr)
-            return 2
+            raise InputError(f"--mix-with {args.mix_with} not found")
         return cmd_generate(args)
     if not args.questions.is_file():
-        print(f"error: --questions {args.questions} not found", file=sys.stderr)
-        return 2
+        raise InputError(f"--questions {args.questions} not found")
     try:
         return cmd_evaluate(args)
     except (FileNotFoundError, ValueError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise InputError(str(err)) from err
 
 
 if __name__ == "__main__":

@@ -16,8 +16,8 @@ import sys
 
 from megatron_memory.training import memory_estimate
 from megatron_memory.cli import config_from_args
-from megatron_memory.config import ConfigError
 from megatron_memory.training.memory_estimate import GIB, Layout, StageMemory, estimate, layouts
+from megatron_memory.errors import InputError, command
 
 
 def format_table(rows: list[StageMemory], gpu_gib: float) -> str:
@@ -47,14 +47,14 @@ def pick(cfg, a) -> int:
     rows = layouts(cfg, a.world_size, a.vocab_size, a.gpu_gib * GIB, a.headroom, cuda=not a.fp32)
     print(format_layouts(rows, a.gpu_gib))
     if not rows or not rows[0].fits:
-        print(f"error: no TP x PP layout of {a.world_size} GPUs keeps the peak under "
-              f"{1 - a.headroom:.0%} of {a.gpu_gib:g} GiB (try --recompute-activations, a smaller "
-              f"micro-batch or more GPUs)", file=sys.stderr)
-        return 2
+        raise InputError(f"no TP x PP layout of {a.world_size} GPUs keeps the peak under "
+                         f"{1 - a.headroom:.0%} of {a.gpu_gib:g} GiB (try --recompute-activations, "
+                         f"a smaller micro-batch or more GPUs)")
     print("pick: " + " ".join(rows[0].flags()))
     return 0
 
 
+@command
 def main(argv=None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     train_args = argv[argv.index("--") + 1:] if "--" in argv else []
@@ -80,19 +80,13 @@ def main(argv=None) -> int:
     a = ap.parse_args(own)
     for flag, value in (("--world-size", a.world_size), ("--vocab-size", a.vocab_size), ("--gpu-gib", a.gpu_gib)):
         if value <= 0:
-            print(f"error: {flag} must be > 0, got {value}", file=sys.stderr)
-            return 2
+            raise InputError(f"{flag} must be > 0, got {value}")
     if not 0 <= a.headroom < 1:
-        print(f"error: --headroom must be in [0, 1), got {a.headroom}", file=sys.stderr)
-        return 2
-    try:
-        cfg, _ = config_from_args(train_args)
-        if a.pick:
-            return pick(cfg, a)
-        rows = estimate(cfg, a.world_size, a.vocab_size, cuda=not a.fp32)
-    except (ConfigError, KeyError) as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise InputError(f"--headroom must be in [0, 1), got {a.headroom}")
+    cfg, _ = config_from_args(train_args)
+    if a.pick:
+        return pick(cfg, a)
+    rows = estimate(cfg, a.world_size, a.vocab_size, cuda=not a.fp32)
     print(format_table(rows, a.gpu_gib))
     return 0
 

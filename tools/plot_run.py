@@ -17,6 +17,8 @@ from collections import defaultdict
 from pathlib import Path
 from typing import Optional
 
+from megatron_memory.errors import InputError, command
+
 LAYER_TAG = re.compile(r"memory/(?P<stat>[a-z_]+)_layer(?P<layer>\d+)$")
 USAGE_STATS = (("keys_used", "used per window"), ("effective_usage", "effective"),
                ("cumulative", "cumulative"))
@@ -100,6 +102,7 @@ def plot_runs(runs: list[tuple[str, dict]], out: Path) -> list[Path]:
     return written
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     p = argparse.ArgumentParser(prog="python -m megatron_memory.tools.plot_run",
                                 description=__doc__.splitlines()[0])
@@ -109,18 +112,15 @@ def main(argv: Optional[list[str]] = None) -> int:
     args = p.parse_args(argv)
     labels = args.labels or [r.name for r in args.runs]
     if len(labels) != len(args.runs):
-        print(f"error: {len(labels)} labels for {len(args.runs)} runs", file=sys.stderr)
-        return 2
+        raise InputError(f"{len(labels)} labels for {len(args.runs)} runs")
     try:
         import matplotlib  # noqa: F401  (function-local: optional dependency, checked up front)
     except ImportError:
-        print("error: plotting needs matplotlib: pip install 'megatron-memory[plot]'", file=sys.stderr)
-        return 2
+        raise InputError("plotting needs matplotlib: pip install 'megatron-memory[plot]'")
     try:
         runs = [(label, read_scalars(r)) for label, r in zip(labels, args.runs)]
     except FileNotFoundError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise InputError(str(err)) from err
     for f in plot_runs(runs, args.out):
         print(f)
     return 0

@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 from megatron_memory.training.data import Tokenizer, read_jsonl, write_indexed_dataset
+from megatron_memory.errors import InputError, command
 
 
 def _check(args, inp: Path, out: Path) -> Tokenizer:
@@ -41,6 +42,7 @@ def _check(args, inp: Path, out: Path) -> Tokenizer:
         raise ValueError(str(err)) from None
 
 
+@command
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(prog="python -m megatron_memory.tools.preprocess_data", description=__doc__,
                                  formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -61,8 +63,7 @@ def main(argv=None) -> int:
         n = write_indexed_dataset(read_jsonl(inp, args.json_key), tok, out, append_eod=not args.no_eod)
     except (ValueError, OSError) as err:  # nothing half-written: the writer renames when complete
         msg = str(err)  # the writer's "no documents" is the only message without a file name
-        print(f"error: {inp}: {msg}" if msg.startswith("no documents") else f"error: {msg}", file=sys.stderr)
-        return 2
+        raise InputError(f"{inp}: {msg}" if msg.startswith("no documents") else msg) from err
     print(f"wrote {out}.bin/.idx/.json: {n:,} tokens in {time.time() - t0:.1f} s")
     return 0
 

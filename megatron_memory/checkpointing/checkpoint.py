@@ -50,14 +50,12 @@ from megatron.core.optimizer.distrib_optimizer import DistributedOptimizer
 from megatron.core.tensor_parallel.random import get_cuda_rng_tracker
 
 from megatron_memory.config import ConfigError, QueryNorm, RunConfig
+from megatron_memory.errors import CheckpointError
 from megatron_memory.checkpointing.integrity import MANIFEST, IntegrityError, verify_manifest, write_manifest
 
 TRACKER = "latest_checkpointed_iteration.txt"
 FORMAT_VERSION = 1
 
-
-class CheckpointError(RuntimeError):
-    """A checkpoint cannot be used; the message names the directory or file and the fix."""
 
 def iteration_dir(root: str | os.PathLike, iteration: int) -> Path:
     return Path(root) / f"iter_{iteration:07d}"

@@ -19,12 +19,10 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from megatron_memory.errors import IntegrityError
+
 MANIFEST = "integrity.json"
 _CHUNK = 16 << 20  # large reads: one GIL release per 16 MiB hashed
-
-
-class IntegrityError(RuntimeError):
-    """Files that do not match the manifest; the message names them."""
 
 
 def _sha256(path: Path) -> str:

@@ -13,6 +13,8 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from megatron_memory.errors import InputError, command
+
 DTYPES = ("float32", "bfloat16", "float16")
 
 
@@ -36,7 +38,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def _check(args) -> tuple[Path, dict]:
-    """Everything that can be wrong before loading: returns (folder, config), raises ValueError."""
+    """Everything that can be wrong before loading: returns (folder, config), raises InputError."""
     # Lazy (here and in main): --help and argument errors answer before torch loads.
     import torch
 
@@ -44,40 +46,40 @@ def _check(args) -> tuple[Path, dict]:
 
     folder = Path(args.checkpoint)
     if not folder.is_dir():
-        raise ValueError(f"checkpoint folder {folder} does not exist")
+        raise InputError(f"checkpoint folder {folder} does not exist")
     if not (folder / "config.json").is_file():
-        raise ValueError(f"{folder} is not an exported model folder (no config.json; convert a "
+        raise InputError(f"{folder} is not an exported model folder (no config.json; convert a "
                          "Megatron checkpoint with tools/convert_checkpoint.py)")
     if not (folder / "tokenizer.json").is_file():
-        raise ValueError(f"{folder} has no tokenizer.json")
+        raise InputError(f"{folder} has no tokenizer.json")
     try:
         config = json.loads((folder / "config.json").read_text())
         ModelArgs.from_config(config)
         weight_files(folder)
-    except (json.JSONDecodeError, ValueError, FileNotFoundError) as err:
-        raise ValueError(f"{folder}: {err}") from err
-    check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except (json.JSONDecodeError, ValueError, FileNotFoundError) as err:  # standalone's: plain torch
+        raise InputError(f"{folder}: {err}") from err
+    try:
+        check_sampling(args.max_new_tokens, args.temperature, args.top_k, args.top_p)
+    except ValueError as err:  # standalone's own (plain torch, no megatron_memory errors)
+        raise InputError(str(err)) from err
     from tokenizers import Tokenizer  # lazy: see the comment above
 
 
     vocab = Tokenizer.from_file(str(folder / "tokenizer.json")).get_vocab_size()
     if vocab > config["vocab_size"]:
-        raise ValueError(f"{folder}: tokenizer.json has {vocab} tokens, the model only "
+        raise InputError(f"{folder}: tokenizer.json has {vocab} tokens, the model only "
                          f"{config['vocab_size']} (tokenizer and weights do not belong together)")
     if args.device == "cuda" and not torch.cuda.is_available():
-        raise ValueError("--device cuda: no CUDA device available")
+        raise InputError("--device cuda: no CUDA device available")
     if any(not p for p in args.prompt):
-        raise ValueError("--prompt must not be empty")
+        raise InputError("--prompt must not be empty")
     return folder, config
 
 
+@command
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
-    try:
-        folder, config = _check(args)
-    except ValueError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+    folder, config = _check(args)
     # Lazy: see _check.
     import torch
     from tokenizers import Tokenizer
@@ -89,15 +91,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         model = MemoryGPT.from_pretrained(folder, device=args.device, dtype=dtype)
     except (ValueError, FileNotFoundError) as err:  # a shard missing or corrupt
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+        raise InputError(str(err)) from err
     eos = config.get("eos_token_id")
     pad = config.get("pad_token_id", eos if eos is not None else 0)
     gen = torch.Generator(device=args.device).manual_seed(args.seed)
     prompts = [tok.encode(p).ids for p in args.prompt]
     if any(not p for p in prompts):
-        print("error: a prompt encodes to no tokens", file=sys.stderr)
-        return 2
+        raise InputError("a prompt encodes to no tokens")
     outs = generate(model, prompts, args.max_new_tokens, temperature=args.temperature,
                     top_k=args.top_k, top_p=args.top_p, eos_token_id=eos, pad_token_id=pad,
                     generator=gen, vocab_limit=tok.get_vocab_size())

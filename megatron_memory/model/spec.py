@@ -5,7 +5,6 @@ spec (``model.transformer_impl``) is used only where TE is importable: it fuses 
 norms into the following linear layer, so a memory layer gets a norm of its own there."""
 from __future__ import annotations
 
-import warnings
 from typing import Optional
 
 import torch
@@ -19,6 +18,7 @@ from megatron.core.transformer.transformer_config import TransformerConfig
 
 from megatron_memory.model.attention import core_attention_module
 from megatron_memory.config import MemoryConfig
+from megatron_memory.errors import note_once
 from megatron_memory.model.layer import MemoryPlus, MemoryValues
 from megatron_memory.model.parallel import local_layer_ids
 
@@ -51,7 +51,8 @@ def norm_impl():
     if HAVE_APEX:
         return FusedLayerNorm
     if not _warned_no_apex:
-        warnings.warn("Apex is not installed: using torch norms (slower on GPU, same math)")
+        note_once("apex", "Apex is not installed: torch norms instead of its fused ones (same "
+                          "math; slower on GPU)")
         _warned_no_apex = True
     return TorchNorm
 

@@ -171,6 +171,8 @@ def write_indexed_dataset(texts: Iterable[str], tokenizer: Tokenizer, prefix: st
         for t, f in zip(temps, finals):
             os.replace(t, f)
     finally:  # on success nothing is left; on error the temporaries go
+        if not builder.data_file.closed:  # an error before finalize left it open
+            builder.data_file.close()
         for t in temps:
             t.unlink(missing_ok=True)
     return total

@@ -57,6 +57,11 @@ class MemoryGPTModel(GPTModel):
         self.memory_config = memory_config
         self.memory_layer_ids = local_memory
         self.memory_values = values  # registered once, here
+        # With --recompute-activations the dense FFNs are recomputed, never a memory layer: a
+        # second lookup costs more than the activations it saves.
+        for layer in self.decoder.layers:
+            if isinstance(layer.mlp, MemoryPlus):
+                layer.recompute_mlp = False
         self._link_pipeline_copies(config, memory_config)
 
     def _link_pipeline_copies(self, config, memory_config) -> None:

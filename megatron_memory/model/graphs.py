@@ -106,7 +106,8 @@ class _Replay(torch.autograd.Function):
 
 
 class MemoryLayerGraph:
-    """The forward and backward graphs of one ``MemoryPlus`` layer; set as ``layer.cuda_graph``.
+    """The forward and backward graphs of one ``MemoryPlus`` layer (``graph_memory_layers``
+    sets them as ``layer.cuda_graph``).
 
     warmup: eager passes (forward and backward) before capture. The graphs keep their own memory
     pool: the layer's activations and backward temporaries at the captured shape, for the run.
@@ -273,3 +274,23 @@ class MemoryLayerGraph:
         elif callable(getattr(table, "memory_grad_ready_hook", None)):
             table.memory_grad_ready_hook()
         return self.static_dx.detach(), [None if g is None else g.detach() for g in self.static_grads]
+
+
+def graph_memory_layers(model, warmup: int = 2) -> list[MemoryLayerGraph]:
+    """Give every memory layer of ``model`` (a MemoryGPTModel) its CUDA graphs: each layer runs
+    ``warmup`` eager passes, then replays. Returns them, in layer order."""
+    graphs = []
+    for layer in model.memory_layers():
+        layer.cuda_graph = MemoryLayerGraph(layer, warmup)
+        graphs.append(layer.cuda_graph)
+    return graphs
+
+
+def release_memory_layer_graphs(model) -> None:
+    """Free the memory layers' CUDA graphs; later passes run eagerly. NCCL cannot destroy a
+    communicator while a graph that captured one of its collectives is alive (a hang at exit,
+    pytorch/pytorch#115388): call this before any process group goes."""
+    for layer in model.memory_layers():
+        if layer.cuda_graph is not None:
+            layer.cuda_graph.release()
+            layer.cuda_graph = None

@@ -213,3 +213,10 @@ def unpack_usage(vals: list[float]) -> UsageStats:
     kw = dict(zip(UsageStats.SCALARS, vals[:k]))
     kw["span_tokens"] = int(kw["span_tokens"])
     return UsageStats(**kw, hits=[int(h) for h in vals[k:]])
+
+
+def track_key_usage(model, device: torch.device, span_tokens: int) -> None:
+    """Give every memory layer of ``model`` a ``KeyUsage`` counter (read by the Trainer's
+    progress line and TensorBoard, summarised per log window)."""
+    for layer in model.memory_layers():
+        layer.key_usage = KeyUsage(model.memory_config.num_values, device, span_tokens)

@@ -37,7 +37,7 @@ from megatron_memory.model import parallel
 from megatron_memory.config import (ConfigError, Environment, RunConfig, padded_vocab, resolve,
                                     with_vocab)
 from megatron_memory.training.cpu import install_cpu_shims
-from megatron_memory.model.graphs import MemoryLayerGraph
+from megatron_memory.model.graphs import graph_memory_layers, release_memory_layer_graphs
 from megatron_memory.model.layer import VALUE_GRAD_NORM_GROUP
 from megatron_memory.training.metrics import (
     KeyUsage,
@@ -45,6 +45,7 @@ from megatron_memory.training.metrics import (
     flops_per_token,
     format_key_usage,
     pack_usage,
+    track_key_usage,
     peak_flops,
     unpack_usage,
     usage_scalars,
@@ -222,14 +223,10 @@ class Trainer:
                                rotary_base=cfg.model.rope_base, attention=cfg.model.attention,
                                transformer_impl=cfg.model.transformer_impl)
         model.to(self.device)
-        for layer in model.memory_layers():  # see TrainConfig.recompute_activations
-            layer_module = next(m for m in model.decoder.layers if m.mlp is layer)
-            layer_module.recompute_mlp = False
-            if cfg.train.key_usage:
-                layer.key_usage = KeyUsage(cfg.memory.num_values, self.device,
-                                           cfg.train.key_usage_span_tokens)
-            if self.cuda_graphs:
-                layer.cuda_graph = MemoryLayerGraph(layer)
+        if cfg.train.key_usage:
+            track_key_usage(model, self.device, cfg.train.key_usage_span_tokens)
+        if self.cuda_graphs:
+            graph_memory_layers(model)
         self.vocab_size = vocab
         self.raw_model = model
         if self.bf16:
@@ -519,10 +516,7 @@ class Trainer:
         """Free the memory layers' CUDA graphs; later passes run eagerly. NCCL cannot destroy a
         communicator while a graph that captured one of its collectives is alive (a hang at
         exit, pytorch/pytorch#115388), so this runs before any process group goes."""
-        for layer in self.raw_model.memory_layers():
-            if layer.cuda_graph is not None:
-                layer.cuda_graph.release()
-                layer.cuda_graph = None
+        release_memory_layer_graphs(self.raw_model)
 
     def close(self) -> None:
         """Release the CUDA graphs and Megatron's model-parallel groups."""

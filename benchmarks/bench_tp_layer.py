@@ -111,9 +111,9 @@ def main() -> int:
     if CUDA:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
     else:
-        from megatron_memory.training.cpu import install_cpu_shims
+        from megatron_memory.training.cpu import cpu_shims
 
-        install_cpu_shims()
+        cpu_shims().__enter__()  # for the whole benchmark process: it runs Megatron-Core directly
     dist.init_process_group("nccl" if CUDA else "gloo")
     rank = dist.get_rank()
     torch.manual_seed(0)

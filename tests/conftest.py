@@ -22,14 +22,16 @@ def megatron_world():
     from megatron.core import parallel_state as ps
     from megatron.core.tensor_parallel.random import model_parallel_cuda_manual_seed
 
+    from megatron_memory.training.cpu import cpu_shims
     from megatron_memory.training.trainer import init_distributed
 
     init_distributed()
-    if not ps.model_parallel_is_initialized():
-        ps.initialize_model_parallel(1, 1)
-    model_parallel_cuda_manual_seed(1234)
-    yield
-    ps.destroy_model_parallel()
+    with cpu_shims():  # the tests build Megatron modules directly, outside the Trainer
+        if not ps.model_parallel_is_initialized():
+            ps.initialize_model_parallel(1, 1)
+        model_parallel_cuda_manual_seed(1234)
+        yield
+        ps.destroy_model_parallel()
     dist.destroy_process_group()
 
 

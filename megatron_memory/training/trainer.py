@@ -36,7 +36,7 @@ from megatron_memory.training import data, step_profile
 from megatron_memory.model import parallel
 from megatron_memory.config import (ConfigError, Environment, RunConfig, padded_vocab, resolve,
                                     with_vocab)
-from megatron_memory.training.cpu import install_cpu_shims
+from megatron_memory.training.cpu import on_cpu_shims
 from megatron_memory.model.graphs import graph_memory_layers, release_memory_layer_graphs
 from megatron_memory.model.layer import VALUE_GRAD_NORM_GROUP
 from megatron_memory.training.metrics import (
@@ -62,7 +62,6 @@ def init_distributed() -> torch.device:
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", 0)))
         device, backend = torch.device("cuda", torch.cuda.current_device()), "nccl"
     else:
-        install_cpu_shims()
         device, backend = torch.device("cpu"), "gloo"
     if not dist.is_initialized():
         if "RANK" in os.environ:  # started by torchrun / deepspeed / srun wrappers
@@ -141,6 +140,7 @@ def forward_step(device, data_iterator, model):
 class Trainer:
     """Builds everything from a validated RunConfig; ``fit()`` trains and returns a History."""
 
+    @on_cpu_shims
     def __init__(self, cfg: RunConfig, log=print):
         """``cfg``: the user's config; the Trainer runs ``resolve(cfg, its environment)``, kept
         as ``self.cfg`` (frozen): every derived default is read from there."""
@@ -246,6 +246,7 @@ class Trainer:
             if ddp_config.overlap_param_gather:
                 self.tconfig.param_sync_func = self.model.start_param_sync
 
+    @on_cpu_shims
     def sync_params(self) -> None:
         """With overlapped parameter all-gather, the distributed optimizer's last update reaches
         the model's bf16/fp32 weights only in the next forward: gather them now (before a save,
@@ -325,6 +326,7 @@ class Trainer:
         dist.all_reduce(loss, group=ps.get_data_parallel_group())
         return float(loss) / self.dp
 
+    @on_cpu_shims
     def train_step(self) -> tuple[float, float, float]:
         """One optimizer step; returns (loss, grad norm of the rest, grad norm of the values)."""
         self.model.zero_grad_buffer()
@@ -339,6 +341,7 @@ class Trainer:
         return loss, float(grad_norm or 0.0), float(value_norm or 0.0)
 
     @torch.no_grad()
+    @on_cpu_shims
     def evaluate(self) -> Optional[float]:
         if self.valid_iter is None or self.cfg.train.eval_iters == 0:
             return None
@@ -347,6 +350,7 @@ class Trainer:
         self.model.train()
         return loss
 
+    @on_cpu_shims
     def fit(self) -> History:
         """Train from ``self.iteration`` (0, or where a checkpoint left off) to ``train.steps``;
         SIGTERM / Ctrl-C finish the current step, save and return early (``hist.stopped_by``).
@@ -400,6 +404,7 @@ class Trainer:
         self.tracker.close()
         return hist
 
+    @on_cpu_shims
     def peak_memory(self) -> dict[int, float]:
         """{pipeline stage: peak GiB allocated by torch, max over the stage's ranks} (CUDA)."""
         if self.device.type != "cuda":
@@ -412,6 +417,7 @@ class Trainer:
             out[stage] = max(out.get(stage, 0.0), gib)
         return dict(sorted(out.items()))
 
+    @on_cpu_shims
     def key_usage(self) -> dict[int, UsageStats]:
         """{memory layer id: UsageStats} over the last window, on every rank (collective: each
         stage contributes its own layers)."""
@@ -490,6 +496,7 @@ class Trainer:
         else:
             self.log(f"stopping after step {self.iteration} ({why}); nothing saved (no --save given)")
 
+    @on_cpu_shims
     def save(self, directory: str) -> Path:
         """Checkpoint the current step into ``directory`` (collective; see checkpoint.py). With
         ``train.async_save`` the files are written in the background; one save at a time."""
@@ -505,6 +512,7 @@ class Trainer:
             self.log(f"{how} {path} in {self.checkpoint_seconds['save']:.1f} s")
         return path
 
+    @on_cpu_shims
     def finish_saves(self) -> None:
         """Wait for background saves to be written and their tracker updates (collective)."""
         if self.async_queue is not None:
@@ -512,12 +520,14 @@ class Trainer:
             self.async_queue.maybe_finalize_async_calls(blocking=True)
             self.checkpoint_seconds["async_wait"] = time.time() - start
 
+    @on_cpu_shims
     def release_graphs(self) -> None:
         """Free the memory layers' CUDA graphs; later passes run eagerly. NCCL cannot destroy a
         communicator while a graph that captured one of its collectives is alive (a hang at
         exit, pytorch/pytorch#115388), so this runs before any process group goes."""
         release_memory_layer_graphs(self.raw_model)
 
+    @on_cpu_shims
     def close(self) -> None:
         """Release the CUDA graphs and Megatron's model-parallel groups."""
         self.release_graphs()

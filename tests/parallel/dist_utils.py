@@ -14,15 +14,15 @@ def _entry(rank: int, world: int, store_file: str, fn, tp: int, pp: int, args: t
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
-    from megatron_memory.training.cpu import install_cpu_shims
+    from megatron_memory.training.cpu import cpu_shims
 
-    install_cpu_shims()
     torch.set_num_threads(1)  # several ranks share 2 cores
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
-        if tp:  # tp=0: the body initialises Megatron itself (e.g. through the Trainer)
-            ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
-        fn(*args)
+        with cpu_shims():  # the body runs Megatron-Core directly, not only through the Trainer
+            if tp:  # tp=0: the body initialises Megatron itself (e.g. through the Trainer)
+                ps.initialize_model_parallel(tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp)
+            fn(*args)
     except BaseException:
         traceback.print_exc()
         raise

@@ -3,7 +3,7 @@
 
     python benchmarks/bench_key_usage.py --width 512 --warmup 2 25 --norms none batchnorm center \\
         --steps 100 --out /tmp/ku512.jsonl [--append]
-    # 8B width on one GPU, natural text (bash benchmarks/device_key_usage.sh)
+    # 8B width on one GPU, natural text (bash benchmarks/device/key_usage.sh)
     python benchmarks/bench_key_usage.py --width 4096 --seq-length 2048 \\
         --data-prefix build/longrun-data/train_document --tokenizer build/longrun-data/tokenizer.json
 

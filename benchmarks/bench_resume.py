@@ -1,7 +1,7 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """Exact resume at scale: 2N steps straight vs N steps + save + exit, then resume for N more.
 
-    bash benchmarks/device_resume.sh        # on a 2-GPU device machine (wheels in .whl)
+    bash benchmarks/device/resume.sh        # on a 2-GPU device machine (wheels in .whl)
 
 One phase per launch (under torchrun):
 
@@ -60,7 +60,7 @@ def report(straight: str, first: str, resumed: str, ckpt_gib: float, title: str)
                      f"{s['grad_norms'][n + i]:.6f} | {r['grad_norms'][i]:.6f} |"
                      for i in range(len(r["losses"])))
     return (f"\n## {title}\n\n{s['device']} x2; {datetime.date.today()}; {revision()}; "
-            f"`bash benchmarks/device_resume.sh`.\n\n"
+            f"`bash benchmarks/device/resume.sh`.\n\n"
             f"Steps 1-{n} then save and exit; resume to step {s['steps']}. Bit-identical after "
             f"resume: losses {same['losses']}, grad norms {same['grad_norms']}, value grad norms "
             f"{same['value_grad_norms']}. Checkpoint {ckpt_gib:.1f} GiB (model bf16 + fp32 main "

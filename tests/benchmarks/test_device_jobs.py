@@ -1,5 +1,5 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
-"""The device-side helpers on CPU: device_jobs.sh runs jobs side by side, each with its own GPUs
+"""The device-side helpers on CPU: device/jobs.sh runs jobs side by side, each with its own GPUs
 and OUT, kills a job past the limit with its whole process group and returns one tarball; the
 long run's training command uses the project's launcher when a model takes several GPUs, and a
 run a few steps from its end at its deadline finishes instead of stopping."""
@@ -14,21 +14,21 @@ import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "benchmarks"))
+sys.path.insert(0, str(ROOT / "benchmarks" / "device"))
 import longrun  # noqa: E402
 from tests.benchmarks.procs import alive  # noqa: E402
 
 
 def test_jobs_run_side_by_side_and_the_limit_kills_a_whole_job(tmp_path):
-    (tmp_path / "benchmarks").mkdir()
-    shutil.copy(ROOT / "benchmarks" / "device_jobs.sh", tmp_path / "benchmarks")
+    (tmp_path / "benchmarks" / "device").mkdir(parents=True)
+    shutil.copy(ROOT / "benchmarks" / "device" / "jobs.sh", tmp_path / "benchmarks" / "device")
     # the device setup (wheels, nvidia-smi) replaced by a line the output must show
-    (tmp_path / "benchmarks" / "device_speed_setup.sh").write_text("echo setup done\n")
+    (tmp_path / "benchmarks" / "device" / "setup.sh").write_text("echo setup done\n")
     out = tmp_path / "out"
     quick = 'echo "gpus=$CUDA_VISIBLE_DEVICES out=$OUT" > $OUT/result.txt; echo quick done'
     stuck = "bash -c 'sleep 4567 & sleep 4568'"  # a child that outlives its parent shell
     t0 = time.time()
-    proc = subprocess.run(["bash", "benchmarks/device_jobs.sh", "6", f"0,1 quick {quick}",
+    proc = subprocess.run(["bash", "benchmarks/device/jobs.sh", "6", f"0,1 quick {quick}",
                            f"2 stuck {stuck}"], cwd=tmp_path, capture_output=True, text=True,
                           env={**os.environ, "OUT": str(out)})
     assert proc.returncode == 0, proc.stderr

@@ -1,5 +1,5 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
-"""Markdown summary and PNGs of a long run (benchmarks/longrun.py), from its TensorBoard events.
+"""Markdown summary and PNGs of a long run (benchmarks/device/longrun.py), from its TensorBoard events.
 
 Tables: loss at equal tokens (validation and training loss of both models at every validation
 step), Memory+ key usage per layer over time, the share of values touched per 10M-token span

@@ -3,9 +3,9 @@
 # Several device scripts at once on one multi-GPU machine, each on its own GPUs, in ONE device
 # call (device time is per machine: a 4-GPU machine running a 2-GPU benchmark and a 2-GPU long run
 # side by side costs half of running them one after the other):
-#   bash benchmarks/device_jobs.sh LIMIT_S "GPUS NAME COMMAND..." ["GPUS NAME COMMAND..." ...]
-#   e.g. bash benchmarks/device_jobs.sh 540 "0,1 speed bash benchmarks/device_speed_2gpu.sh 4 1" \
-#            "2,3 longrun LONGRUN_GPUS=2 bash benchmarks/device_longrun.sh 1"
+#   bash benchmarks/device/jobs.sh LIMIT_S "GPUS NAME COMMAND..." ["GPUS NAME COMMAND..." ...]
+#   e.g. bash benchmarks/device/jobs.sh 540 "0,1 speed bash benchmarks/device/speed_2gpu.sh 4 1" \
+#            "2,3 longrun LONGRUN_GPUS=2 bash benchmarks/device/longrun.sh 1"
 # Each job sees only its GPUs (CUDA_VISIBLE_DEVICES), writes to its own OUT=/tmp/jobs/NAME and its
 # console to /tmp/jobs/NAME/console.log, and is killed with its process group after LIMIT_S.
 # Single-node launches use torchrun --standalone (a free port each), so jobs do not collide.
@@ -14,8 +14,8 @@
 # and run launch-bound ones (micro-batch 1 training steps) alone: in run 18 the same dense
 # micro-batch-1 run gave 11,984 and 33,647 tok/s beside a long run on the other GPUs.
 set -u
-LIMIT=${1:?usage: device_jobs.sh LIMIT_S "GPUS NAME COMMAND" ...}; shift
-source benchmarks/device_speed_setup.sh || exit 1
+LIMIT=${1:?usage: jobs.sh LIMIT_S "GPUS NAME COMMAND" ...}; shift
+source benchmarks/device/setup.sh || exit 1
 ROOT=/tmp/jobs; rm -rf "$ROOT"; mkdir -p "$ROOT"
 for spec in "$@"; do
   read -r gpus name cmd <<< "$spec"

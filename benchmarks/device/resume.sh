@@ -3,9 +3,8 @@
 # straight, N steps + save + exit, resume for N; save/load time and checkpoint size.
 # Needs the wheels in .whl (megatron-core and its deps); writes the report under $OUT.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1 CUBLAS_WORKSPACE_CONFIG=:4096:8
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+DEVICE_ALL_WHEELS=1 source benchmarks/device/setup.sh || exit 1
+export CUBLAS_WORKSPACE_CONFIG=:4096:8
 df -h /tmp | tail -1
 # n_keys 724 (2^19 values): the full 2^20 table's checkpoint (~94 GB with fp32 Adam state)
 # would nearly fill the machine's disk; the model is otherwise the 8B preset at 12 layers.

@@ -16,7 +16,7 @@
 #   dense     the dense model of the same body
 # SPEED_STEPS (default 10): training steps per run (2 warm-up; step 9 is profiled, not timed).
 set -u
-source benchmarks/device_speed_setup.sh || exit 1
+source benchmarks/device/setup.sh || exit 1
 CUDA_VISIBLE_DEVICES=0 timeout 120 python3 -m pytest -q tests/kernels/test_bf16_search.py -k gpu 2>&1 | tail -3
 COMMON="--steps ${SPEED_STEPS:-10} --warmup-steps 2 --log-interval 5 --vocab-size 32000 --tensorboard-dir '' --eval-iters 0"
 BODY="--num-layers 12 --tp 2 --sequence-parallel"

@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
-# Data of the 134M dense vs Memory+ long run (issue 14; benchmarks/device_longrun.sh), built on CPU:
-#   bash benchmarks/longrun_data.sh            # -> build/longrun-data (what the device call carries)
+# Data of the 134M dense vs Memory+ long run (issue 14; benchmarks/device/longrun.sh), built on CPU:
+#   bash benchmarks/device/longrun_data.sh            # -> build/longrun-data (what the device call carries)
 # Natural text: the pinned doc sdists of tools/build_text_corpus.py (4.66M tokens, its 8192-token
 # BPE). Facts: 10,000 made-up entities x 4 attributes, each fact stated 4 times (--per-fact 4), and
 # the answered questions of half of them (--qa-share 0.5: teaches the question format); the other
@@ -16,15 +16,15 @@
 # LONGRUN_DEBIAN=1: the text also takes the Debian documentation packages of build_text_corpus
 # --debian (Linux, Python, Perl, PostgreSQL manuals), into build/longrun-data-debian: a corpus
 # about 3x larger, which a 78.6M-token run repeats ~3 times instead of ~10 (carry that folder
-# and pass LONGRUN_DATA=build/longrun-data-debian to device_longrun.sh). Measured on CPU: 18.16M
+# and pass LONGRUN_DATA=build/longrun-data-debian to longrun.sh). Measured on CPU: 18.16M
 # text tokens (7,849 documents) + the facts. LONGRUN_PER_FACT (default 4) sets how often each fact
 # is stated: with ~3.6 passes instead of ~10, 4 statements give ~15 exposures per fact, not ~39.
 # Run 18 measured that: both models recalled ~1.7% (the floor); LONGRUN_PER_FACT=12 gives ~35.
 # The folder is also packed as OUT.tar.xz (xz: ~2.5x smaller than the token file): a larger
-# corpus plus the wheels then still fits one device carry (64 MiB); device_longrun.sh unpacks
+# corpus plus the wheels then still fits one device carry (64 MiB); longrun.sh unpacks
 # LONGRUN_DATA=build/longrun-data-debian.tar.xz itself.
 set -euo pipefail
-cd "$(dirname "$0")/.."
+cd "$(dirname "$0")/../.."
 PY=${PYTHON:-.venv/bin/python}
 if [ "${LONGRUN_DEBIAN:-0}" = 1 ]; then SUFFIX=-debian; EXTRA=--debian; else SUFFIX=; EXTRA=; fi
 SRC=${LONGRUN_SRC:-build/longrun-src$SUFFIX}

@@ -2,9 +2,7 @@
 # One 2-GPU device call: kernel re-bench (GPU 0), TP=1 vs TP=2 layer, 8B-width training runs.
 # Needs the wheels in .whl (megatron-core, deepspeed and its deps); writes tables under $OUT.
 set -u
-python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl || exit 1
-export PYTHONPATH=/tmp/site:$PWD PYTHONUNBUFFERED=1
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
+DEVICE_ALL_WHEELS=1 source benchmarks/device/setup.sh || exit 1
 CUDA_VISIBLE_DEVICES=0 timeout 100 python3 benchmarks/bench_embedding_bag.py 2>&1 | tail -28
 CUDA_VISIBLE_DEVICES=0 timeout 120 python3 benchmarks/bench_memory_layer.py 2>&1 | tail -34
 timeout 120 python3 -m torch.distributed.run --standalone --nproc-per-node 2 benchmarks/bench_tp_layer.py 2>&1 | tail -9

@@ -1,20 +1,13 @@
 #!/usr/bin/env bash
 # One 1-GPU device call (issue 14): decode latency per token, dense vs Memory+ vs MoE
 # (benchmarks/bench_decode.py), each base in its own process, then one PNG of the fused runs.
-#   bash benchmarks/device_decode.sh [bench_decode.py arguments, e.g. --batches 1 8 64]
+#   bash benchmarks/device/decode.sh [bench_decode.py arguments, e.g. --batches 1 8 64]
 # Environment (defaults): DECODE_BASES ("1.3b 8b") run on the fused Memory+ path with a kernel
 # profile; DECODE_UNFUSED ("1.3b") also on the pre-fusion path, graph mode only, for a
 # before/after in the same call; DECODE_CHECKS (1) first runs the GPU tests of the fused kernels
 # and benchmarks/bench_search.py. Every step gets what is left of DECODE_BUDGET (570) seconds.
-# No megatron-core needed; tokenizers from .whl if the image lacks it.
 set -u
-export PYTHONPATH=$PWD PYTHONUNBUFFERED=1
-if ! python3 -c "import tokenizers" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --target /tmp/site .whl/tokenizers-*.whl || exit 1
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-nvidia-smi --query-gpu=name,memory.total --format=csv,noheader
-python3 -c "import sys, torch, triton; print(sys.version.split()[0], torch.__version__, triton.__version__)"
+source benchmarks/device/setup.sh || exit 1
 out=${OUT:-build/decode}; mkdir -p "$out"
 end=$((SECONDS + ${DECODE_BUDGET:-570}))
 step() {  # step LIMIT NAME CMD...: run CMD with min(LIMIT, time left), report its status

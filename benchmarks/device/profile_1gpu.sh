@@ -1,13 +1,13 @@
 #!/usr/bin/env bash
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 # One 1-GPU device call (issues 10 and 14): where Memory+ spends its time.
-#   bash benchmarks/device_profile_1gpu.sh     # carry .whl and build/longrun-data
+#   bash benchmarks/device/profile_1gpu.sh     # carry .whl and build/longrun-data
 # 1. the layer vs the dense FFN at d = 768 (the 134M preset), 2048, 4096 with a kernel breakdown;
 # 2. a profiled training step of 134m-memory and 134m-dense at the long run's batch
 #    (micro-batch 16 x 2048, global 64, build/longrun-data): the breakdown behind run 11's
 #    162k vs 344k tok/s.
 set -u
-source benchmarks/device_speed_setup.sh || exit 1
+source benchmarks/device/setup.sh || exit 1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 timeout 260 python3 benchmarks/bench_memory_layer.py --profile --top 24 --rep-ms 100 \
     --widths 768 2048 4096 > "$OUT/layer.txt" 2>&1

@@ -1,9 +1,9 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """134M dense vs Memory+ on the same tokens, over two device calls on one warm machine (issue 14).
 
-    python3 benchmarks/longrun.py --phase 1 --out $OUT     # train both, checkpoints in /tmp/longrun
-    python3 benchmarks/longrun.py --phase 2 --out $OUT     # resume both to the end, export, recall
-    (benchmarks/device_longrun.sh PHASE wraps this for a device call; LONGRUN_TINY=1: CPU check)
+    python3 benchmarks/device/longrun.py --phase 1 --out $OUT     # train both, checkpoints in /tmp/longrun
+    python3 benchmarks/device/longrun.py --phase 2 --out $OUT     # resume both to the end, export, recall
+    (benchmarks/device/longrun.sh PHASE wraps this for a device call; LONGRUN_TINY=1: CPU check)
 
 A 134M + 2^20-value checkpoint is ~11 GB with its Adam state: it cannot travel between device
 calls (carried folders are limited to 64 MiB), so phase 2 must run on the machine phase 1 left
@@ -34,7 +34,7 @@ from typing import Optional
 
 from megatron_memory.configs.presets import get_preset
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 MODELS = ("memory", "dense")  # this order: the slower one sets the step both reach
 
 
@@ -265,7 +265,7 @@ def main() -> int:
                            "questions.jsonl", "cloze.jsonl") if not (args.data / f).is_file()]
     if missing:
         print(f"error: {args.data} lacks {', '.join(missing)}: build it with "
-              "bash benchmarks/longrun_data.sh and carry build/longrun-data", file=sys.stderr)
+              "bash benchmarks/device/longrun_data.sh and carry build/longrun-data", file=sys.stderr)
         return 2
     run = Run(args.state, args.data)
     if args.phase == 1 and args.state.exists():
@@ -278,7 +278,7 @@ def main() -> int:
     run.logs.mkdir(parents=True, exist_ok=True)
     train_phase(plan, run, args.phase, t0)
     # Function-local: the summary imports the plot tool's event reader (tensorboard).
-    sys.path.insert(0, str(ROOT / "benchmarks"))
+    sys.path.insert(0, str(ROOT / "benchmarks" / "device"))
     from longrun_report import write_report
 
     # Phase 1 evaluates too when both models finished the schedule (several GPUs per model); the

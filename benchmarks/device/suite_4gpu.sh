@@ -3,12 +3,12 @@
 # (micro-batch 4 x 2048, global batch 64), in the layout the memory calculator picks for the card
 # (the same layout for both models: the one picked for Memory+). Two phases, on the SAME warm
 # machine (the ~160 GB checkpoint stays in /tmp between them):
-#   bash benchmarks/device_4gpu.sh train    # dense, then Memory+ with a save after its last step
-#   bash benchmarks/device_4gpu.sh resume   # Memory+ resumed from that checkpoint for 3 steps
-#   bash benchmarks/device_4gpu.sh profile  # both models (Memory+ also with --no-defer-table-grad),
+#   bash benchmarks/device/suite_4gpu.sh train    # dense, then Memory+ with a save after its last step
+#   bash benchmarks/device/suite_4gpu.sh resume   # Memory+ resumed from that checkpoint for 3 steps
+#   bash benchmarks/device/suite_4gpu.sh profile  # both models (Memory+ also with --no-defer-table-grad),
 #                                           # 8 steps, step 6 profiled (no save): the step-time
 #                                           # breakdown behind the Memory+/dense ratio
-#   bash benchmarks/device_4gpu.sh all      # one call: dense with step 9 profiled, Memory+ with
+#   bash benchmarks/device/suite_4gpu.sh all      # one call: dense with step 9 profiled, Memory+ with
 #       # a save after step 10, then its resume for 3 steps with step 12 profiled. The checkpoint
 #       # goes to /dev/shm when it has room (host RAM: the save and load measure this code, not
 #       # the machine's virtual disk, whose write speed is printed beside them). Run 18 also ran
@@ -16,7 +16,7 @@
 # Reports land in $OUT (bench_training.md, train_*.log, layout.txt, resume.log, ckpt.txt).
 set -u
 PHASE=${1:?train, resume, profile or all}
-source benchmarks/device_speed_setup.sh || exit 1
+source benchmarks/device/setup.sh || exit 1
 export CUDA_DEVICE_MAX_CONNECTIONS=1
 OUT=${OUT:-/tmp/out}; mkdir -p "$OUT"
 CK=/tmp/ck8b

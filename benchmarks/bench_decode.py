@@ -109,13 +109,13 @@ def parse_args(argv):
 def use_unfused_memory_path() -> None:
     """Route this process's Memory+ decode through the pre-fusion path (--memory-path unfused)."""
     from megatron_memory.export import standalone
-    from megatron_memory.kernels import bf16_search, decode_search
+    from megatron_memory.kernels import decode_search
 
     search = standalone.product_key_search
     decode_search.MAX_TOKENS = 0
-    bf16_search.RESCORE = "loop"
     standalone.fused_query_prologue = None
-    standalone.product_key_search = lambda q, keys, k, keys_bf16=None: search(q, keys, k)
+    standalone.product_key_search = lambda q, keys, k, keys_bf16=None: search(q, keys, k,
+                                                                             rescore="loop")
 
 
 def model_args(base: str, vocab: int) -> ModelArgs:

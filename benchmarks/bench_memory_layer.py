@@ -162,11 +162,7 @@ def search_precision(layer, x, rep_ms):
             lambda q_, k_, kk, m=margin: bs.bf16_product_key_search(q_, k_, kk, m))
 
     def topk_select(q_, k_, kk):
-        bs.SELECT = "topk"
-        try:
-            return bs.bf16_product_key_search(q_, k_, kk)
-        finally:
-            bs.SELECT = "threshold"
+        return bs.bf16_product_key_search(q_, k_, kk, select="topk")
 
     variants["bf16, margin 16, torch.topk candidates"] = topk_select
     rows = []
@@ -244,9 +240,9 @@ def bench_width(d: int, T: int, rep_ms: int, smoke: bool, profile: bool, top: in
     del ffn
     free_memory()
     values.weight.main_grad = torch.zeros(values.weight.shape, device=device())
-    kernels.SEARCH_BACKEND = "torch"
+    layer.memory_config.search = "torch"
     old = time_parts(layer, values, x, rep_ms)
-    kernels.SEARCH_BACKEND = "bf16"
+    layer.memory_config.search = "bf16"
     new = time_parts(layer, values, x, rep_ms, graphed=True)
     if micro > 1:
         new.update(time_micro_batches(layer, values, T, micro, rep_ms))

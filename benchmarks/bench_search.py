@@ -7,7 +7,7 @@ from a decode step (T = 1) to a training micro-batch (T = 8192), one GPU.
 
 Shapes: the layer's (4 heads, n = 1024 sub-keys per half, half = 256, k = 32), unit-RMS fp32
 queries and keys scaled 1/sqrt(half) as the QK-norm gives them. Rows per T:
-  search forward with RESCORE = "loop" (serial re-scoring kernel + torch.topk + padding copies),
+  search forward with rescore="loop" (serial re-scoring kernel + torch.topk + padding copies),
   "fused" (``_rescore_topk_kernel``), and fused with the bf16 keys cast once (the standalone
   model's inference cache); the share of rows whose selected set equals the loop's;
   the decode search (kernels/decode_search.py) up to T = 256 and its agreement with the fp32
@@ -67,11 +67,7 @@ def search_row(T, H, n, half, k, dev, rep_ms):
         dec = timed(lambda: decode_product_key_search(q, K, k), T, rep_ms) if split is not None else None
 
     def run(mode, cached=False):
-        bs.RESCORE = mode
-        try:
-            return bs.bf16_search_forward(q, K, k, kb=kb if cached else None)
-        finally:
-            bs.RESCORE = "fused"
+        return bs.bf16_search_forward(q, K, k, kb=kb if cached else None, rescore=mode)
 
     with torch.no_grad():
         want = run("loop")[1].sort(-1).values

@@ -34,16 +34,14 @@ except ImportError:
     HAVE_TRITON = False
 
 _FORCE_REFERENCE = os.environ.get("MEGATRON_MEMORY_REFERENCE", "0") == "1"
-# Which search runs on CUDA. "bf16" (default): bf16 tensor-core scores, candidates re-scored
-# exactly in fp32 (kernels/bf16_search.py). "torch": the fp32 reference (matmul + topk; 4.3 ms
-# forward at T=8192, H=4, n=1024 on an H200, 2026-11-26). "triton": the fused fp32 search
-# (6.1 ms there; its in-register bitonic top-k merges dominate). With "bf16", calls of at most
-# decode_search.MAX_TOKENS tokens that need no gradient (decode steps) take the exact fp32
-# search of kernels/decode_search.py, which splits the sub-keys across programs.
+# Which search runs on CUDA (``backend``; MemoryConfig.search). "bf16" (default): bf16
+# tensor-core scores, candidates re-scored exactly in fp32 (kernels/bf16_search.py). "torch":
+# the fp32 reference (matmul + topk; 4.3 ms forward at T=8192, H=4, n=1024 on an H200,
+# 2026-11-26). "triton": the fused fp32 search (6.1 ms there; its in-register bitonic top-k
+# merges dominate). With "bf16", calls of at most decode_search.MAX_TOKENS tokens that need no
+# gradient (decode steps) take the exact fp32 search of kernels/decode_search.py, which splits
+# the sub-keys across programs.
 SEARCH_BACKENDS = ("bf16", "torch", "triton")
-SEARCH_BACKEND = os.environ.get("MEGATRON_MEMORY_SEARCH", "bf16")
-if SEARCH_BACKEND not in SEARCH_BACKENDS:
-    raise ValueError(f"MEGATRON_MEMORY_SEARCH={SEARCH_BACKEND!r}: choose one of {', '.join(SEARCH_BACKENDS)}")
 
 
 def force_reference(on: bool = True) -> None:
@@ -65,18 +63,26 @@ def embedding_bag(values: torch.Tensor, indices: torch.Tensor, weights: torch.Te
 
 
 def product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int, *,
-                       keys_bf16: Optional[torch.Tensor] = None, softmax: bool = False):
+                       keys_bf16: Optional[torch.Tensor] = None, softmax: bool = False,
+                       backend: str = "bf16", select: str = "threshold", rescore: str = "fused"):
     """Top-k product keys: query [T, H, 2, half], keys [H, 2, n, half] -> (scores, indices) [T, H, k].
     keys_bf16: optional cached ``keys.to(torch.bfloat16)`` for the bf16 search (inference);
     the other backends do not need it. softmax: (softmax of the scores per row, fp32 or fp64,
-    indices); the bf16 search computes it in its product-step kernel and its backward."""
-    if use_triton(query) and SEARCH_BACKEND == "bf16":
+    indices); the bf16 search computes it in its product-step kernel and its backward.
+    backend: the search on CUDA (SEARCH_BACKENDS; CPU always runs the reference); select,
+    rescore: the bf16 search's candidate selection and re-scoring (bf16_search.SELECTS,
+    RESCORES)."""
+    if backend not in SEARCH_BACKENDS:
+        raise ValueError(f"product_key_search: backend={backend!r}: choose one of "
+                         f"{', '.join(SEARCH_BACKENDS)}")
+    if use_triton(query) and backend == "bf16":
         if query.shape[0] <= _decode_search.MAX_TOKENS and not _needs_grad(query, keys):
             scores, indices = _decode_search.decode_product_key_search(query, keys, k)  # decode
         else:
             return _bf16_search.bf16_product_key_search(query, keys, k, keys_bf16=keys_bf16,
-                                                        softmax=softmax)
-    elif use_triton(query) and SEARCH_BACKEND == "triton":
+                                                        softmax=softmax, select=select,
+                                                        rescore=rescore)
+    elif use_triton(query) and backend == "triton":
         scores, indices = _triton_search.triton_product_key_search(query, keys, k)
     else:
         scores, indices = product_key_search_reference(query, keys, k)

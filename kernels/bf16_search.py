@@ -12,7 +12,7 @@ Forward (no [T, H, 2, n] float32 tensor, no host sync):
      scale, a few ranks at most near the k-th, so the fp32 top-k lies inside the K1 candidates.
   3. exact fp32 re-scoring of the 2H*T*K1 candidates and the top-k of those per half, sorted
      (``_rescore_topk_kernel``: one program per (token, head, half) gathers its K1 key rows at
-     once and sorts in registers; RESCORE = "loop" runs the earlier ``_rescore_kernel``, a
+     once and sorts in registers; rescore="loop" runs the earlier ``_rescore_kernel``, a
      serial loop over the K1 candidates, then torch.topk and the padding copies).
   4. the product step of the fused search (``triton_product_key._candidates_kernel``): only
      rank pairs with (a+1)(b+1) <= k can reach the top-k of the sums; it also returns the ranks.
@@ -36,14 +36,16 @@ from megatron_memory.kernels.triton_product_key import _check, _pack, _row_dots,
 # (unit-RMS queries, keys scaled 1/sqrt(half)) bf16 moves a score by < 0.02; 16 extra ranks
 # cover that with a wide margin (benchmarks/bench_memory_layer.py counts agreeing sets).
 RESCORE_MARGIN = 16
-# How the K1 candidates are picked from the bf16 scores: "threshold" (``_select_kernel``: one pass,
-# bisection on the K1-th largest value in registers) or "topk" (torch.topk, radix select).
-SELECT = "threshold"
-# How the candidates are re-scored. "fused" (``_rescore_topk_kernel``): gather, fp32 dot and
-# top-k in one kernel with every candidate row load in flight at once; a decode step (T = 1)
-# takes one launch where "loop" took ~38 us of dependent loads plus ~6 small torch kernels
-# (H100 profile; see benchmarks/RESULTS.md). "loop": ``_rescore_kernel`` + torch.topk.
-RESCORE = "fused"
+# How the K1 candidates are picked from the bf16 scores (``select``; MemoryConfig.search_select):
+# "threshold" (``_select_kernel``: one pass, bisection on the K1-th largest value in registers)
+# or "topk" (torch.topk, radix select).
+SELECTS = ("threshold", "topk")
+# How the candidates are re-scored (``rescore``; MemoryConfig.search_rescore). "fused"
+# (``_rescore_topk_kernel``): gather, fp32 dot and top-k in one kernel with every candidate row
+# load in flight at once; a decode step (T = 1) takes one launch where "loop" took ~38 us of
+# dependent loads plus ~6 small torch kernels (H100 profile; see benchmarks/RESULTS.md).
+# "loop": ``_rescore_kernel`` + torch.topk.
+RESCORES = ("fused", "loop")
 # Launch tiles of the training-size kernels, from an H200 sweep (benchmarks/RESULTS.md;
 # ``bench_search.py --sweep``: the whole forward per tile at T = 4096 and 8192).
 # _select_kernel: rows per program and warps; 2 warps were faster than 4 or 8; the early exit
@@ -104,9 +106,9 @@ def _select_kernel(scores, cand, R, n, K1, ROWS: tl.constexpr, BLOCK_N: tl.const
     tl.store(cand + rows[:, None] * K1 + slot, cols[None, :].to(tl.int64), mask=take)
 
 
-def _candidates(approx: torch.Tensor, k1: int) -> torch.Tensor:
+def _candidates(approx: torch.Tensor, k1: int, select: str = "threshold") -> torch.Tensor:
     """approx [2H, T, n] bf16 -> column ids [2H, T, K1] int64 of each row's K1 largest."""
-    if SELECT == "topk":
+    if select == "topk":
         return approx.topk(k1, dim=-1, sorted=False).indices
     hc, T, n = approx.shape
     cand = torch.empty(hc, T, k1, dtype=torch.int64, device=approx.device)
@@ -177,7 +179,8 @@ def rescore_config(half: int, rows: int = 1) -> dict:
     return dict(BLOCK_D=max(16, min(64, triton.next_power_of_2(half))), num_warps=4)
 
 
-def _per_half_topk(query, keys, k: int, margin: int, kb=None):
+def _per_half_topk(query, keys, k: int, margin: int, kb=None, select: str = "threshold",
+                   rescore: str = "fused"):
     """-> top_s [T, H, 2, K_PAD] fp32, top_i [T, H, 2, K_PAD] int32 (first k sorted, rest
     unused), qb [2H, T, half] bf16, kb [2H, n, half] bf16 (kept for the backward; given kb,
     the bf16 keys already cast, e.g. by an inference model that caches them, it is used as is)."""
@@ -188,9 +191,9 @@ def _per_half_topk(query, keys, k: int, margin: int, kb=None):
     qb = query.to(torch.bfloat16).permute(1, 2, 0, 3).reshape(2 * H, T, half)
     kb = keys.to(torch.bfloat16).reshape(2 * H, n, half) if kb is None else kb.view(2 * H, n, half)
     approx = torch.bmm(qb, kb.transpose(1, 2))                          # [2H, T, n] bf16
-    cand = _candidates(approx, k1)                                      # [2H, T, K1] int64
+    cand = _candidates(approx, k1, select)                              # [2H, T, K1] int64
     del approx
-    if RESCORE == "fused":
+    if rescore == "fused":
         top_s, top_i = half_lists(T, H, k, query.device)
         _rescore_topk_kernel[(T, 2 * H)](
             query, keys, cand, top_s, top_i, T, half, k1, k, query.stride(0), query.stride(1),
@@ -212,11 +215,11 @@ def _per_half_topk(query, keys, k: int, margin: int, kb=None):
 
 
 def bf16_search_forward(query, keys, k: int, margin: int = RESCORE_MARGIN, kb=None,
-                        softmax: bool = False):
+                        softmax: bool = False, select: str = "threshold", rescore: str = "fused"):
     """-> scores [T, H, k] fp32 (with softmax: their softmax per row), indices [T, H, k] int64,
     and for the backward: per-half ids top_i [T, H, 2, K_PAD] int32, ranks [T, H, k] int32
-    (a * K_PAD + b), qb, kb."""
-    top_s, top_i, qb, kb = _per_half_topk(query, keys, k, margin, kb)
+    (a * K_PAD + b), qb, kb. select, rescore: see SELECTS, RESCORES."""
+    top_s, top_i, qb, kb = _per_half_topk(query, keys, k, margin, kb, select, rescore)
     scores, indices, ranks = product_step(top_s, top_i, keys.shape[2], k, write_ranks=True,
                                           softmax=softmax)
     return scores, indices, top_i, ranks, qb, kb
@@ -303,13 +306,13 @@ def bf16_search_backward(grad_scores, top_i, ranks, qb, kb, need_q: bool, need_k
 
 
 class _Bf16Search(torch.autograd.Function):
-    """forward(query, keys, k, margin, keys_bf16, softmax) -> (scores or their softmax,
-    indices); gradients reach query and keys."""
+    """forward(query, keys, k, margin, keys_bf16, softmax, select, rescore) -> (scores or
+    their softmax, indices); gradients reach query and keys."""
 
     @staticmethod
-    def forward(ctx, query, keys, k, margin, keys_bf16, softmax):
+    def forward(ctx, query, keys, k, margin, keys_bf16, softmax, select, rescore):
         out, indices, top_i, ranks, qb, kb = bf16_search_forward(query, keys, k, margin, keys_bf16,
-                                                                 softmax)
+                                                                 softmax, select, rescore)
         ctx.save_for_backward(top_i, ranks, qb, kb, out if softmax else None)
         ctx.dtypes = (query.dtype, keys.dtype)
         ctx.mark_non_differentiable(indices)
@@ -323,19 +326,23 @@ class _Bf16Search(torch.autograd.Function):
         dq, dk = bf16_search_backward(grad_out, top_i, ranks, qb, kb, need_q, need_k, weights)
         q_dtype, k_dtype = ctx.dtypes
         return (None if dq is None else dq.to(q_dtype), None if dk is None else dk.to(k_dtype),
-                None, None, None, None)
+                None, None, None, None, None, None)
 
 
 def bf16_product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int,
                             margin: int = RESCORE_MARGIN, keys_bf16: Optional[torch.Tensor] = None,
-                            softmax: bool = False):
+                            softmax: bool = False, select: str = "threshold", rescore: str = "fused"):
     """Top-k product keys (same contract as ``triton_product_key_search``); bf16 tensor-core
     scores, candidates re-scored in fp32 from the inputs as given. fp64 runs the reference.
 
     keys_bf16: optional ``keys.to(torch.bfloat16)`` made once by the caller (an inference model
     whose keys do not change); saves the cast, a read of the fp32 keys, on every call.
     softmax: return each row's softmax over its k scores (fp32) in place of the scores; the
-    product step writes it and the backward's scatter kernel takes its gradient."""
+    product step writes it and the backward's scatter kernel takes its gradient.
+    select, rescore: how the candidates are picked and re-scored (SELECTS, RESCORES)."""
+    if select not in SELECTS or rescore not in RESCORES:
+        raise ValueError(f"product_key_search: select must be one of {SELECTS} and rescore one of "
+                         f"{RESCORES}, got {select!r}, {rescore!r}")
     if isinstance(margin, bool) or not isinstance(margin, int) or margin < 0:
         raise ValueError(f"product_key_search: margin must be an int >= 0, got {margin!r}")
     if keys_bf16 is not None and (keys_bf16.dtype != torch.bfloat16 or keys_bf16.shape != keys.shape
@@ -348,4 +355,5 @@ def bf16_product_key_search(query: torch.Tensor, keys: torch.Tensor, k: int,
         scores, indices = product_key_search_reference(query, keys, k)
         return (score_softmax(scores) if softmax else scores), indices
     return _Bf16Search.apply(query.contiguous(), keys.contiguous(), k, margin,
-                             None if keys_bf16 is None else keys_bf16.contiguous(), bool(softmax))
+                             None if keys_bf16 is None else keys_bf16.contiguous(), bool(softmax),
+                             select, rescore)

@@ -113,6 +113,16 @@ class MemoryConfig(_Section):
     value_lr_mult: float = opt(10.0, "learning-rate multiplier of the value table's param group")
     value_init_std: Optional[float] = opt(None, "std of the value init; default v_dim**-0.5")
     seed: int = opt(4321, "seed of the value-table init (identical on every stage holding a copy)")
+    search: str = opt("bf16", "product-key search on CUDA (CPU runs the fp32 reference): 'bf16' "
+                      "(bf16 tensor-core scores, candidates re-scored exactly in fp32; the "
+                      "fastest), 'torch' (fp32 matmul + topk reference), 'triton' (fused fp32 "
+                      "search)")
+    search_select: str = opt("threshold", "bf16 search: how each half's candidates are picked "
+                             "from the bf16 scores: 'threshold' (one pass, bisection in "
+                             "registers) or 'topk' (torch.topk)")
+    search_rescore: str = opt("fused", "bf16 search: how the candidates are re-scored in fp32: "
+                              "'fused' (gather, dot and top-k in one kernel) or 'loop' (a serial "
+                              "kernel, then torch.topk)")
 
     @property
     def num_values(self) -> int:
@@ -163,6 +173,12 @@ class MemoryConfig(_Section):
         except ValueError:
             raise ConfigError(f"memory.query_norm={self.query_norm!r}: choose one of "
                               f"{', '.join(q.value for q in QueryNorm)}") from None
+        for name, choices in (("search", ("bf16", "torch", "triton")),
+                              ("search_select", ("threshold", "topk")),
+                              ("search_rescore", ("fused", "loop"))):
+            if getattr(self, name) not in choices:
+                raise ConfigError(f"memory.{name}={getattr(self, name)!r}: choose one of "
+                                  f"{', '.join(choices)}")
         if not 0 < self.query_norm_momentum <= 1:
             raise ConfigError(f"memory.query_norm_momentum must be in (0, 1], got {self.query_norm_momentum}")
         if self.query_norm_eps <= 0:

@@ -30,8 +30,9 @@ import math
 import os
 import random
 import shutil
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 import numpy as np
 import torch
@@ -234,13 +235,36 @@ def set_rng_state(state: dict) -> None:
     get_cuda_rng_tracker().set_states(state["tracker"])
 
 
-def _state_dict(trainer, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
-    model_sd = trainer.raw_model.sharded_state_dict()
+@dataclass
+class TrainingState:
+    """What a training checkpoint holds, handed over by its owner (the Trainer): checkpointing
+    reads these and nothing else, and ``load`` returns what it restored instead of writing it
+    back into the owner."""
+
+    model: torch.nn.Module      # the unwrapped MemoryGPTModel of this rank
+    optimizer: Any              # Megatron's (chained, maybe distributed) optimizer
+    scheduler: Any              # Megatron's OptimizerParamScheduler
+    cfg: RunConfig              # the resolved run config: saved as run_config and architecture
+    vocab_size: int
+    distributed_optimizer: bool
+    progress: dict              # the owner's state_dict(): iteration, consumed_samples
+
+
+@dataclass
+class Loaded:
+    """What ``load`` restored beyond the tensors it loaded in place."""
+
+    progress: dict              # iteration (0: weights only) and consumed_samples
+    bytes_read: int             # checkpoint tensor bytes this rank read from storage
+
+
+def _state_dict(state: TrainingState, is_loading: bool, with_optimizer: bool, with_rng: bool) -> dict:
+    model_sd = state.model.sharded_state_dict()
     sd = {"model": model_sd}
     if with_optimizer:
         if is_loading:
-            _prepare_distributed_optimizer_load(trainer.optimizer)
-        sd["optimizer"] = trainer.optimizer.sharded_state_dict(
+            _prepare_distributed_optimizer_load(state.optimizer)
+        sd["optimizer"] = state.optimizer.sharded_state_dict(
             model_sd, is_loading=is_loading,
             metadata={"distrib_optim_sharding_type": "fully_reshardable"})
     if with_rng:
@@ -269,7 +293,7 @@ def _prepare_distributed_optimizer_load(optimizer) -> None:
             opt._set_main_param_and_optimizer_states = set_states
 
 
-def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = True,
+def save(state: TrainingState, root: str | os.PathLike, integrity: bool = True,
          async_queue=None) -> Path:
     """Write ``root/iter_<iteration>`` (collective), then point the tracker at it and prune old
     checkpoints beyond ``train.keep_last``. Iteration 0 saves the weights only.
@@ -277,19 +301,20 @@ def save(trainer, root: str | os.PathLike, iteration: int, integrity: bool = Tru
     With ``async_queue`` (megatron-core's AsyncCallsQueue) the state is staged now and written in
     the background; the rename and tracker update run when every rank has finished writing
     (``async_queue.maybe_finalize_async_calls``), so the tracker never names an incomplete save."""
+    iteration = state.progress["iteration"]
     root, final = Path(root), iteration_dir(root, iteration)
     partial = final.with_name(final.name + ".partial")
     if dist.get_rank() == 0:
         shutil.rmtree(partial, ignore_errors=True)  # left by a save that crashed: never tracked
         partial.mkdir(parents=True)
     dist.barrier()
-    sd = _state_dict(trainer, is_loading=False, with_optimizer=iteration > 0, with_rng=True)
-    cfg = trainer.cfg
+    sd = _state_dict(state, is_loading=False, with_optimizer=iteration > 0, with_rng=True)
+    cfg = state.cfg
     sd.update({"format_version": FORMAT_VERSION, "iteration": iteration,
-               "consumed_samples": iteration * trainer.global_batch,
-               "scheduler": trainer.scheduler.state_dict() if iteration > 0 else None,
-               "architecture": architecture(cfg, trainer.vocab_size), "layout": _layout(),
-               "distributed_optimizer": trainer.dist_opt,
+               "consumed_samples": state.progress["consumed_samples"],
+               "scheduler": state.scheduler.state_dict() if iteration > 0 else None,
+               "architecture": architecture(cfg, state.vocab_size), "layout": _layout(),
+               "distributed_optimizer": state.distributed_optimizer,
                "run_config": dataclasses.asdict(cfg)})
 
     def publish() -> None:
@@ -413,37 +438,38 @@ def verify_integrity(target: Path) -> None:
             raise CheckpointError(f"checkpoint {err}") from err
 
 
-def load(trainer, target: Path, common: dict) -> int:
-    """Restore the model and, for a training checkpoint, the optimizer, LR schedule, data
-    position and (same layout only) RNG states. Returns the iteration to continue from."""
+def load(state: TrainingState, target: Path, common: dict) -> Loaded:
+    """Restore, in place, the model and, for a training checkpoint, the optimizer, LR schedule and
+    (same layout only) RNG states of ``state``; returns the progress to continue from (iteration
+    0: weights only) and the bytes read."""
     full = common.get("iteration", 0) > 0 and common.get("scheduler") is not None
     same_layout = common.get("layout") == _layout()
-    sd = _state_dict(trainer, is_loading=True, with_optimizer=full, with_rng=full and same_layout)
+    sd = _state_dict(state, is_loading=True, with_optimizer=full, with_rng=full and same_layout)
     verify_integrity(target)
     reader = _CountingLoadStrategy()
-    strategy = load_strategy(reader, trainer.cfg.train.fully_parallel_load)
+    strategy = load_strategy(reader, state.cfg.train.fully_parallel_load)
     try:  # RETURN_UNEXPECTED: what this model asks for and the checkpoint lacks comes back listed
-        state, _, lacking = dist_checkpointing.load(sd, str(target), strategy,
+        loaded, _, lacking = dist_checkpointing.load(sd, str(target), strategy,
                                                     strict=StrictHandling.RETURN_UNEXPECTED)
     except Exception as err:  # noqa: BLE001 - a damaged checkpoint must not end in a traceback
         raise CheckpointError(f"cannot load checkpoint {target}: {_first_line(err)}") from err
-    trainer.checkpoint_bytes_read = reader.bytes_read
     # Linear layers' ``_extra_state`` (FP8 metadata, None here) is not a weight: a converted
     # checkpoint does not carry it. Anything else missing is an error, never a silent init.
     lacking = sorted(k for k in lacking if "_extra_state" not in k)
     if lacking:
         raise CheckpointError(f"checkpoint {target} lacks {len(lacking)} tensors this run needs "
                               f"(e.g. {', '.join(lacking[:3])})")
-    result = trainer.raw_model.load_state_dict(state["model"], strict=False)
+    result = state.model.load_state_dict(loaded["model"], strict=False)
     unset = [k for k in result.missing_keys if not k.endswith("_extra_state")]
     if unset or result.unexpected_keys:
         raise CheckpointError(f"checkpoint {target} does not fit this model: missing {unset[:3]}, "
                               f"unexpected {result.unexpected_keys[:3]}")
     if not full:
-        return 0
-    # the saved param groups replace the trainer's: it chooses its Adam implementation again
-    trainer.optimizer.load_state_dict(state["optimizer"])
-    trainer.scheduler.load_state_dict(common["scheduler"])
+        return Loaded({"iteration": 0, "consumed_samples": 0}, reader.bytes_read)
+    # the saved param groups replace the owner's: it chooses its Adam implementation again
+    state.optimizer.load_state_dict(loaded["optimizer"])
+    state.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
-        set_rng_state(state["rng_state"])
-    return common["iteration"]
+        set_rng_state(loaded["rng_state"])
+    return Loaded({"iteration": common["iteration"], "consumed_samples": common["consumed_samples"]},
+                  reader.bytes_read)

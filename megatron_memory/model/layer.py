@@ -245,7 +245,9 @@ class MemoryPlus(MegatronModule):
             q, keys = self._normalised(q.view(x.shape[0], mc.heads, 2, self.half), self.keys)
         if self.key_usage is not None and self.training:
             self.key_usage.observe(x, q.reshape(x.shape[0], -1))
-        weights, indices = kernels.product_key_search(q, keys, mc.k, keys_bf16=keys_bf16, softmax=True)
+        weights, indices = kernels.product_key_search(q, keys, mc.k, keys_bf16=keys_bf16, softmax=True,
+                                                      backend=mc.search, select=mc.search_select,
+                                                      rescore=mc.search_rescore)
         return indices.flatten(1), weights.flatten(1)
 
     def mix(self, x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:

@@ -274,8 +274,14 @@ class Trainer:
                               f"reaches train.steps={t.steps}: raise --steps to train further, or "
                               f"pass --finetune to start a new schedule from its weights")
         start = time.time()
-        self.iteration = checkpoint.load(self, target, common)
+        loaded = checkpoint.load(self.checkpoint_state(), target, common)
         self.checkpoint_seconds["load"] = time.time() - start
+        self.checkpoint_bytes_read = loaded.bytes_read
+        per_rank = self.cfg.train.micro_batch_size * self.dp
+        if loaded.progress["consumed_samples"] % per_rank:
+            raise ConfigError(f"checkpoint {target} consumed {loaded.progress['consumed_samples']} "
+                              f"samples, not a multiple of micro_batch_size x DP = {per_rank}")
+        self.load_state_dict(loaded.progress)
         if self.iteration == 0:  # weights only: the optimizer's fp32 copies must follow them
             self.optimizer.reload_model_params()
             what = "weights"
@@ -283,12 +289,6 @@ class Trainer:
             # the loaded param groups replaced ours: choose the Adam implementation again, and
             # give each parameter its own step (megatron restores one shared tensor)
             configure_adam(self.optimizer, t.fused_adam)
-            per_rank = self.cfg.train.micro_batch_size * self.dp
-            consumed = common["consumed_samples"]
-            if consumed % per_rank:
-                raise ConfigError(f"checkpoint {target} consumed {consumed} samples, not a multiple "
-                                  f"of micro_batch_size x DP = {per_rank}")
-            self.train_iter.cursor = consumed // per_rank
             what = f"step {self.iteration} (model, optimizer, schedule, data position)"
         if self.rank == 0:
             spread = self.cfg.train.fully_parallel_load and self.dp > 1
@@ -496,6 +496,23 @@ class Trainer:
         else:
             self.log(f"stopping after step {self.iteration} ({why}); nothing saved (no --save given)")
 
+    def state_dict(self) -> dict:
+        """The Trainer's own progress, as checkpoints store it: the step reached and the samples
+        consumed (the data position)."""
+        return {"iteration": self.iteration, "consumed_samples": self.iteration * self.global_batch}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Continue from ``state_dict()``'s progress: the step, and each data-parallel rank's
+        position in the micro-batch order."""
+        self.iteration = state["iteration"]
+        per_rank = self.cfg.train.micro_batch_size * self.dp
+        self.train_iter.cursor = state["consumed_samples"] // per_rank
+
+    def checkpoint_state(self) -> checkpoint.TrainingState:
+        """What a checkpoint of this run holds (``checkpoint.save`` / ``load`` read only this)."""
+        return checkpoint.TrainingState(self.raw_model, self.optimizer, self.scheduler, self.cfg,
+                                        self.vocab_size, self.dist_opt, self.state_dict())
+
     @on_cpu_shims
     def save(self, directory: str) -> Path:
         """Checkpoint the current step into ``directory`` (collective; see checkpoint.py). With
@@ -504,8 +521,8 @@ class Trainer:
         self.sync_params()
         if self.async_queue is not None:
             self.async_queue.maybe_finalize_async_calls(blocking=True)  # the previous one first
-        path = checkpoint.save(self, directory, self.iteration, self.cfg.train.checkpoint_integrity,
-                               async_queue=self.async_queue)
+        path = checkpoint.save(self.checkpoint_state(), directory,
+                               self.cfg.train.checkpoint_integrity, async_queue=self.async_queue)
         self.checkpoint_seconds["save"] = time.time() - start
         if self.rank == 0:
             how = "staged (writing in the background)" if self.async_queue is not None else "saved"

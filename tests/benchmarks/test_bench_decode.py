@@ -92,13 +92,14 @@ def test_bad_arguments_exit_2(capsys):
 def test_unfused_memory_path_runs(tmp_path, monkeypatch):
     """--memory-path unfused reroutes this process to the pre-fusion decode path and still runs."""
     from megatron_memory.export import standalone
-    from megatron_memory.kernels import bf16_search, decode_search
+    from megatron_memory.kernels import decode_search
 
     for owner, name in ((standalone, "product_key_search"), (standalone, "fused_query_prologue"),
-                        (bf16_search, "RESCORE"), (decode_search, "MAX_TOKENS")):
+                        (decode_search, "MAX_TOKENS")):
         monkeypatch.setattr(owner, name, getattr(owner, name))   # restored after the test
     monkeypatch.delenv("OUT", raising=False)
     assert bench_decode.main(["--tiny", "--memory-path", "unfused", "--batches", "1",
                               "--csv", str(tmp_path / "d.csv")]) == 0
-    assert bf16_search.RESCORE == "loop" and standalone.fused_query_prologue is None
+    assert standalone.fused_query_prologue is None
+    assert standalone.product_key_search.__name__ == "<lambda>"  # the loop re-scoring wrapper
     assert decode_search.MAX_TOKENS == 0

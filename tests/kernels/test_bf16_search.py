@@ -39,13 +39,13 @@ def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN
     want_s, want_i = product_key_search_reference(q, K, k)                # fp32 search
     qt, Kt = q.to(device, copy=True).requires_grad_(), K.to(device, copy=True).requires_grad_()
     kb = Kt.detach().to(torch.bfloat16) if cast_keys else None
-    bs.RESCORE = rescore
     threshold = bs.RESCORE_TRAINING_ROWS
     bs.RESCORE_TRAINING_ROWS = training_rows or threshold   # lowered: training tile at small T
     try:
-        scores, idx = bs.bf16_product_key_search(qt, Kt, k, margin, keys_bf16=kb, softmax=softmax)
+        scores, idx = bs.bf16_product_key_search(qt, Kt, k, margin, keys_bf16=kb, softmax=softmax,
+                                                 rescore=rescore)
     finally:
-        bs.RESCORE, bs.RESCORE_TRAINING_ROWS = "fused", threshold
+        bs.RESCORE_TRAINING_ROWS = threshold
     if softmax:
         check_softmax_weights(scores, idx, qt, Kt, q, K, dscores)
         return
@@ -201,11 +201,7 @@ def test_gpu_fused_rescore_matches_loop(T):
     q, K = q.cuda(), K.cuda()
     out = {}
     for mode in ("loop", "fused"):
-        bs.RESCORE = mode
-        try:
-            out[mode] = bs.bf16_search_forward(q, K, 32)
-        finally:
-            bs.RESCORE = "fused"
+        out[mode] = bs.bf16_search_forward(q, K, 32, rescore=mode)
     (s0, i0, t0, _), (s1, i1, t1, _) = out["loop"][:4], out["fused"][:4]
     same = (i0.sort(-1).values == i1.sort(-1).values).all(-1)
     assert same.float().mean() >= (1.0 if T <= 256 else 0.999), same.float().mean()
@@ -220,7 +216,6 @@ def test_gpu_default_dispatch_is_bf16(monkeypatch):
     real = bs.bf16_product_key_search
     monkeypatch.setattr(bs, "bf16_product_key_search", lambda *a, **kw: seen.append(1) or real(*a, **kw))
     q, K = layer_like(64, 2, 64, 16, 3)   # 64 tokens: above the decode search's MAX_TOKENS
-    monkeypatch.setattr(kernels, "SEARCH_BACKEND", "bf16")
     kernels.product_key_search(q.cuda(), K.cuda(), 4)
     assert seen == [1]
 
@@ -285,7 +280,7 @@ def layer_weights_cases():
     gw = torch.randn(20, mc.heads * mc.k, generator=gen)
     out = {}
     for backend in ("torch", "bf16"):
-        kernels.SEARCH_BACKEND = backend
+        mc.search = backend
         layer.zero_grad()
         xi = x.clone().requires_grad_()
         idx, w = layer.select(xi)

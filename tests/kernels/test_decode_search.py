@@ -73,7 +73,6 @@ def test_gpu_dispatch_takes_it_for_decode_steps(monkeypatch):
     seen = []
     real = ds.decode_product_key_search
     monkeypatch.setattr(ds, "decode_product_key_search", lambda *a: seen.append(a[0].shape[0]) or real(*a))
-    monkeypatch.setattr(kernels, "SEARCH_BACKEND", "bf16")
     q, K = layer_like(ds.MAX_TOKENS + 1, 2, 64, 16, 3)
     q, K = q.cuda(), K.cuda()
     with torch.no_grad():

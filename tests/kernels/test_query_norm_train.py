@@ -151,7 +151,6 @@ def layer_cases():
     from megatron_memory.model.layer import MemoryPlus, MemoryValues
     from tests.conftest import tiny_transformer_config
 
-    kernels.SEARCH_BACKEND = "torch"   # the search stays the reference on both paths
     calls = []
     fused_op = kernels.fused_query_norm_train
 
@@ -165,7 +164,8 @@ def layer_cases():
     checked = 0
     for dtype, k_dim in ((torch.float32, 10), (torch.bfloat16, 16)):
         cfg = tiny_transformer_config(hidden_size=24, params_dtype=dtype)
-        mc = MemoryConfig(n_keys=8, heads=2, k=3, k_dim=k_dim)
+        # search="torch": the search stays the reference on both paths
+        mc = MemoryConfig(n_keys=8, heads=2, k=3, k_dim=k_dim, search="torch")
         mc.validate(cfg.num_layers, 24)
         values = MemoryValues(cfg, mc)
         layers = [MemoryPlus(cfg, mc, values, layer_id=1).train() for _ in range(2)]

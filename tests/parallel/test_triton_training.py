@@ -20,8 +20,8 @@ from tests.parallel.dist_utils import run_ranks
 def _train(tmp, monkeypatch, path: str) -> dict:
     # small enough for the interpreter: 64 values, 4 of 8 sub-keys per half, 16-token sequences
     cfg = workers.tiny_config(tp=2, sp=True, dp_batch=4, steps=4, **{
-        "model.seq_length": 16, "memory.n_keys": 8, "memory.k": 4, "memory.heads": 2})
-    monkeypatch.setenv("MEGATRON_MEMORY_SEARCH", "torch" if path == "fp32" else "bf16")
+        "model.seq_length": 16, "memory.n_keys": 8, "memory.k": 4, "memory.heads": 2,
+        "memory.search": "torch" if path == "fp32" else "bf16"})
     out = tmp / f"run_{path}.json"
     run_ranks(2, workers.train if path == "reference" else workers.train_triton_all, cfg,
               str(out), tp=0)

@@ -17,10 +17,11 @@ The default, ``memory,dense``, is issue 14's pair. A model's checkpoints, events
 by its spec (/tmp/longrun/ckpt/memory-k256), so runs of different models can share one state.
 
 Each phase trains the listed models in order, each to the end of its schedule or to the phase's
-deadline (budget - reserve: a stop file the trainer polls each step; it finishes the step, saves,
-exits 0). A model that reaches the end of its schedule is exported and scored (held-out questions
-and cloze, tools/fact_recall.py) at once, while the call still has its reserve, so each finished
-run's results come back in the call that finished it; a later model only gets the time left. A
+deadline (~60 s before the budget's end: a stop file the trainer polls each step; it finishes the
+step, saves, exits 0). A model that reaches the end of its schedule is exported and scored
+(held-out questions and cloze, tools/fact_recall.py) at once if the call still has its reserve, so
+each finished run's results come back in the call that finished it; a later model only gets the
+time left. A
 134M + 2^20-value checkpoint is ~11 GB with its Adam state: it cannot travel between calls (carried
 folders are limited to 64 MiB), so a phase 2 that resumes must run on the machine phase 1 left
 warm; without the checkpoints it says so and starts over. Each phase's summary (markdown: losses,
@@ -60,7 +61,7 @@ class Plan:
     log_interval: int        # steps per progress line / key-usage window
     eval_interval: int       # steps between validations (the equal-token loss points)
     budget_s: float          # wall seconds of one device call this script may use (from its start)
-    reserve_s: float         # seconds kept after training for the last save, export and recall
+    reserve_s: float         # seconds a finished model's export and recall may take
     startup_s: float         # assumed start-up + save of one training process
     memory_share: float      # (unused since issue 29; kept for LONGRUN_MEMORY_SHARE)
     eval_limit: int          # questions (and cloze probes) scored per model
@@ -77,7 +78,7 @@ def make_plan(tiny: bool) -> Plan:
         # spans so that several complete
         plan = Plan({"memory": "tiny", "dense": "tiny-dense"}, steps=300, micro_batch=2,
                     global_batch=4, lr=3e-3, log_interval=10, eval_interval=50, budget_s=240,
-                    reserve_s=80, startup_s=20, memory_share=0.2, eval_limit=64,
+                    reserve_s=40, startup_s=20, memory_share=0.2, eval_limit=64,
                     extra=["--eval-iters", "2", "--key-usage-span-tokens", "20000"], device="cpu")
     else:
         # Arithmetic (H100/H200, bf16): 134m-dense trains 0.661 GFLOP/token; run 15 measured
@@ -88,7 +89,7 @@ def make_plan(tiny: bool) -> Plan:
         # of activations: safe on an 80 GB H100. lr 6e-4: GPT-3 125M's, for a short run.
         plan = Plan({"memory": "134m-memory", "dense": "134m-dense"}, steps=600, micro_batch=16,
                     global_batch=64, lr=6e-4, log_interval=10, eval_interval=50, budget_s=560,
-                    reserve_s=150, startup_s=60, memory_share=0.6, eval_limit=4000,
+                    reserve_s=120, startup_s=60, memory_share=0.6, eval_limit=4000,
                     extra=["--eval-iters", "4"], device="cuda")
     for name, cast in (("steps", int), ("micro_batch", int), ("global_batch", int), ("lr", float),
                        ("budget_s", float), ("reserve_s", float), ("memory_share", float),
@@ -281,10 +282,12 @@ def train(plan: Plan, run: Run, model: Model, phase: int, deadline: float, exit_
     return {"start": start_step, "end": end, "seconds": seconds, "step_s": step_s, **stats}
 
 
-# Kept after the last model's training deadline for its save after the stop, the summary and the
-# PNGs (run 11: with 10 s the phase took 326 s of a 310 s budget); a model that finishes its
-# schedule is evaluated if the budget still holds EVAL_S.
+# Kept after a training deadline for the save after the stop, the summary and the PNGs (run 11:
+# with 10 s the phase took 326 s of a 310 s budget; an 805M-value checkpoint saves in ~20-30 s).
+# A model a few steps from its end at the deadline may finish until PHASE_RESERVE_S before the
+# end (``extension``). A model at its end is evaluated while at least plan.reserve_s is left.
 PHASE_RESERVE_S = 45
+DEADLINE_MARGIN_S = 15
 
 
 def evaluate(plan: Plan, run: Run, model: Model) -> dict:
@@ -314,26 +317,27 @@ def evaluate(plan: Plan, run: Run, model: Model) -> dict:
 
 def run_phase(plan: Plan, run: Run, models: list[Model], phase: int, t0: float, report) -> dict:
     """Train each model in order to its end or the phase's deadline; evaluate each model that
-    is at its end and has no recall yet, while the budget holds its reserve. ``report()`` writes
-    the summary after each model. Returns the meta (state.json)."""
+    is at its end and has no recall yet, while the budget still holds ``plan.reserve_s``.
+    ``report()`` writes the summary after each step of this. Returns the meta (state.json)."""
     meta = run.load_meta()
     end = t0 + plan.budget_s
+    hard = end - PHASE_RESERVE_S
+    deadline = hard - DEADLINE_MARGIN_S
     for model in models:
         tag = model.tag
         done = meta.setdefault("runs", {}).setdefault(tag, {"phases": []})
         if run.step(tag) < model.steps:
-            left = end - plan.reserve_s - time.time()
+            left = deadline - time.time()
             if left < plan.startup_s + 30:
-                print(f"[longrun] {tag}: {left:.0f} s left before the reserve: not started in "
+                print(f"[longrun] {tag}: {left:.0f} s left before the deadline: not started in "
                       f"this phase", flush=True)
                 continue
-            hard = end - PHASE_RESERVE_S - 10
-            res = train(plan, run, model, phase, end - plan.reserve_s, hard=hard)
+            res = train(plan, run, model, phase, deadline, hard=hard)
             done["phases"].append({"phase": phase, **res})
             run.save_meta(meta)
             report()
         if run.step(tag) >= model.steps and "recall" not in done:
-            if end - time.time() < plan.reserve_s - PHASE_RESERVE_S:
+            if end - time.time() < plan.reserve_s:
                 print(f"[longrun] {tag}: finished, but too little time left to evaluate it: "
                       "the next phase does", flush=True)
                 continue

@@ -77,7 +77,8 @@ def test_a_phase_trains_in_order_evaluates_finished_models_once_and_skips_withou
     monkeypatch.setattr(longrun, "train", fake_train)
     monkeypatch.setattr(longrun, "evaluate", fake_eval)
     meta = longrun.run_phase(plan, run, models, 1, 0.0, report=lambda: None)
-    assert calls == [("train", "dense", 900.0), ("eval", "dense"), ("train", "memory-k16", 900.0)]
+    deadline = plan.budget_s - longrun.PHASE_RESERVE_S - longrun.DEADLINE_MARGIN_S
+    assert calls == [("train", "dense", deadline), ("eval", "dense"), ("train", "memory-k16", deadline)]
     assert meta["runs"]["dense"]["recall"]["questions"]["recall"] == 0.5
     assert "recall" not in meta["runs"]["memory-k16"]
     assert json.loads(run.meta.read_text())["runs"]["memory-k16"]["phases"][0]["end"] == 100
@@ -102,7 +103,7 @@ def test_a_phase_trains_in_order_evaluates_finished_models_once_and_skips_withou
     clock["t"] = 9000.0
     run.ckpt("dense-s9").mkdir(parents=True)
     meta = longrun.run_phase(plan, run, longrun.parse_models("dense-s9", plan), 2,
-                             9000.0 - plan.budget_s + plan.reserve_s + 10, report=lambda: None)
+                             9000.0 - deadline + 10, report=lambda: None)
     assert calls == []
 
 

@@ -126,13 +126,13 @@ def test_wilson_interval():
                     reason="minutes of CPU and a data folder: LONGRUN_TINY_DATA=build/longrun-data-debian")
 def test_tiny_pipeline_on_cpu(tmp_path):
     """Both phases of device_longrun.sh in tiny mode on a built long-run data folder: a
-    2^8-value Memory+ (n_keys 16) and dense on a longer schedule; phase 1 finishes and scores the
-    first and stops the second at its deadline, phase 2 resumes and scores it; the results come
-    back as one archive and a summary."""
+    2^8-value Memory+ (n_keys 16) and dense on a longer schedule; the first finishes and is
+    scored, the second is stopped at each phase's deadline and resumed; the results come back as
+    one archive and a summary."""
     env = {**os.environ, "LONGRUN_TINY": "1", "PYTHON": sys.executable, "OUT": str(tmp_path / "out"),
            "LONGRUN_DIR": str(tmp_path / "state"), "LONGRUN_RESULTS": str(tmp_path / "res"),
-           "LONGRUN_DATA": os.environ["LONGRUN_TINY_DATA"], "LONGRUN_STEPS": "30",
-           "LONGRUN_BUDGET_S": os.environ.get("LONGRUN_TINY_BUDGET_S", "150"),
+           "LONGRUN_DATA": os.environ["LONGRUN_TINY_DATA"], "LONGRUN_STEPS": "8",
+           "LONGRUN_BUDGET_S": os.environ.get("LONGRUN_TINY_BUDGET_S", "300"),
            "LONGRUN_RESERVE_S": "60", "LONGRUN_EVAL_LIMIT": "16"}
     (tmp_path / "out").mkdir()
     for phase in ("1", "2"):
@@ -141,8 +141,13 @@ def test_tiny_pipeline_on_cpu(tmp_path):
         assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
         assert (tmp_path / "out" / f"longrun_phase{phase}.tgz").is_file()
         summary = (tmp_path / "out" / f"longrun_phase{phase}.md").read_text()
-        meta = json.loads((tmp_path / "state" / "state.json").read_text())
-        assert "recall" in meta["runs"]["memory-k16"]  # finished (30 steps) and scored in phase 1
         assert "Memory+ 2^8" in summary and "dense (3000 steps)" in summary
-    assert [p["phase"] for p in meta["runs"]["dense-s3000"]["phases"]] == [1, 2]
-    assert meta["runs"]["dense-s3000"]["phases"][1]["start"] > 0  # resumed, not restarted
+    meta = json.loads((tmp_path / "state" / "state.json").read_text())
+    # 8 steps: finished and scored (in phase 1 unless this machine is very slow)
+    assert meta["runs"]["memory-k16"]["recall"]["questions"]["n"] == 16
+    assert "n_by_attribute" in meta["runs"]["memory-k16"]["recall"]["questions"]
+    dense = meta["runs"]["dense-s3000"]["phases"]
+    assert dense[-1]["phase"] == 2 and 0 < dense[-1]["end"] < 3000  # stopped by the deadline
+    if len(dense) == 2:  # trained in both phases: phase 2 resumed where phase 1 stopped
+        assert dense[1]["start"] == dense[0]["end"] > 0
+    assert "held-out recall" in summary and "%" in summary.split("Memory+ 2^8 | 256 |")[1].split("\n")[0]

@@ -211,6 +211,18 @@ def write_report(plan, run, models, out: Path, phase: int, echo: bool = False) -
               "tok/s: the trainer's steady rate (after step 3) of each phase; peak GiB: torch's "
               "peak allocation; recall: exact match, greedy; 95% CI: Wilson interval over the "
               "questions scored.", ""] + run_table(models, run, sc, meta, tokens_per_step)
+    rate = {}
+    for m in models:
+        rs = [p.get("steady_tok_s") for p in meta.get("runs", {}).get(m.tag, {}).get("phases", [])]
+        rs = [r for r in rs if r]
+        if rs:
+            rate[m.tag] = sum(rs) / len(rs)
+    if "dense" in rate and "memory" in rate:
+        steps = next(m.steps for m in models if m.tag == "memory")
+        lines += ["", f"Dense at Memory+ 2^20's GPU time: {steps} x {rate['dense']:,.0f} / "
+                  f"{rate['memory']:,.0f} tok/s = {steps * rate['dense'] / rate['memory']:.0f} steps "
+                  f"(model spec dense-s{round(steps * rate['dense'] / rate['memory'])}; training "
+                  "time only, measured rates of this run)."]
     lines += ["", "## Validation loss at equal tokens", ""] + loss_table(models, sc, tokens_per_step)
     for m in models:
         if m.kind != "memory" or not sc[m.tag]:

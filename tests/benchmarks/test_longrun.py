@@ -123,7 +123,7 @@ def test_wilson_interval():
 
 
 @pytest.mark.skipif(not os.environ.get("LONGRUN_TINY_DATA"),
-                    reason="minutes of CPU and a data folder: LONGRUN_TINY_DATA=build/longrun-data-debian")
+                    reason="minutes of CPU and a data folder: LONGRUN_TINY_DATA=build/longrun-data-debian-pf12")
 def test_tiny_pipeline_on_cpu(tmp_path):
     """Both phases of device_longrun.sh in tiny mode on a built long-run data folder: a
     2^8-value Memory+ (n_keys 16) and dense on a longer schedule; the first finishes and is

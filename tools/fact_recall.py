@@ -150,7 +150,8 @@ def mix(facts: list[str], other: Iterable[str], seed: int) -> list[str]:
 def recall(items: list[dict], complete: Callable[[list[str], list[int]], list[list[int]]],
            tokenize: Callable[[str], list[int]], batch: int = 32) -> dict:
     """Exact-match recall: ``complete(prompts, lengths)`` returns, per prompt, at least
-    ``length`` greedy token ids. Returns {"recall", "n", "by_attribute": {attr: recall}}."""
+    ``length`` greedy token ids. Returns {"recall", "n", "by_attribute": {attr: recall},
+    "n_by_attribute": {attr: questions scored}}."""
     hits: dict[str, list[int]] = {}
     for i in range(0, len(items), batch):
         chunk = items[i:i + batch]
@@ -160,7 +161,8 @@ def recall(items: list[dict], complete: Callable[[list[str], list[int]], list[li
             hits.setdefault(it["attribute"], []).append(int(list(out[:len(ans)]) == ans))
     total = [h for v in hits.values() for h in v]
     return {"recall": sum(total) / max(len(total), 1), "n": len(total),
-            "by_attribute": {a: sum(v) / len(v) for a, v in sorted(hits.items())}}
+            "by_attribute": {a: sum(v) / len(v) for a, v in sorted(hits.items())},
+            "n_by_attribute": {a: len(v) for a, v in sorted(hits.items())}}
 
 
 def _read_jsonl(path: Path) -> list[dict]:

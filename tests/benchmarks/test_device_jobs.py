@@ -47,10 +47,11 @@ def test_jobs_run_side_by_side_and_the_limit_kills_a_whole_job(tmp_path):
 def test_long_run_trains_through_the_launcher_on_several_gpus(tmp_path):
     plan = longrun.make_plan(tiny=True)
     run = longrun.Run(tmp_path / "state", tmp_path / "data")
-    one = longrun.train_command(plan, run, "memory", exit_at=None)
+    memory = longrun.parse_models("memory", plan)[0]
+    one = longrun.train_command(plan, run, memory, exit_at=None)
     assert one[1:3] == ["-m", "megatron_memory.train"]
     plan.gpus = 2
-    two = longrun.train_command(plan, run, "memory", exit_at=7)
+    two = longrun.train_command(plan, run, memory, exit_at=7)
     assert two[1:7] == ["-m", "megatron_memory.launch.run", "torchrun", "--nproc-per-node", "2",
                         "--"]
     assert two[7:] == one[3:] + ["--exit-interval", "7"]  # the same training flags

@@ -283,6 +283,14 @@ class TrainConfig:
                                       "backward (memory layers are not recomputed: a second "
                                       "lookup costs more than the activations it saves)")
     seed: int = opt(1234, "seed of the dense init and data order")
+    deterministic: bool = opt(False, "bit-reproducible GPU training, as Megatron-LM's "
+                              "--deterministic-mode: torch's deterministic algorithms (slower "
+                              "attention backward and scatters), NCCL_ALGO=Ring, "
+                              "CUBLAS_WORKSPACE_CONFIG=:4096:8, NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 "
+                              "where unset (other values are refused); the memory lookup always "
+                              "takes its segment backward then. CPU runs are bit-reproducible for "
+                              "a fixed seed, layout and thread count without it "
+                              "(docs/reproducibility.md)")
     bf16: Optional[bool] = opt(None, "bf16 mixed precision; default: on with CUDA, off on CPU")
     log_interval: int = opt(10, "steps between progress lines and TensorBoard scalars")
     key_usage: bool = opt(True, "log each memory layer's key-usage health per log window: share of "
@@ -368,6 +376,10 @@ class TrainConfig:
                               f"(train.steps={self.steps}): that profile would never be taken")
         if self.finetune and not self.load:
             raise ConfigError("train.finetune needs train.load (the checkpoint to take weights from)")
+        if self.deterministic:
+            from megatron_memory.determinism import check_env  # it imports this module
+
+            check_env()
 
 
 @dataclass

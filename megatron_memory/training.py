@@ -29,7 +29,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 from torch.profiler import ProfilerActivity, profile
 
-from megatron_memory import checkpoint, data, parallel, step_profile
+from megatron_memory import checkpoint, data, determinism, parallel, step_profile
 from megatron_memory.config import ConfigError, RunConfig, padded_vocab
 from megatron_memory.cpu import install_cpu_shims
 from megatron_memory.graphs import MemoryLayerGraph
@@ -88,6 +88,8 @@ def transformer_config(cfg: RunConfig, bf16: bool):
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         batch_p2p_comm=not on_cpu, batch_p2p_sync=not on_cpu,
+        # Megatron's deterministic choices (its vocabulary embedding's backward, TE attention)
+        deterministic_mode=cfg.train.deterministic,
     )
 
 
@@ -136,6 +138,8 @@ class Trainer:
     """Builds everything from a validated RunConfig; ``fit()`` trains and returns a History."""
 
     def __init__(self, cfg: RunConfig, log=print):
+        if cfg.train.deterministic:  # before NCCL, cuBLAS and TE start: they read the environment
+            determinism.enable()
         self.device = init_distributed()
         self.world_size = dist.get_world_size()
         cfg.validate(self.world_size)

@@ -51,6 +51,13 @@ def train(cfg, out_file: str) -> None:
     trainer.close()
 
 
+def train_then_kill_another(cfg, out_file: str, killed_cfg, killed_file: str) -> None:
+    """``train`` cfg, then in the same processes ``train_then_kill`` killed_cfg, from scratch
+    (a second run without a second launch)."""
+    train(cfg, out_file)
+    train_then_kill(killed_cfg, killed_file)
+
+
 def train_triton_lookup(cfg, out_file: str) -> None:
     """``train`` with the Triton EmbeddingBag on CPU under Triton's interpreter (the caller sets
     TRITON_INTERPRET=1 for the ranks): the table gradient goes into Megatron DDP's main_grad by

@@ -22,7 +22,7 @@ def embedding_bag_reference(values: torch.Tensor, indices: torch.Tensor,
     # accumulate=True, which on a multi-threaded CPU adds float rows with atomics in thread order,
     # so two same-seed runs drifted apart (issue 30); index_select's gradient, index_add_, adds
     # in index order on the CPU (and is faster there), and both give the same forward.
-    rows = values.index_select(0, indices.reshape(-1).long()).view(*indices.shape, -1)  # [T, bag, d]
+    rows = values.index_select(0, indices.reshape(-1).long()).view(*indices.shape, -1).to(acc)
     out = torch.einsum("tb,tbd->td", weights.to(acc), rows)
     return out.to(values.dtype)
 

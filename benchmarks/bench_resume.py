@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import datetime
 import json
+import multiprocessing
 import os
 import signal
 import sys
@@ -53,6 +54,10 @@ def run_phase(phase: str, ckpt: str, out: str, flags: list[str]) -> None:
                    "rank0_read_bytes": trainer.checkpoint_bytes_read,
                    "device": torch.cuda.get_device_name() if torch.cuda.is_available() else "CPU"}, open(out, "w"))
     if phase == "killed":  # no clean shutdown: nothing beyond what the save wrote survives
+        # The whole process tree, as a scheduler ends a job: the multiprocessing manager of
+        # Megatron's checkpoint writer would outlive this process (and hold its stdout).
+        for child in multiprocessing.active_children():
+            os.kill(child.pid, signal.SIGKILL)
         os.kill(os.getpid(), signal.SIGKILL)
     trainer.close()
     dist.destroy_process_group()

@@ -58,6 +58,7 @@ def run_phase(phase: str, ckpt: str, out: str, flags: list[str]) -> None:
         # Megatron's checkpoint writer would outlive this process (and hold its stdout).
         for child in multiprocessing.active_children():
             os.kill(child.pid, signal.SIGKILL)
+        dist.barrier()  # all ranks' children first: the first death makes torchrun end the others
         os.kill(os.getpid(), signal.SIGKILL)
     trainer.close()
     dist.destroy_process_group()

@@ -138,9 +138,12 @@ def train_then_kill(cfg, out_file: str) -> None:
     import os
     import signal
 
+    import torch.distributed as dist
+
     train(cfg, out_file)
     for child in multiprocessing.active_children():
         os.kill(child.pid, signal.SIGKILL)
+    dist.barrier()  # every rank's children are gone before the first death ends the other ranks
     os.kill(os.getpid(), signal.SIGKILL)
 
 

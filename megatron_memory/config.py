@@ -14,6 +14,8 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_memory import determinism
+
 
 # A file whose appearance stops a run like SIGTERM (finish the step, save, exit 0). The SLURM
 # script sets it: a signal sent to the batch shell before the time limit cannot reach the training
@@ -377,9 +379,10 @@ class TrainConfig:
         if self.finetune and not self.load:
             raise ConfigError("train.finetune needs train.load (the checkpoint to take weights from)")
         if self.deterministic:
-            from megatron_memory.determinism import check_env  # it imports this module
-
-            check_env()
+            try:
+                determinism.check_env()
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 @dataclass

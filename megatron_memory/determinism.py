@@ -9,15 +9,13 @@ flash and memory-efficient backward, scatter_add_, index_add_, embedding backwar
 where it has none. Our own kernels need nothing more: the lookup's table gradient takes the
 segment backward whenever that flag is on (kernels/triton_embedding_bag.py ``_strategy``).
 
-This module imports nothing heavy at import time: the command line checks the environment
-before torch loads.
+This module imports nothing of the package and no torch at import time: ``config`` validates
+the environment with it before torch loads (and turns its ValueError into a ConfigError).
 """
 from __future__ import annotations
 
 import os
 from typing import Mapping, MutableMapping
-
-from megatron_memory.config import ConfigError
 
 # What each variable gets when the user left it unset.
 ENV_DEFAULTS = {
@@ -40,18 +38,18 @@ ENV_ACCEPTED = {
 
 
 def check_env(env: Mapping[str, str] = os.environ) -> None:
-    """One ConfigError for the first variable set to a value that is not deterministic."""
+    """One ValueError for the first variable set to a value that is not deterministic."""
     algo = env.get("NCCL_ALGO")
     if algo is not None:
         entries = [a.strip() for a in algo.split(",") if a.strip()]
         if not entries or any(a not in NCCL_ALGOS for a in entries):
-            raise ConfigError(f"train.deterministic: NCCL_ALGO={algo!r} may reduce in a varying "
-                              f"order; unset it (Ring is used) or choose from {', '.join(NCCL_ALGOS)}")
+            raise ValueError(f"train.deterministic: NCCL_ALGO={algo!r} may reduce in a varying "
+                             f"order; unset it (Ring is used) or choose from {', '.join(NCCL_ALGOS)}")
     for name, accepted in ENV_ACCEPTED.items():
         value = env.get(name)
         if value is not None and value not in accepted:
-            raise ConfigError(f"train.deterministic: {name}={value!r} is not deterministic; "
-                              f"unset it or set {' or '.join(accepted)}")
+            raise ValueError(f"train.deterministic: {name}={value!r} is not deterministic; "
+                             f"unset it or set {' or '.join(accepted)}")
 
 
 def enable(env: MutableMapping[str, str] = os.environ) -> None:

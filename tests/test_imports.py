@@ -17,6 +17,7 @@ ROOT = Path(__file__).resolve().parents[1]
 # helpers (cpu, data, metrics, memory_estimate) import at most config and sit below the layer.
 ORDER = [
     "megatron_memory",                      # package __init__: finds the source checkout
+    "megatron_memory.determinism",          # --deterministic's environment (os; torch when enabled)
     "megatron_memory.config",
     # configs/ stays a sub-package of plain preset data that imports only megatron_memory.config
     # (test_presets_import_only_config), so cli's import of the presets is a downward import.
@@ -34,6 +35,7 @@ ORDER = [
     "megatron_memory.kernels",
     "megatron_memory.standalone",            # plain torch; kernels optional (copied into exports)
     "megatron_memory.cpu",
+    "megatron_memory.jsonl_input",          # JSONL lines: compressed, byte-order mark (stdlib only)
     "megatron_memory.data",
     "megatron_memory.metrics",
     "megatron_memory.memory_estimate",

@@ -18,7 +18,11 @@ def embedding_bag_reference(values: torch.Tensor, indices: torch.Tensor,
     -> out [T, d] in values.dtype, accumulated in float32 (float64 stays float64).
     """
     acc = torch.float64 if values.dtype == torch.float64 else torch.float32
-    rows = values[indices.long()].to(acc)                      # [T, bag, d]
+    # index_select, not values[indices]: the gradient of advanced indexing is index_put_ with
+    # accumulate=True, which on a multi-threaded CPU adds float rows with atomics in thread order,
+    # so two same-seed runs drifted apart (issue 30); index_select's gradient, index_add_, adds
+    # in index order on the CPU (and is faster there), and both give the same forward.
+    rows = values.index_select(0, indices.reshape(-1).long()).view(*indices.shape, -1).to(acc)
     out = torch.einsum("tb,tbd->td", weights.to(acc), rows)
     return out.to(values.dtype)
 

@@ -37,6 +37,7 @@ MEGATRON_ALIASES = {
     "model.norm_eps": ["--norm-epsilon"],
     "model.rope_base": ["--rotary-base"],
     "model.init_std": ["--init-method-std"],
+    "train.deterministic": ["--deterministic-mode"],
 }
 # Fields holding file-system paths: the launcher makes them absolute before changing directory.
 PATH_FIELDS = ("data.data_path", "data.tokenizer", "data.cache_dir", "train.tensorboard_dir",

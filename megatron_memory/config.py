@@ -15,6 +15,7 @@ import importlib.util
 from dataclasses import dataclass, field
 from typing import Optional
 
+from megatron_memory import determinism
 from megatron_memory.errors import ConfigError  # noqa: F401  (raised here; importers take it from here too)
 
 
@@ -324,6 +325,14 @@ class TrainConfig(_Section):
                                       "backward (memory layers are not recomputed: a second "
                                       "lookup costs more than the activations it saves)")
     seed: int = opt(1234, "seed of the dense init and data order")
+    deterministic: bool = opt(False, "bit-reproducible GPU training, as Megatron-LM's "
+                              "--deterministic-mode: torch's deterministic algorithms (slower "
+                              "attention backward and scatters), NCCL_ALGO=Ring, "
+                              "CUBLAS_WORKSPACE_CONFIG=:4096:8, NVTE_ALLOW_NONDETERMINISTIC_ALGO=0 "
+                              "where unset (other values are refused); the memory lookup always "
+                              "takes its segment backward then. CPU runs are bit-reproducible for "
+                              "a fixed seed, layout and thread count without it "
+                              "(docs/reproducibility.md)")
     bf16: Optional[bool] = opt(None, "bf16 mixed precision; default: on with CUDA, off on CPU")
     log_interval: int = opt(10, "steps between progress lines and TensorBoard scalars")
     key_usage: bool = opt(True, "log each memory layer's key-usage health per log window: share of "
@@ -409,6 +418,11 @@ class TrainConfig(_Section):
                               f"(train.steps={self.steps}): that profile would never be taken")
         if self.finetune and not self.load:
             raise ConfigError("train.finetune needs train.load (the checkpoint to take weights from)")
+        if self.deterministic:
+            try:
+                determinism.check_env()
+            except ValueError as err:
+                raise ConfigError(str(err)) from None
 
 
 @dataclass

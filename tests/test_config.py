@@ -88,3 +88,34 @@ def test_cli_reports_bad_input_without_a_traceback():
 def test_default_config_is_valid():
     RunConfig().validate()
     MemoryConfig().validate(24, 1024)
+
+
+@pytest.mark.parametrize("name, value, message", [
+    ("NCCL_ALGO", "Tree", "NCCL_ALGO='Tree' may reduce in a varying order"),
+    ("NCCL_ALGO", "Ring,NVLS", "NCCL_ALGO='Ring,NVLS'"),
+    ("CUBLAS_WORKSPACE_CONFIG", ":0:0", "CUBLAS_WORKSPACE_CONFIG=':0:0' is not deterministic"),
+    ("NVTE_ALLOW_NONDETERMINISTIC_ALGO", "1", "NVTE_ALLOW_NONDETERMINISTIC_ALGO='1'"),
+])
+def test_deterministic_refuses_a_nondeterministic_environment(monkeypatch, name, value, message):
+    monkeypatch.setenv(name, value)
+    replace(get_preset("tiny"), **{"train.deterministic": False}).validate()  # only asked for
+    with pytest.raises(ConfigError, match=message.replace("(", r"\(")):
+        config_from_args(["--deterministic-mode"])   # Megatron-LM's name is an alias
+
+
+def test_deterministic_fills_in_megatrons_settings():
+    import torch
+
+    from megatron_memory import determinism
+
+    env = {"NCCL_ALGO": "CollnetDirect,^NVLS"}   # a value the user chose stays
+    was = torch.are_deterministic_algorithms_enabled()
+    try:
+        determinism.enable(env)
+        assert torch.are_deterministic_algorithms_enabled()
+    finally:
+        torch.use_deterministic_algorithms(was)
+    assert env == {"NCCL_ALGO": "CollnetDirect,^NVLS", "CUBLAS_WORKSPACE_CONFIG": ":4096:8",
+                   "NVTE_ALLOW_NONDETERMINISTIC_ALGO": "0"}
+    cfg, _ = config_from_args(["--deterministic"])
+    assert cfg.train.deterministic and not get_preset("tiny").train.deterministic

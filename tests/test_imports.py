@@ -17,7 +17,8 @@ ROOT = Path(__file__).resolve().parents[1]
 # belongs to the longest prefix listed. config and configs (plain preset data) sit at the bottom;
 # the layer math (model.layer) knows nothing of the parallel plan (test_layer_knows_no_parallel_plan).
 LAYERS = [
-    ("megatron_memory", "megatron_memory.errors", "megatron_memory.config", "megatron_memory.configs"),
+    ("megatron_memory", "megatron_memory.errors", "megatron_memory.determinism", "megatron_memory.config",
+     "megatron_memory.configs"),
     ("megatron_memory.kernels",),        # Triton ops and their torch references
     ("megatron_memory.model",),          # layer math, parallel plan, spec, GPTModel, CUDA graphs
     ("megatron_memory.export",),         # exported folder, standalone model (plain torch)

@@ -32,6 +32,7 @@ from pathlib import Path
 from typing import Callable, Iterable, Optional
 
 from megatron_memory.errors import InputError, command
+from megatron_memory.training.jsonl_input import text_lines
 
 _SYL = ("ka ri to ze lan vi mo su der ba ne gol fa tir un es ho qui ma ren sa lo pe dra "
         "cor mil tan ve bo ri ul am").split()
@@ -166,7 +167,8 @@ def recall(items: list[dict], complete: Callable[[list[str], list[int]], list[li
 
 
 def _read_jsonl(path: Path) -> list[dict]:
-    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    """Every line's JSON object (compressed files and a byte-order mark are read too)."""
+    return [json.loads(line) for _, line in text_lines(path) if line.strip()]
 
 
 def cmd_generate(args) -> int:

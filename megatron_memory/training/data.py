@@ -24,6 +24,7 @@ from tokenizers import Tokenizer as HFTokenizer
 from tokenizers import decoders, models, pre_tokenizers, trainers
 
 from megatron_memory import SOURCE_ROOT
+from megatron_memory.training.jsonl_input import text_lines
 
 EOD, PAD = "<|endoftext|>", "<pad>"
 
@@ -179,25 +180,22 @@ def write_indexed_dataset(texts: Iterable[str], tokenizer: Tokenizer, prefix: st
 
 
 def read_jsonl(path: str | os.PathLike, key: str = "text") -> Iterator[str]:
-    """The ``key`` string of each line's JSON object; blank lines are skipped. Raises ValueError
-    naming ``path:line`` for a line that is not a JSON object with a string under ``key``."""
-    with open(path, "rb") as f:
-        for n, raw in enumerate(f, 1):
-            try:
-                line = raw.decode("utf-8")
-            except UnicodeDecodeError:
-                raise ValueError(f"{path}:{n}: not valid UTF-8") from None
-            if not line.strip():
-                continue
-            try:
-                obj = json.loads(line)
-            except json.JSONDecodeError as err:
-                raise ValueError(f"{path}:{n}: not valid JSON ({err.msg}, column {err.colno})") from None
-            if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
-                got = type(obj).__name__ if not isinstance(obj, dict) else (
-                    f"no '{key}' field" if key not in obj else f"'{key}' is {type(obj[key]).__name__}")
-                raise ValueError(f"{path}:{n}: expected a JSON object with a '{key}' string, got {got}")
-            yield obj[key]
+    """The ``key`` string of each line's JSON object; blank lines are skipped; gzip, bzip2 and xz
+    files and a leading byte-order mark are read too (``jsonl_input.text_lines``). Raises
+    ValueError naming ``path:line`` for a line that is not a JSON object with a string under
+    ``key``."""
+    for n, line in text_lines(path):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{path}:{n}: not valid JSON ({err.msg}, column {err.colno})") from None
+        if not isinstance(obj, dict) or not isinstance(obj.get(key), str):
+            got = type(obj).__name__ if not isinstance(obj, dict) else (
+                f"no '{key}' field" if key not in obj else f"'{key}' is {type(obj[key]).__name__}")
+            raise ValueError(f"{path}:{n}: expected a JSON object with a '{key}' string, got {got}")
+        yield obj[key]
 
 
 def ensure_default_data(data_dir: Path = DEFAULT_DATA_DIR) -> tuple[str, str]:

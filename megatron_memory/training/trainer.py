@@ -29,6 +29,7 @@ from megatron.core.transformer import TransformerConfig
 from megatron.core.transformer.module import Float16Module
 from torch.profiler import ProfilerActivity, profile
 
+from megatron_memory import determinism
 from megatron_memory.checkpointing import checkpoint
 
 from megatron_memory.training import data, step_profile
@@ -93,6 +94,8 @@ def transformer_config(cfg: RunConfig, bf16: bool):
         bias_dropout_fusion=False, masked_softmax_fusion=False, apply_rope_fusion=False,
         gradient_accumulation_fusion=False, persist_layer_norm=False,
         batch_p2p_comm=not on_cpu, batch_p2p_sync=not on_cpu,
+        # Megatron's deterministic choices (its vocabulary embedding's backward, TE attention)
+        deterministic_mode=cfg.train.deterministic,
     )
 
 
@@ -144,6 +147,8 @@ class Trainer:
     def __init__(self, cfg: RunConfig, log=print):
         """``cfg``: the user's config; the Trainer runs ``resolve(cfg, its environment)``, kept
         as ``self.cfg`` (frozen): every derived default is read from there."""
+        if cfg.train.deterministic:  # before NCCL, cuBLAS and TE start: they read the environment
+            determinism.enable()
         self.device = init_distributed()
         self.world_size = dist.get_world_size()
         cfg.validate(self.world_size)  # before reading a checkpoint named in it

@@ -28,6 +28,26 @@ def test_embedding_bag_matches_torch_embedding_bag(T, bag, N, d, index_dtype):
         torch.testing.assert_close(a, b)
 
 
+def test_embedding_bag_table_gradient_does_not_depend_on_threads():
+    """The table gradient on a multi-threaded CPU equals the one-thread gradient, every time
+    (issue 30: advanced indexing's gradient added rows with atomics in thread order, and two
+    same-seed runs drifted apart)."""
+    g = torch.Generator().manual_seed(30)
+    values = torch.randn(4, 64, generator=g, requires_grad=True)  # 4 hot rows: many collisions
+    idx = torch.randint(0, 4, (2048, 16), generator=g)
+    w = torch.rand(2048, 16, generator=g)
+    g_out = torch.randn(2048, 64, generator=g)
+    threads = torch.get_num_threads()
+    grads = []
+    try:
+        for n in (1, 2, 2, 2, 2, 2):
+            torch.set_num_threads(n)
+            grads.append(torch.autograd.grad(embedding_bag_reference(values, idx, w), values, g_out)[0])
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(x, grads[0]) for x in grads[1:])
+
+
 @pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32])
 def test_embedding_bag_low_precision_accumulates_in_fp32(dtype):
     g = torch.Generator().manual_seed(1)

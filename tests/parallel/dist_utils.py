@@ -10,13 +10,14 @@ import torch
 import torch.multiprocessing as mp
 
 
-def _entry(rank: int, world: int, store_file: str, fn, tp: int, pp: int, args: tuple) -> None:
+def _entry(rank: int, world: int, store_file: str, fn, tp: int, pp: int, args: tuple,
+           threads: int = 1) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state as ps
 
     from megatron_memory.training.cpu import cpu_shims
 
-    torch.set_num_threads(1)  # several ranks share 2 cores
+    torch.set_num_threads(threads)  # default 1: several ranks share 2 cores
     dist.init_process_group("gloo", init_method=f"file://{store_file}", rank=rank, world_size=world)
     try:
         with cpu_shims():  # the body runs Megatron-Core directly, not only through the Trainer
@@ -32,10 +33,11 @@ def _entry(rank: int, world: int, store_file: str, fn, tp: int, pp: int, args: t
         dist.destroy_process_group()
 
 
-def run_ranks(world: int, fn, *args, tp: int = 1, pp: int = 1) -> None:
+def run_ranks(world: int, fn, *args, tp: int = 1, pp: int = 1, threads: int = 1) -> None:
     """Run ``fn(*args)`` on ``world`` gloo ranks with TP x PP model parallelism initialised
-    (tp=0: left to ``fn``); any rank's exception fails the call."""
+    (tp=0: left to ``fn``), each with ``threads`` intra-op threads; any rank's exception fails
+    the call."""
     with tempfile.TemporaryDirectory() as tmp:
         store = os.path.join(tmp, "store")
-        mp.start_processes(_entry, args=(world, store, fn, tp, pp, args), nprocs=world,
+        mp.start_processes(_entry, args=(world, store, fn, tp, pp, args, threads), nprocs=world,
                            join=True, start_method="spawn")

@@ -2,7 +2,9 @@
 """tools/preprocess_data.py: jsonl -> .bin/.idx that Megatron's IndexedDataset reads back."""
 from __future__ import annotations
 
+import gzip
 import json
+import lzma
 
 import numpy as np
 import pytest
@@ -31,6 +33,44 @@ def test_roundtrip_through_megatron_indexed_dataset(tmp_path, tokenizer_file):
     for i, d in enumerate(docs):
         assert np.array_equal(ds[i], np.array(tok.tokenize(d) + [tok.eod]))
     assert tok.detokenize(tok.tokenize(docs[0])) == docs[0]
+
+
+DOCS = ["Elgar works as a baker in Ithgar.", "The favourite colour of Olnu is red."]
+PLAIN = "".join(json.dumps({"text": d}) + "\n" for d in DOCS).encode()
+BOM = b"\xef\xbb\xbf"   # as Windows Notepad and PowerShell write UTF-8
+
+
+@pytest.mark.parametrize("name, data", [
+    ("bom.jsonl", BOM + PLAIN),
+    ("in.jsonl.gz", gzip.compress(PLAIN)),
+    ("bom.jsonl.gz", gzip.compress(BOM + PLAIN)),
+    ("in.jsonl.xz", lzma.compress(PLAIN)),
+], ids=["bom", "gzip", "gzip-bom", "xz"])
+def test_bom_and_compressed_jsonl_read_as_the_plain_file(tmp_path, tokenizer_file, name, data):
+    from megatron.core.datasets.indexed_dataset import IndexedDataset
+
+    from megatron_memory.tools.fact_recall import _read_jsonl
+
+    (tmp_path / name).write_bytes(data)
+    assert main(["--input", str(tmp_path / name), "--tokenizer", str(tokenizer_file),
+                 "--output-prefix", str(tmp_path / "out")]) == 0
+    ds, tok = IndexedDataset(str(tmp_path / "out")), Tokenizer(tokenizer_file)
+    assert [ds[i].tolist() for i in range(len(ds))] == [tok.tokenize(d) + [tok.eod] for d in DOCS]
+    assert _read_jsonl(tmp_path / name) == [{"text": d} for d in DOCS]   # fact_recall's inputs
+
+
+@pytest.mark.parametrize("data, message", [
+    (b"\x28\xb5\x2f\xfd" + PLAIN, "in.jsonl.gz: compressed with zstd, which this reader cannot "
+                                  "open; decompress it first (zstd -d)"),
+    (gzip.compress(PLAIN * 50)[:-40], "in.jsonl.gz: gzip data damaged or cut short after line"),
+], ids=["zstd", "cut-gzip"])
+def test_unreadable_compressed_jsonl_is_one_line_error(tmp_path, tokenizer_file, capsys, data, message):
+    (tmp_path / "in.jsonl.gz").write_bytes(data)
+    assert main(["--input", str(tmp_path / "in.jsonl.gz"), "--tokenizer", str(tokenizer_file),
+                 "--output-prefix", str(tmp_path / "out")]) == 2
+    err = capsys.readouterr().err
+    assert message in err and len(err.strip().splitlines()) == 1 and "Traceback" not in err
+    assert not (tmp_path / "out.bin").exists()
 
 
 def test_bad_inputs_are_clear_errors(tmp_path, tokenizer_file, capsys):

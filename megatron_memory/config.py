@@ -552,6 +552,11 @@ def resolve(cfg: RunConfig, env: Environment) -> RunConfig:
         t.distributed_optimizer = env.resumed_distributed_optimizer
     elif t.distributed_optimizer is None:
         t.distributed_optimizer = dp > 1
+    if p.memory_parallel_size > p.tp and t.bf16 and not t.distributed_optimizer:
+        raise ConfigError(f"parallel.memory_parallel_size={p.memory_parallel_size} > parallel.tp "
+                          f"needs the distributed optimizer in bf16 (the checkpoint of megatron-"
+                          f"core's non-distributed bf16 optimizer is not supported there): drop "
+                          f"--no-distributed-optimizer")
     r._freeze()
     return r
 

@@ -281,7 +281,7 @@ def _optimizer_state(optimizer, model_sd: dict, is_loading: bool) -> dict:
     merged[_MERGED] = True
     states, groups = {}, []
     for part in parts:
-        for idx, entry in _per_param(part[key], state_key).items():
+        for idx, entry in _per_param(part[key]).items():
             states[len(states)] = entry
         groups += groups_of(part)
     if state_key is None:  # distributed: {"param_state": {i: ...}, "optimizer": {"param_groups"}}
@@ -299,14 +299,14 @@ def _state_layout(part: dict):
     the part's param groups)."""
     if "param_state" in part:
         return "param_state", None, lambda p: list(p["optimizer"]["param_groups"])
-    if "optimizer" in part:  # Float16 wrapper: {"optimizer": {"state", "param_groups"}, ...}
-        raise CheckpointError("memory_parallel_size > tensor-parallel size with the "
-                              "non-distributed bf16 optimizer is not checkpointable yet: use the "
-                              "distributed optimizer")
+    if "optimizer" in part:  # bf16 wrapper: config.resolve rejects it with memory parallelism
+        raise CheckpointError("the non-distributed bf16 optimizer's state cannot be saved with "
+                              "memory_parallel_size > tp: use the distributed optimizer")
     return "state", "state", lambda p: list(p["param_groups"])
 
 
-def _per_param(entries: dict, state_key) -> dict:
+def _per_param(entries: dict) -> dict:
+    """The per-parameter entries (int keys) of a state, without common ones (common_step)."""
     return {k: v for k, v in entries.items() if isinstance(k, int)}
 
 
@@ -319,13 +319,13 @@ def _split_optimizer_state(optimizer, loaded: dict):
     if not subs and not loaded.get(_MERGED):
         return loaded  # saved and loaded by one optimizer: megatron-core's own path
     key, state_key, groups_of = _state_layout(parts[0])
-    entries = _per_param(loaded[key], state_key)
+    entries = _per_param(loaded[key])
     saved_groups = (loaded["optimizer"]["param_groups"] if state_key is None
                     else loaded["param_groups"])
     steps = {g.get("step") for g in saved_groups if g.get("step") is not None}
     out, start = [], 0
     for part in parts:
-        n = len(_per_param(part[key], state_key))
+        n = len(_per_param(part[key]))
         mine = {i: entries[start + i] for i in range(n)}
         start += n
         groups = [dict(g) for g in groups_of(part)]

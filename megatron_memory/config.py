@@ -64,6 +64,10 @@ def padded_vocab(vocab: int, tp: int, multiple: int = 128) -> int:
     return (vocab + step - 1) // step * step
 
 
+def _multiples(tp: int, tp_dp: int) -> str:
+    return ", ".join(str(m) for m in range(tp, tp_dp + 1, tp) if tp_dp % m == 0)
+
+
 def default_memory_layers(num_layers: int, count: int = 3) -> list[int]:
     """``count`` layer indices (0-based), evenly spaced and centred: 24 layers -> [4, 12, 20]."""
     if count > num_layers:
@@ -251,6 +255,15 @@ class ParallelConfig(_Section):
     tp: int = opt(1, "tensor-parallel size (the value table is split along its width)")
     pp: int = opt(1, "pipeline-parallel size")
     sequence_parallel: bool = opt(False, "Megatron sequence parallelism (needs tp > 1)")
+    memory_parallel_size: Optional[int] = opt(
+        None, "ranks the value table's columns are split over: the TP group and "
+        "memory_parallel_size/tp data-parallel ranks (a multiple of tp dividing tp x DP); the "
+        "table's per-GPU bytes fall as it grows, so the largest table grows with the cluster "
+        "(docs/training.md); default: tp (split over TP only)")
+
+    def memory_parallel(self) -> int:
+        """M: the size of the group holding one copy of the value table (TP by default)."""
+        return self.memory_parallel_size or self.tp
 
     def validate(self, model: ModelConfig, world_size: Optional[int] = None) -> None:
         if self.tp < 1 or self.pp < 1:
@@ -271,6 +284,17 @@ class ParallelConfig(_Section):
         if world_size is not None and world_size % (self.tp * self.pp):
             raise ConfigError(f"world size {world_size} is not divisible by tp*pp = "
                               f"{self.tp * self.pp}")
+        mp = self.memory_parallel_size
+        if mp is not None and (mp < 1 or mp % self.tp):
+            raise ConfigError(f"parallel.memory_parallel_size={mp} must be a multiple of "
+                              f"parallel.tp={self.tp} (the memory group is the TP group and "
+                              f"memory_parallel_size/tp data-parallel ranks)")
+        if mp is not None and world_size is not None:
+            dp = world_size // (self.tp * self.pp)
+            if (self.tp * dp) % mp:
+                raise ConfigError(f"parallel.memory_parallel_size={mp} does not divide tp x DP = "
+                                  f"{self.tp} x {dp} = {self.tp * dp}: choose a divisor that is a "
+                                  f"multiple of tp ({_multiples(self.tp, self.tp * dp)})")
 
 
 @dataclass
@@ -465,6 +489,11 @@ class RunConfig(_Section):
         self.model.validate()
         self.parallel.validate(self.model, world_size)
         self.memory.validate(self.model.num_layers, self.model.hidden_size, self.parallel.tp)
+        v_dim, mp = self.memory.value_dim(self.model.hidden_size), self.parallel.memory_parallel()
+        if v_dim % mp:
+            raise ConfigError(f"memory.v_dim={v_dim} is not divisible by "
+                              f"parallel.memory_parallel_size={mp}: the value table is split "
+                              f"along its width over the memory-parallel group")
         self.train.validate()
         if self.train.cuda_graph_memory and self.parallel.pp > 1:
             raise ConfigError("train.cuda_graph_memory needs parallel.pp = 1: a pipeline schedule "
@@ -528,6 +557,7 @@ def resolve(cfg: RunConfig, env: Environment) -> RunConfig:
     mem.v_dim = mem.value_dim(m.hidden_size)
     mem.value_init_std = mem.value_init_std or mem.v_dim ** -0.5
     mem.query_norm = QueryNorm(mem.query_norm)
+    p.memory_parallel_size = p.memory_parallel()
     t.global_batch_size = t.global_batch_size or t.micro_batch_size * dp
     t.warmup_steps = t.warmup()
     t.bf16 = env.cuda if t.bf16 is None else t.bf16
@@ -552,6 +582,11 @@ def resolve(cfg: RunConfig, env: Environment) -> RunConfig:
         t.distributed_optimizer = env.resumed_distributed_optimizer
     elif t.distributed_optimizer is None:
         t.distributed_optimizer = dp > 1
+    if p.memory_parallel_size > p.tp and t.bf16 and not t.distributed_optimizer:
+        raise ConfigError(f"parallel.memory_parallel_size={p.memory_parallel_size} > parallel.tp "
+                          f"needs the distributed optimizer in bf16 (the checkpoint of megatron-"
+                          f"core's non-distributed bf16 optimizer is not supported there): drop "
+                          f"--no-distributed-optimizer")
     r._freeze()
     return r
 

@@ -39,7 +39,7 @@ def parameter_lines(cfg: RunConfig, r: RunConfig, world_size: int, cuda: bool) -
     ``cfg``."""
     vocab = r.model.vocab_size
     single = replace(cfg, **{"parallel.tp": 1, "parallel.pp": 1, "parallel.sequence_parallel": False,
-                             "train.global_batch_size": None})
+                             "parallel.memory_parallel_size": None, "train.global_batch_size": None})
     whole = estimate(single, 1, vocab, cuda)[0]
     total = whole.dense_params + whole.table_params
     lines = [f"params     total {total:,}: value table {whole.table_params:,} "
@@ -69,6 +69,7 @@ def describe(cfg: RunConfig, world_size: int = 1) -> str:
     lines = [format_config(r), "",
              f"layout     world size {world_size} = TP {p.tp} x PP {p.pp} x DP {dp}"
              f"{' (WORLD_SIZE)' if 'WORLD_SIZE' in os.environ else ''}, "
+             f"value table split over {p.memory_parallel_size} ranks (memory-parallel size), "
              f"{'bf16' if t.bf16 else 'fp32'} on {'CUDA' if cuda else 'CPU'}",
              f"batch      global {t.global_batch_size} = micro-batch {t.micro_batch_size} x DP {dp} x "
              f"{micro} micro-batches per step; {tokens:,} tokens per step, {tokens * t.steps:,} in "

@@ -1,9 +1,9 @@
 # Copyright 2026 megatron-memory authors. Licensed under the Apache License, Version 2.0.
 """Predict per-GPU memory of a training run: weights, gradients, optimizer state, the value-table
-shard, activations, for every pipeline stage of a TP x PP x DP layout.
+shard, activations, for every pipeline stage of a TP x PP x DP layout (table split over M ranks).
 
     python -m megatron_memory.tools.memory_calculator --world-size 4 [--vocab-size 32000] [--gpu-gib 80] -- TRAIN FLAGS
-    # choose the layout: every TP x PP that fits, best first; the last line is "pick: FLAGS"
+    # choose the layout: every TP x PP x M that fits, best first; the last line is "pick: FLAGS"
     python -m megatron_memory.tools.memory_calculator --world-size 4 --gpu-gib 80 --pick -- TRAIN FLAGS
 
 TRAIN FLAGS are those of ``python -m megatron_memory.train`` (e.g. --preset 8b-memory --tp 2
@@ -16,7 +16,8 @@ import sys
 
 from megatron_memory.training import memory_estimate
 from megatron_memory.cli import config_from_args
-from megatron_memory.training.memory_estimate import GIB, Layout, StageMemory, estimate, layouts
+from megatron_memory.training.memory_estimate import (GIB, Layout, StageMemory, estimate,
+                                                      largest_table, layouts, smallest_world)
 from megatron_memory.errors import InputError, command
 
 
@@ -36,20 +37,34 @@ def format_table(rows: list[StageMemory], gpu_gib: float) -> str:
 
 
 def format_layouts(rows: list[Layout], gpu_gib: float) -> str:
-    lines = [f"{'TP':>3} {'PP':>3} {'DP':>3} {'peak GiB':>9}  fits {gpu_gib:g} GiB"]
-    lines += [f"{r.tp:>3} {r.pp:>3} {r.dp:>3} {r.peak / GIB:>9.1f}  {'yes' if r.fits else 'no'}"
+    lines = [f"{'TP':>3} {'PP':>3} {'DP':>3} {'M':>4} {'peak GiB':>9}  fits {gpu_gib:g} GiB"]
+    lines += [f"{r.tp:>3} {r.pp:>3} {r.dp:>3} {r.mp:>4} {r.peak / GIB:>9.1f}  {'yes' if r.fits else 'no'}"
               for r in rows]
     return "\n".join(lines)
 
 
 def pick(cfg, a) -> int:
-    """Print every layout (best first) and ``pick: FLAGS`` for the best one that fits."""
-    rows = layouts(cfg, a.world_size, a.vocab_size, a.gpu_gib * GIB, a.headroom, cuda=not a.fp32)
+    """Print every layout (best first) and ``pick: FLAGS`` for the best one that fits; when none
+    does, one error saying what would: the largest table these GPUs fit, and how many GPUs
+    this table needs."""
+    args = (a.vocab_size, a.gpu_gib * GIB, a.headroom)
+    rows = layouts(cfg, a.world_size, *args, cuda=not a.fp32)
     print(format_layouts(rows, a.gpu_gib))
     if not rows or not rows[0].fits:
-        raise InputError(f"no TP x PP layout of {a.world_size} GPUs keeps the peak under "
-                         f"{1 - a.headroom:.0%} of {a.gpu_gib:g} GiB (try --recompute-activations, "
-                         f"a smaller micro-batch or more GPUs)")
+        hints = []
+        if rows and cfg.memory.resolved_layers(cfg.model.num_layers):
+            best = largest_table(cfg, a.world_size, *args, cuda=not a.fp32)
+            if best is not None:
+                n, lay = best
+                hints.append(f"the largest table that fits is --memory-n-keys {n} ({n * n / 1e6:.1f}M "
+                             f"values) with {' '.join(lay.flags())}")
+        more = smallest_world(cfg, a.world_size, *args, cuda=not a.fp32) if rows else None
+        if more is not None:
+            hints.append(f"this table fits {more} GPUs (the table's columns split over "
+                         f"--memory-parallel-size ranks)")
+        hints.append("or try --recompute-activations or a smaller micro-batch")
+        raise InputError(f"no TP x PP x M layout of {a.world_size} GPUs keeps the peak under "
+                         f"{1 - a.headroom:.0%} of {a.gpu_gib:g} GiB: " + "; ".join(hints))
     print("pick: " + " ".join(rows[0].flags()))
     return 0
 
@@ -71,9 +86,11 @@ def main(argv=None) -> int:
                     help="plan a CPU run (fp32, torch lookups) instead of GPUs; for fp32 on GPUs "
                          "pass --no-bf16 among the TRAIN FLAGS")
     ap.add_argument("--pick", action="store_true",
-                    help="choose the layout: list every TP x PP (TP <= 8, sequence parallelism "
-                         "with TP > 1; the TRAIN FLAGS' own --tp/--pp are ignored), best first, "
-                         "and print 'pick: FLAGS' for the best that fits")
+                    help="choose the layout: list every TP x PP x M (TP <= 8, sequence "
+                         "parallelism with TP > 1, memory-parallel size M a multiple of TP "
+                         "dividing TP x DP; the TRAIN FLAGS' own --tp/--pp/--memory-parallel-size "
+                         "are ignored), best first, and print 'pick: FLAGS' for the best that fits; "
+                         "if none fits, say the largest table that does and the GPUs this one needs")
     ap.add_argument("--headroom", type=float, default=0.1,
                     help="with --pick: share of the card kept free for the CUDA context, NCCL "
                          "buffers and allocator slack (default 0.1)")

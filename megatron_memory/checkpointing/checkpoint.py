@@ -264,12 +264,111 @@ def _state_dict(state: TrainingState, is_loading: bool, with_optimizer: bool, wi
     if with_optimizer:
         if is_loading:
             _prepare_distributed_optimizer_load(state.optimizer)
-        sd["optimizer"] = state.optimizer.sharded_state_dict(
-            model_sd, is_loading=is_loading,
-            metadata={"distrib_optim_sharding_type": "fully_reshardable"})
+        sd["optimizer"] = _optimizer_state(state.optimizer, model_sd, is_loading)
     if with_rng:
         sd["rng_state"] = _rng_object(None if is_loading else rng_state())
     return sd
+
+
+_OPTIMIZER_METADATA = {"distrib_optim_sharding_type": "fully_reshardable",
+                       "chained_optim_avoid_prefix": True}
+
+
+_MERGED = "memory_parallel_merged"  # marks a state merged from several optimizers
+
+
+def _sub_optimizers(optimizer) -> list:
+    """The optimizers of a ChainedOptimizer holding several (the value table in its own when
+    memory parallelism spans data-parallel ranks: Megatron's expert-parallel optimizer), else []."""
+    subs = getattr(optimizer, "chained_optimizers", [])
+    return subs if len(subs) > 1 else []
+
+
+def _optimizer_state(optimizer, model_sd: dict, is_loading: bool) -> dict:
+    """The optimizer's sharded state dict in one structure whatever the number of optimizers.
+
+    One optimizer: megatron-core's own. Several (memory_parallel_size > TP puts the value table
+    in Megatron's expert-parallel optimizer): their state dicts merged into the structure of a
+    single optimizer, so a checkpoint saved at any memory-parallel size loads at any other: the
+    tensors are keyed by the model's parameter names already (fully reshardable format, no
+    per-optimizer prefix); the per-parameter entries are numbered on across the optimizers and
+    the param groups concatenated. ``_split_optimizer_state`` undoes it after a load."""
+    subs = _sub_optimizers(optimizer)
+    parts = [o.sharded_state_dict(model_sd, is_loading=is_loading,
+                                  metadata=dict(_OPTIMIZER_METADATA)) for o in subs or [optimizer]]
+    if is_loading:
+        optimizer._memory_load_parts = parts  # their param groups are what a merged load keeps
+    if not subs:
+        return parts[0]
+    key, state_key, groups_of = _state_layout(parts[0])
+    merged = {k: v for k, v in parts[0].items() if k != key}
+    merged[_MERGED] = True
+    states, groups = {}, []
+    for part in parts:
+        for idx, entry in _per_param(part[key]).items():
+            states[len(states)] = entry
+        groups += groups_of(part)
+    if state_key is None:  # distributed: {"param_state": {i: ...}, "optimizer": {"param_groups"}}
+        merged[key] = states
+        merged["optimizer"] = {**parts[0]["optimizer"], "param_groups": groups}
+    else:  # non-distributed: {"state": {i: ..., "common_step": s}, "param_groups": [...]}
+        common = {k: v for k, v in parts[0][key].items() if not isinstance(k, int)}
+        merged[key] = {**states, **common}
+        merged["param_groups"] = groups
+    return merged
+
+
+def _state_layout(part: dict):
+    """(key of the per-parameter entries, None for the distributed optimizer's or the inner key,
+    the part's param groups)."""
+    if "param_state" in part:
+        return "param_state", None, lambda p: list(p["optimizer"]["param_groups"])
+    if "optimizer" in part:  # bf16 wrapper: config.resolve rejects it with memory parallelism
+        raise CheckpointError("the non-distributed bf16 optimizer's state cannot be saved with "
+                              "memory_parallel_size > tp: use the distributed optimizer")
+    return "state", "state", lambda p: list(p["param_groups"])
+
+
+def _per_param(entries: dict) -> dict:
+    """The per-parameter entries (int keys) of a state, without common ones (common_step)."""
+    return {k: v for k, v in entries.items() if isinstance(k, int)}
+
+
+def _split_optimizer_state(optimizer, loaded: dict):
+    """A loaded merged state (``_optimizer_state``) -> the list ChainedOptimizer.load_state_dict
+    takes. Each optimizer keeps its own param groups (its parameters, lr multipliers) with the
+    saved step; lr and weight decay are set again by the scheduler's load."""
+    subs = _sub_optimizers(optimizer)
+    parts = optimizer.__dict__.pop("_memory_load_parts")
+    if not subs and not loaded.get(_MERGED):
+        return loaded  # saved and loaded by one optimizer: megatron-core's own path
+    key, state_key, groups_of = _state_layout(parts[0])
+    entries = _per_param(loaded[key])
+    saved_groups = (loaded["optimizer"]["param_groups"] if state_key is None
+                    else loaded["param_groups"])
+    steps = {g.get("step") for g in saved_groups if g.get("step") is not None}
+    out, start = [], 0
+    for part in parts:
+        n = len(_per_param(part[key]))
+        mine = {i: entries[start + i] for i in range(n)}
+        start += n
+        groups = [dict(g) for g in groups_of(part)]
+        for g in groups:
+            if steps:
+                g["step"] = next(iter(steps))
+            if hasattr(g.get("params"), "unwrap"):
+                g["params"] = g["params"].unwrap()
+        sub = {k: v for k, v in loaded.items()
+               if k not in (key, "optimizer", "param_groups", _MERGED)}
+        if state_key is None:
+            sub[key] = mine
+            sub["optimizer"] = {**loaded["optimizer"], "param_groups": groups}
+        else:
+            common = {k: v for k, v in loaded[key].items() if not isinstance(k, int)}
+            sub[key] = {**mine, **common}
+            sub["param_groups"] = groups
+        out.append(sub)
+    return out if subs else out[0]
 
 
 def _prepare_distributed_optimizer_load(optimizer) -> None:
@@ -467,7 +566,7 @@ def load(state: TrainingState, target: Path, common: dict) -> Loaded:
     if not full:
         return Loaded({"iteration": 0, "consumed_samples": 0}, reader.bytes_read)
     # the saved param groups replace the owner's: it chooses its Adam implementation again
-    state.optimizer.load_state_dict(loaded["optimizer"])
+    state.optimizer.load_state_dict(_split_optimizer_state(state.optimizer, loaded["optimizer"]))
     state.scheduler.load_state_dict(common["scheduler"])
     if same_layout:
         set_rng_state(loaded["rng_state"])

@@ -16,16 +16,16 @@ from megatron_memory.model.parallel import (
     ShardedMemoryValues,
     build_stage_group,
     local_layer_ids,
+    memory_parallel_world_size,
     memory_stages,
-    tp_world_size,
 )
 from megatron_memory.model.spec import memory_gpt_block_spec
 
 
 def build_values(config: TransformerConfig, memory_config: MemoryConfig) -> MemoryValues:
-    """The value table of this rank: whole on one device, a column slice under tensor parallelism
-    (the table also splits the memory layers' tokens and runs their lookup)."""
-    if tp_world_size() > 1:
+    """The value table of this rank: whole on one device, a column slice under tensor or memory
+    parallelism (the table also splits the memory layers' tokens and runs their lookup)."""
+    if memory_parallel_world_size() > 1:
         return ShardedMemoryValues(config, memory_config)
     return MemoryValues(config, memory_config)
 

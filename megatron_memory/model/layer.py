@@ -130,10 +130,15 @@ class MemoryValues(MegatronModule):
 
     def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
         """[N, v] global; a TP slice is offset along dim 1; pipeline copies are replicas."""
+        return self._sharded(prefix, sharded_offsets)
+
+    def _sharded(self, prefix: str, sharded_offsets: tuple, **groups):
+        """``groups``: tp_group (the slices' group) and dp_cp_group (the replicas'), default
+        Megatron's TP and DP groups."""
         state = {}
         self._save_to_state_dict(state, "", keep_vars=True)
         axis = {} if self.columns == (0, self.full_dim) else {"weight": 1}
-        out = make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets)
+        out = make_sharded_tensors_for_checkpoint(state, prefix, axis, sharded_offsets, **groups)
         if getattr(self.weight, "shared", False):
             for t in out.values():
                 t.replica_id = (1,) + tuple(t.replica_id[1:])

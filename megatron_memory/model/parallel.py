@@ -25,6 +25,19 @@ W1, W2) are replicated over TP and see only T_r tokens on each rank: ``finalize_
 sums their gradients (``tp_partial_params``) over the TP group (values are not TP-reduced; DDP
 averages over DP).
 
+Memory parallelism (``parallel.memory_parallel_size`` M > TP): the columns are split over a
+memory group of M ranks, the TP group and m = M/TP data-parallel ranks, so the table's bytes per
+GPU fall with the cluster. Steps 1, 2 and 6 are unchanged (tokens and the query BatchNorm's
+statistics stay per TP group); (3) gathers over the memory group, [M*T_r, bag]; (4) looks up
+v/M columns for those tokens; (5) returns [T_r, v] by all-to-all over the memory group. The
+group is Megatron's expert tensor-and-model-parallel group (``initialize_memory_parallel``) and
+the table an ``allreduce=False`` parameter: Megatron DDP reduces its gradient over the expert
+data-parallel group only (the DP/m ranks with the same slice; scaled by 1/DP like every
+gradient, so the mean is today's), the distributed optimizer shards its state there, and its
+grad norm sums squares over the expert tensor-model-pipeline group. Its checkpoint is the
+global [N, v] with this slice's offset among the M, replicated over the expert DP group.
+With M > TP, p below is M for the lookup's collectives.
+
 Bytes each rank sends (and, symmetrically, receives) per token of the TP group, with
 bag = heads*k, p = TP, e = activation bytes (2 for bf16), idx 8 B, weight 4 B:
   forward:  all-gather of indices+weights: (p-1)/p * bag * 12;  all-to-all of results:
@@ -132,16 +145,55 @@ def tp_world_size() -> int:
     return parallel_state.get_tensor_model_parallel_world_size()
 
 
+def memory_parallel_world_size() -> int:
+    """M, the ranks one copy of the value table is split over: the TP group, or with
+    ``parallel.memory_parallel_size`` > TP the TP group and M/TP data-parallel ranks, which is
+    Megatron's expert tensor-and-model-parallel group of the grid ``initialize_memory_parallel``
+    sets up (expert_tensor_parallel_size = TP, expert_model_parallel_size = M/TP)."""
+    if not parallel_state.model_parallel_is_initialized():
+        return 1
+    return max(tp_world_size(), parallel_state.get_expert_tensor_and_model_parallel_world_size())
+
+
+def initialize_memory_parallel(tp: int, pp: int, memory_parallel_size: int) -> None:
+    """Megatron's model-parallel state with the memory-parallel groups.
+
+    Megatron's expert grid orders ranks tp, ep, dp, pp (fastest first), the dense grid tp, dp,
+    pp: with expert_tensor_parallel_size = TP and expert_model_parallel_size = m = M/TP, the
+    expert tensor-and-model-parallel group (tp-ep) holds the TP groups of m consecutive DP
+    ranks (the memory group; its rank = tp_rank + TP * ep_rank, so its TP part is the TP
+    group) and the expert data-parallel group holds the DP/m ranks with the same slice (its
+    replicas). The pipeline groups are the same in both grids (Megatron asserts it)."""
+    parallel_state.initialize_model_parallel(
+        tensor_model_parallel_size=tp, pipeline_model_parallel_size=pp,
+        expert_model_parallel_size=memory_parallel_size // tp, expert_tensor_parallel_size=tp)
+
+
 class ShardedMemoryValues(MemoryValues):
-    """The value table split along its width over the tensor-parallel group (module docstring)."""
+    """The value table split along its width over the memory-parallel group: the TP group, or
+    the TP group and M/TP data-parallel ranks (module docstring)."""
 
     def __init__(self, config: TransformerConfig, memory_config: MemoryConfig):
-        tp, rank = tp_world_size(), parallel_state.get_tensor_model_parallel_rank()
+        self.memory_parallel = memory_parallel_world_size()
+        self.over_dp = self.memory_parallel > tp_world_size()
+        rank = (parallel_state.get_expert_tensor_and_model_parallel_rank() if self.over_dp
+                else parallel_state.get_tensor_model_parallel_rank())
         full = memory_config.value_dim(config.hidden_size)
-        width = full // tp
+        width = full // self.memory_parallel
         super().__init__(config, memory_config, columns=(rank * width, (rank + 1) * width))
-        # Counted once per TP rank in grad norms; checkpointed as a slice along dim 1.
+        # Counted once per slice in grad norms; checkpointed as a slice along dim 1.
         set_tensor_model_parallel_attributes(self.weight, is_parallel=True, dim=1, stride=1)
+        if self.over_dp:
+            # Megatron's expert-parallel path: DDP reduces this gradient over the expert
+            # data-parallel group only (the slice's replicas), the distributed optimizer shards
+            # its state there, grad norms sum it over the expert tensor-model-pipeline group.
+            self.weight.allreduce = False
+
+    def memory_group(self):
+        """The group the lookup gathers indices over and sends results back through."""
+        if self.over_dp:
+            return parallel_state.get_expert_tensor_and_model_parallel_group()
+        return parallel_state.get_tensor_model_parallel_group()
 
     def split_tokens(self, hidden_states: torch.Tensor) -> torch.Tensor:
         """[s, b, d] replicated over TP -> this rank's [s/TP, b, d] (identity with SP or TP=1)."""
@@ -157,18 +209,33 @@ class ShardedMemoryValues(MemoryValues):
 
     def lookup(self, indices: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
         """This rank's tokens: indices, weights [T_r, bag] -> full-width results [T_r, v]."""
-        all_indices = gather_from_sequence_parallel_region(indices, tensor_parallel_output_grad=False)
-        all_weights = gather_from_sequence_parallel_region(weights, tensor_parallel_output_grad=True)
-        columns = kernels.embedding_bag(self.weight, all_indices, all_weights)   # [T, v/TP]
-        return all_to_all_hp2sp(columns)                                        # [T_r, v]
+        group = self.memory_group()
+        all_indices = gather_from_sequence_parallel_region(indices, tensor_parallel_output_grad=False,
+                                                           group=group)
+        all_weights = gather_from_sequence_parallel_region(weights, tensor_parallel_output_grad=True,
+                                                           group=group)
+        columns = kernels.embedding_bag(self.weight, all_indices, all_weights)   # [M*T_r, v/M]
+        return all_to_all_hp2sp(columns, group=group)                            # [T_r, v]
 
     def token_group(self):
-        """The TP group: each rank holds T/TP of the layer's tokens (with SP or without)."""
+        """The TP group: each rank holds T/TP of the layer's tokens (with SP or without); the
+        other ranks of the memory group hold other samples, not other tokens of these."""
         return parallel_state.get_tensor_model_parallel_group() if tp_world_size() > 1 else None
+
+    def sharded_state_dict(self, prefix: str = "", sharded_offsets: tuple = (), metadata=None):
+        """[N, v] global, this slice offset along dim 1 among the M slices; replicas: the other
+        ranks holding the same slice (DP, or over the expert data-parallel group when M > TP)
+        and the pipeline copies."""
+        if not self.over_dp:
+            return super().sharded_state_dict(prefix, sharded_offsets, metadata)
+        return self._sharded(prefix, sharded_offsets,
+                             tp_group=parallel_state.get_expert_tensor_and_model_parallel_group(),
+                             dp_cp_group=parallel_state.get_expert_data_parallel_group(
+                                 with_gtp_remat=False))
 
 
 def tp_partial_params(model_chunks) -> list[torch.nn.Parameter]:
-    """The own parameters of memory layers whose table is TP-sharded: such a layer handles 1/TP
+    """The own parameters of memory layers whose table is sharded: such a layer handles 1/TP
     of the tokens on each rank (``ShardedMemoryValues.split_tokens``), so their gradients are
     partial sums that ``finalize_memory_grads`` adds up over the TP group."""
     return [p for chunk in model_chunks for m in chunk.modules()

@@ -169,7 +169,7 @@ class Trainer:
                                                   cfg.train.finetune) if self.resume else None)
         cfg = self.cfg = resolve(cfg, Environment(self.world_size, self.device.type == "cuda",
                                                   resumed_kind))
-        ps.initialize_model_parallel(tensor_model_parallel_size=p.tp, pipeline_model_parallel_size=p.pp)
+        parallel.initialize_memory_parallel(p.tp, p.pp, cfg.parallel.memory_parallel_size)
         self.rank = dist.get_rank()
         self.dp = ps.get_data_parallel_world_size()
         t = cfg.train

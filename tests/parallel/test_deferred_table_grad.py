@@ -2,8 +2,9 @@
 """The deferred table gradient (train.defer_table_grad) through Megatron DDP, on CPU ranks with
 the Triton lookup under Triton's interpreter: per-lookup main_grad passes and one fold per step
 train the same model, with the gradient reduction overlapped (DP=2, bucket readiness from the
-fold), under the pipeline schedule (PP=2, table copies on both stages) and with the table's
-columns split over TP=2."""
+fold), under the pipeline schedule (PP=2, table copies on both stages), with the table's
+columns split over TP=2 and over DP=2 (memory parallelism: the table in Megatron's expert
+buffers)."""
 from __future__ import annotations
 
 import json
@@ -13,15 +14,16 @@ import pytest
 from tests.parallel import workers
 from tests.parallel.dist_utils import run_ranks
 
-# world, tp, pp, micro-batch; global batch 8 (2 micro-batches per step on every layout)
-LAYOUTS = {"dp2": (2, 1, 1, 2), "pp2": (2, 1, 2, 4), "tp2": (2, 2, 1, 4)}
+# world, tp, pp, micro-batch, memory-parallel size; global batch 8 (2 micro-batches per step)
+LAYOUTS = {"dp2": (2, 1, 1, 2, None), "pp2": (2, 1, 2, 4, None), "tp2": (2, 2, 1, 4, None),
+           "dp2m2": (2, 1, 1, 2, 2)}
 
 
 def _train(tmp, layout: str, defer: bool, triton: bool = True, gib: float = 1.0) -> dict:
-    world, tp, pp, mbs = LAYOUTS[layout]
+    world, tp, pp, mbs, mp = LAYOUTS[layout]
     # small enough for the interpreter: 64 values, 8 per bag, 16-token sequences
     cfg = workers.tiny_config(tp=tp, pp=pp, dp_batch=mbs, steps=3, **{
-        "train.global_batch_size": 8, "train.overlap_comm": True,
+        "train.global_batch_size": 8, "train.overlap_comm": True, "parallel.memory_parallel_size": mp,
         "train.defer_table_grad": defer, "train.defer_table_grad_gib": gib,
         "model.seq_length": 16, "memory.n_keys": 8, "memory.k": 4, "memory.heads": 2})
     out = tmp / f"{layout}_{defer}_{triton}_{gib}.json"

@@ -158,3 +158,10 @@ def train_triton_all(cfg, out_file: str) -> None:
 
     kernels.use_triton = lambda t: kernels.HAVE_TRITON and not kernels._FORCE_REFERENCE
     train(cfg, out_file)
+
+
+def train_many(runs) -> None:
+    """``train`` for each (cfg, out_file) in turn on the same ranks: one launch serves several
+    configurations (each Trainer sets up and tears down Megatron's groups itself)."""
+    for cfg, out_file in runs:
+        train(cfg, out_file)

@@ -107,8 +107,33 @@ def test_pick_without_a_fit_is_one_error(capsys):
     argv = ["--world-size", "2", "--gpu-gib", "24", "--pick", "--", "--preset", "8b-memory"]
     assert main(argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
-    assert len(err) == 1 and "no TP x PP layout of 2 GPUs" in err[0]
+    assert len(err) == 1 and "no TP x PP x M layout of 2 GPUs" in err[0]
     assert main(["--world-size", "2", "--headroom", "1.5", "--pick", "--", "--preset", "tiny"]) == 2
+
+
+def test_memory_parallelism_divides_the_table_and_pick_chooses_it(capsys):
+    """M splits the table's weights and gradients M ways; with the distributed optimizer its
+    state is divided over TP x DP / M replicas (the same bytes per GPU at any M); the gathered
+    indices/weights grow with M. --pick chooses M, and a table that fits nowhere is one error
+    naming the largest table that fits and the GPUs this one needs (issue 27's case)."""
+    flags = ["--preset", "1.3b-memory", "--memory-n-keys", "4096", "--micro-batch-size", "4",
+             "--global-batch-size", "512"]
+    cfg = config_from_args(flags)[0]
+    at = {m: estimate(replace(cfg, **{"parallel.memory_parallel_size": m}), 8, 32000)[0]
+          for m in (1, 8)}
+    table = 4096 ** 2 * 2048
+    assert at[1].table_params == table and at[8].table_params == table // 8
+    assert at[1].weights - at[8].weights == (table - table // 8) * 2
+    assert at[1].grads - at[8].grads == (table - table // 8) * 4
+    assert at[1].optimizer == pytest.approx(at[8].optimizer)
+    assert at[8].activations > at[1].activations
+    assert main(["--world-size", "8", "--gpu-gib", "80", "--pick", "--", *flags]) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "the largest table that fits is --memory-n-keys" in err[0]
+    assert "this table fits 16 GPUs" in err[0]
+    assert main(["--world-size", "16", "--gpu-gib", "80", "--pick", "--", *flags]) == 0
+    assert capsys.readouterr().out.splitlines()[-1] == (
+        "pick: --tp 2 --pp 1 --sequence-parallel --memory-parallel-size 16")
 
 
 def test_save_peak_counts_the_gathered_optimizer_state(capsys):

@@ -51,6 +51,15 @@ def train(cfg, out_file: str) -> None:
     trainer.close()
 
 
+def several(jobs) -> None:
+    """Run each ``(fn, *args)`` of ``jobs`` in turn on this rank: one launch (process start,
+    imports, process group) serves several bodies of the same world size. Each body builds its
+    own Trainer and closes it (Megatron's model-parallel state goes with it), so it runs as it
+    would alone. Use with ``run_ranks(world, workers.several, jobs, tp=0)``."""
+    for fn, *args in jobs:
+        fn(*args)
+
+
 def train_triton_lookup(cfg, out_file: str) -> None:
     """``train`` with the Triton EmbeddingBag on CPU under Triton's interpreter (the caller sets
     TRITON_INTERPRET=1 for the ranks): the table gradient goes into Megatron DDP's main_grad by

@@ -71,11 +71,15 @@ def train_triton_lookup(cfg, out_file: str) -> None:
     from megatron_memory import kernels
     from megatron_memory.kernels import triton_embedding_bag as eb
 
+    saved = kernels.embedding_bag, eb.DeferredTableGrad.fold
     kernels.embedding_bag = eb.triton_embedding_bag
     folds = []
     real_fold = eb.DeferredTableGrad.fold
     eb.DeferredTableGrad.fold = lambda self, p: real_fold(self, p) and (folds.append(1) or True)
-    train(cfg, out_file)
+    try:
+        train(cfg, out_file)
+    finally:  # restored: other bodies of the same launch (``several``) run as they would alone
+        kernels.embedding_bag, eb.DeferredTableGrad.fold = saved
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
@@ -140,14 +144,21 @@ def train_then_kill(cfg, out_file: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train_triton_all(cfg, out_file: str) -> None:
+def train_triton_all(cfg, out_file: str, search: str = "bf16") -> None:
     """``train`` with every memory-layer op on its GPU (Triton) path, on CPU under Triton's
     interpreter (the caller sets TRITON_INTERPRET=1 for the ranks): the fused query and key
-    norms, the bf16 search with its softmax and gradient-scatter kernels, the lookup."""
+    norms, the search (``search``: "bf16", with its softmax and gradient-scatter kernels, or
+    "torch", the fp32 reference), the lookup. The dispatch is restored afterwards, so other
+    bodies of the same launch (``several``) run as they would alone."""
     from tests.kernels.test_embedding_bag import install_interpreter_shim
 
     install_interpreter_shim()
     from megatron_memory import kernels
 
+    saved = kernels.use_triton, kernels.SEARCH_BACKEND
     kernels.use_triton = lambda t: kernels.HAVE_TRITON and not kernels._FORCE_REFERENCE
-    train(cfg, out_file)
+    kernels.SEARCH_BACKEND = search
+    try:
+        train(cfg, out_file)
+    finally:
+        kernels.use_triton, kernels.SEARCH_BACKEND = saved

@@ -114,6 +114,9 @@ def test_resume_after_kill_is_bit_identical(tmp, runs, straight, name):
     assert resumed["losses"] == ref["losses"][N:]           # bit-identical, not just close
     assert resumed["grad_norms"] == ref["grad_norms"][N:]
     assert resumed["value_grad_norms"] == ref["value_grad_norms"][N:]
+    # and the LR schedule goes on from N (its position is restored, not restarted)
+    assert resumed["schedule_steps"] == ref["schedule_steps"] == 2 * N
+    assert resumed["next_lr"] == ref["next_lr"]
     # torch's fused AdamW (the default) is what ran, before and after the load
     assert ref["fused"] and all(ref["fused"]) and all(resumed["fused"]) and resumed["own_steps"]
     assert checkpoint.read_tracker(tmp / f"{name}_killed") == 2 * N

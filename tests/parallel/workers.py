@@ -43,6 +43,11 @@ def train(cfg, out_file: str) -> None:
                    "value_grad_norms": hist.value_grad_norms,
                    "fused": [g["fused"] for o in adams for g in o.param_groups],
                    "own_steps": len({id(t) for t in steps}) == len(steps),
+                   # where the LR schedule ended and the rate it set for a next step: a resume
+                   # that lost the schedule's position shows here (the optimizer's own state
+                   # restores the rate of the first resumed step)
+                   "schedule_steps": trainer.scheduler.num_steps,
+                   "next_lr": [g["lr"] for o in adams for g in o.param_groups],
                    "read_bytes": read}, open(out_file, "w"))
     values = trainer.raw_model.memory_values
     if values is not None:

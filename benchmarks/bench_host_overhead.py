@@ -134,8 +134,10 @@ def main(argv=None) -> int:
 
         install_interpreter_shim()  # numpy >= 2.5 vs Triton 3.6's interpreter
         kernels.use_triton = lambda t: kernels.HAVE_TRITON and not kernels._FORCE_REFERENCE
-    d, tokens = (64, [32]) if args.smoke else (args.width, args.tokens)
-    passes = 2 if args.smoke else args.passes
+    # smoke: the fewest tokens and passes that run every part twice (the warm-up and one pass);
+    # each kernel program is Python in the interpreter
+    d, tokens = (64, [8]) if args.smoke else (args.width, args.tokens)
+    passes = 1 if args.smoke else args.passes
     rows, extra, last = [], "", None
     for T in tokens:
         fns = parts(d, T, args.smoke)

@@ -59,7 +59,8 @@ def test_wheel_has_one_top_level_name(installed):
     assert {t for t in top if not t.endswith(".dist-info")} == {"megatron_memory"}, top
     for sub in ("kernels/__init__.py", "kernels/triton_embedding_bag.py", "configs/presets.py",
                 "tools/memory_calculator.py", "tools/preprocess_data.py", "launch/run.py",
-                "memory_estimate.py", "layer.py"):
+                "training/memory_estimate.py", "model/layer.py", "checkpointing/checkpoint.py",
+                "export/hf_remote/modeling_megatron_memory.py", "errors.py", "determinism.py"):
         assert f"megatron_memory/{sub}" in names, sub
 
 

@@ -74,13 +74,13 @@ def _te_norm():
     return TENorm
 
 
-def _te_spec(config: TransformerConfig) -> ModuleSpec:
+def _te_spec() -> ModuleSpec:
     """Megatron's TE layer spec: TE attention, norms fused into linear_qkv and FC1."""
     return get_gpt_layer_with_transformer_engine_spec()
 
 
 def _layer_spec(config: TransformerConfig, attention: str, impl: str) -> ModuleSpec:
-    return _te_spec(config) if impl == "transformer_engine" else _local_spec(config, attention)
+    return _te_spec() if impl == "transformer_engine" else _local_spec(config, attention)
 
 
 def memory_mlp_spec(memory_config: MemoryConfig, values: MemoryValues, layer_id: int) -> ModuleSpec:

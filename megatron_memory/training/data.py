@@ -133,12 +133,6 @@ def train_bpe_tokenizer(texts: list[str], out_file: Path, vocab_size: int = 1024
     tok.save(str(out_file))
 
 
-def sidecar_path(prefix: str | os.PathLike) -> Path:
-    """``PREFIX.json``: what preprocessing recorded about ``PREFIX.bin/.idx`` (tokenizer vocabulary,
-    largest token id, sizes), so training can check the vocabulary without scanning the data."""
-    return Path(f"{prefix}.json")
-
-
 def write_indexed_dataset(texts: Iterable[str], tokenizer: Tokenizer, prefix: str | os.PathLike,
                           append_eod: bool = True) -> int:
     """Tokenise each text as one document into ``prefix``.bin/.idx (+ the ``.json`` sidecar);

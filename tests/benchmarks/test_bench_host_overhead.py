@@ -16,7 +16,7 @@ def test_smoke_run(monkeypatch):
     monkeypatch.delenv("OUT", raising=False)
     text = run_interpreted("tests.benchmarks.test_bench_host_overhead", "smoke_output", timeout=600)
     rows = [[c.strip() for c in line.split("|")[1:-1]] for line in text.splitlines()
-            if line.startswith("| 32 |")]
+            if line.startswith("| 8 |")]
     assert [r[1] for r in rows] == ["dense SwiGLU FFN", "Memory+ layer", "query+search"], text
     assert all(float(r[2]) > 0 and float(r[3]) >= float(r[2]) for r in rows), text
     assert all(r[7] == "-" for r in rows), text      # no GPU times on CPU: no verdict

@@ -15,6 +15,7 @@ from tests.kernels.test_embedding_bag import rel_err, run_interpreted, sm90_comp
 from tests.kernels.test_product_key import scores_at
 
 from megatron_memory.kernels import bf16_search as bs
+from megatron_memory.kernels import triton_product_key as pk
 
 GRAD_TOL = 2e-2  # bf16 gradient of the scores and bf16 GEMM inputs (fp32 accumulation)
 
@@ -29,23 +30,27 @@ def layer_like(T, H, n, half, seed):
 
 
 def check_bf16_search(device, T, H, n, half, k, seed=0, margin=bs.RESCORE_MARGIN, exact_sets=True,
-                      rescore="fused", cast_keys=False, training_rows=None, softmax=False):
+                      rescore="fused", cast_keys=False, training_rows=None, softmax=False,
+                      small_rows=None):
     """exact_sets: every row selects the fp32 reference's set. Large shapes hold rows whose k-th
     and (k+1)-th scores differ by less than fp32 rounding, where two fp32 searches (torch's
     einsum vs the fused Triton one: 99.997% equal at T=8192) already disagree; there every row
-    must be a valid top-k within fp32 rounding and >= 99.9% of rows the reference's set."""
+    must be a valid top-k within fp32 rounding and >= 99.9% of rows the reference's set.
+    training_rows / small_rows lower ``bs.RESCORE_TRAINING_ROWS`` / ``pk.SMALL_ROWS`` for the call,
+    so a few rows take the training-size tiles (the interpreter runs each program in Python)."""
     q, K = layer_like(T, H, n, half, seed)
     dscores = torch.randn(T, H, k, generator=torch.Generator().manual_seed(seed + 1))
     want_s, want_i = product_key_search_reference(q, K, k)                # fp32 search
     qt, Kt = q.to(device, copy=True).requires_grad_(), K.to(device, copy=True).requires_grad_()
     kb = Kt.detach().to(torch.bfloat16) if cast_keys else None
-    threshold = bs.RESCORE_TRAINING_ROWS
+    threshold, small = bs.RESCORE_TRAINING_ROWS, pk.SMALL_ROWS
     bs.RESCORE_TRAINING_ROWS = training_rows or threshold   # lowered: training tile at small T
+    pk.SMALL_ROWS = small_rows or small                     # lowered: the product step's large tile
     try:
         scores, idx = bs.bf16_product_key_search(qt, Kt, k, margin, keys_bf16=kb, softmax=softmax,
                                                  rescore=rescore)
     finally:
-        bs.RESCORE_TRAINING_ROWS = threshold
+        bs.RESCORE_TRAINING_ROWS, pk.SMALL_ROWS = threshold, small
     if softmax:
         check_softmax_weights(scores, idx, qt, Kt, q, K, dscores)
         return
@@ -85,16 +90,18 @@ def check_softmax_weights(weights, idx, qt, Kt, q, K, dweights):
 
 SELECT_DEFAULT = dict(bs.SELECT_TILE)
 INTERPRETER_CASES = [
-    dict(T=40, H=2, n=64, half=16, k=8),
+    dict(T=16, H=2, n=64, half=16, k=8),
     dict(T=9, H=3, n=37, half=24, k=5),          # odd sizes, k not a power of two
     dict(T=5, H=1, n=6, half=4, k=4, margin=8),  # K1 capped at n
     dict(T=1, H=2, n=100, half=80, k=7, cast_keys=True),  # a decode step; 2 column blocks
     dict(T=9, H=3, n=37, half=24, k=5, rescore="loop"),   # the serial re-scoring kernel
     dict(T=5, H=1, n=6, half=4, k=4, margin=8, rescore="loop", cast_keys=True),
-    dict(T=140, H=2, n=24, half=8, k=6),   # R = T*H > SMALL_ROWS: the product step's large tile
+    # R = T*H = 14 > SMALL_ROWS (lowered to 4): the product step's large tile (CANDIDATES_TILE,
+    # 4 rows per program), its last program partial
+    dict(T=7, H=2, n=24, half=8, k=6, small_rows=4),
     dict(T=9, H=3, n=37, half=72, k=5, training_rows=1),   # re-scoring's training tile, 3 blocks
     dict(T=9, H=3, n=37, half=24, k=5, softmax=True),      # the layer's weights, fused softmax
-    dict(T=140, H=2, n=24, half=8, k=6, softmax=True),     # the same in the product step's large tile
+    dict(T=7, H=2, n=24, half=8, k=6, small_rows=4, softmax=True),   # the same in the large tile
 ]
 
 
@@ -136,7 +143,6 @@ def test_interpreter_bf16_search():
 def test_sm90_compile_without_spills():
     """The candidate selection (n=1024), the re-scoring kernel (half=256, fp32 inputs) and the
     product step with its ranks compile for H100 without spills."""
-    from megatron_memory.kernels import triton_product_key as pk
 
     tile = dict(bs.SELECT_TILE)
     for early in (False, True):

@@ -11,6 +11,7 @@ from pathlib import Path
 import pytest
 
 from megatron_memory.launch.run import main, read_hostfile
+from tests.launch.test_multinode import free_port
 
 ROOT = Path(__file__).resolve().parents[2]
 TRAIN = ["--preset", "8b-memory", "--tp", "2", "--pp", "4"]
@@ -73,7 +74,7 @@ def test_layout_and_hostfile_errors(capsys, tmp_path):
 @pytest.mark.parametrize("launcher", ["torchrun"])
 def test_real_four_process_cpu_run(launcher):
     r = subprocess.run([sys.executable, "-m", "megatron_memory.launch.run", launcher, "--nproc-per-node", "4",
-                        "--master-port", "29731" if launcher == "torchrun" else "29733", "--",
+                        "--master-port", free_port(), "--",
                         "--tp", "2", "--pp", "2", "--num-layers", "4", "--memory-layers", "1", "3",
                         "--steps", "3", "--log-interval", "1", "--tensorboard-dir", ""],
                        cwd=ROOT, capture_output=True, text=True, timeout=600)

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import os
 import re
+import socket
 import stat
 import subprocess
 import sys
@@ -30,6 +31,14 @@ exit $rc
 SCONTROL = """#!/usr/bin/env bash
 [[ "$1 $2" == "show hostnames" ]] && echo localhost
 """
+
+
+def free_port() -> str:
+    """A TCP port nobody listens on now (bound to port 0 and read back): runs beside each other
+    or beside other jobs on the machine do not meet on a fixed port."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return str(s.getsockname()[1])
 
 
 def launcher(*args: str) -> list[str]:
@@ -69,13 +78,13 @@ def run_two_nodes(tmp_path: Path, *launch_args: str) -> None:
 
 def test_torchrun_two_nodes_localhost_rendezvous(tmp_path):
     run_two_nodes(tmp_path, "torchrun", "--nnodes", "2", "--nproc-per-node", "2", "--master-addr", "127.0.0.1",
-                  "--master-port", "29741", "--run-id", "t2x2")
+                  "--master-port", free_port(), "--run-id", "t2x2")
 
 
 def test_deepspeed_localhost_hostfile(tmp_path):
     """One host: DeepSpeed's local launch, no ssh."""
     (tmp_path / "hosts").write_text("localhost slots=4\n")
-    r = subprocess.run(launcher("deepspeed", "--hostfile", "hosts", "--master-port", "29743", "--", *TRAIN),
+    r = subprocess.run(launcher("deepspeed", "--hostfile", "hosts", "--master-port", free_port(), "--", *TRAIN),
                        cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=600)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-3000:]
     check_run(r.stdout, tmp_path)
@@ -84,12 +93,12 @@ def test_deepspeed_localhost_hostfile(tmp_path):
 def test_deepspeed_two_nodes_without_ssh(tmp_path):
     """Two hosts of a hostfile (both this machine), each node's launcher started with its rank."""
     (tmp_path / "hosts").write_text("127.0.0.1 slots=2\nlocalhost slots=2\n")
-    run_two_nodes(tmp_path, "deepspeed", "--hostfile", "hosts", "--master-port", "29747")
+    run_two_nodes(tmp_path, "deepspeed", "--hostfile", "hosts", "--master-port", free_port())
 
 
 def test_slurm_script_runs_with_srun_stand_in(tmp_path):
     bin_ = stand_ins(tmp_path)
-    script = subprocess.run(launcher("slurm", "--nnodes", "2", "--nproc-per-node", "2", "--master-port", "29745",
+    script = subprocess.run(launcher("slurm", "--nnodes", "2", "--nproc-per-node", "2", "--master-port", free_port(),
                                      "--dry-run", "--", *TRAIN),
                             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
     assert script.returncode == 0, script.stderr

@@ -10,7 +10,7 @@ import subprocess
 import sys
 
 from megatron_memory.checkpointing import checkpoint
-from tests.launch.test_multinode import env, stand_ins
+from tests.launch.test_multinode import env, free_port, stand_ins
 
 SCONTROL = """#!/usr/bin/env bash
 [[ "$1 $2" == "show hostnames" ]] && echo localhost
@@ -26,7 +26,7 @@ TRAIN = ["--num-layers", "2", "--hidden-size", "32", "--num-attention-heads", "2
 def test_usr1_saves_stops_requeues_and_the_requeued_job_resumes(tmp_path):
     bin_ = stand_ins(tmp_path, SCONTROL)
     script = subprocess.run([sys.executable, "-m", "megatron_memory.launch.run", "slurm", "--nnodes", "1",
-                             "--nproc-per-node", "1", "--master-port", "29761", "--dry-run", "--", *TRAIN],
+                             "--nproc-per-node", "1", "--master-port", free_port(), "--dry-run", "--", *TRAIN],
                             cwd=tmp_path, env=env(), capture_output=True, text=True, timeout=120)
     assert script.returncode == 0, script.stderr
     assert "#SBATCH --requeue" in script.stdout and "#SBATCH --signal=B:USR1@300" in script.stdout

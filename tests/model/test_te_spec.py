@@ -35,9 +35,9 @@ def _fused_like_te(config):
 
 
 def test_memory_layers_get_their_own_norm_in_the_te_spec(monkeypatch, megatron_world):
-    monkeypatch.setattr(spec_mod, "_te_spec", _fused_like_te)
-    monkeypatch.setattr(spec_mod, "_te_norm", lambda: _TENormStandIn)
     config = tiny_transformer_config(num_layers=4)
+    monkeypatch.setattr(spec_mod, "_te_spec", lambda: _fused_like_te(config))
+    monkeypatch.setattr(spec_mod, "_te_norm", lambda: _TENormStandIn)
     mem = MemoryConfig(layers=[1, 3], n_keys=8, heads=2, k=4, k_dim=16)
     specs = spec_mod.memory_gpt_layer_specs(config, mem, values=None, impl="transformer_engine")
     for i, s in enumerate(specs):

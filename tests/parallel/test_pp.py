@@ -26,37 +26,52 @@ LAYOUTS = {  # name: (world, tp, pp, micro-batch)
 REFERENCE = {"pp2": "ref", "pp2tp2": "ref", "dp2": "ref_mb2"}
 
 
-def _run_all(tmp, steps: int) -> dict:
-    """Every layout from one saved init (Megatron draws dense weights stage by stage, so a
-    PP=2 init differs from PP=1 unless loaded)."""
-    init = str(tmp / "init")
-    if not (tmp / "init").exists():
-        run_ranks(1, workers.save_init, workers.tiny_config(), init, tp=0)
-    out = {}
-    for name, (world, tp, pp, mbs) in LAYOUTS.items():
-        cfg = workers.tiny_config(tp=tp, pp=pp, steps=steps, dp_batch=mbs, load=init,
-                                  **{"train.global_batch_size": 8})
-        f = tmp / f"{name}_{steps}.json"
-        run_ranks(world, workers.train, cfg, str(f), tp=0)
-        out[name] = json.load(open(f))
-        out[name]["tables"] = [torch.load(f"{f}.values{r}") for r in range(world)
-                               if Path(f"{f}.values{r}").exists()]
-    return out
-
-
 @pytest.fixture(scope="module")
 def tmp(tmp_path_factory):
     return tmp_path_factory.mktemp("pp")
 
 
 @pytest.fixture(scope="module")
-def runs(tmp):
-    return _run_all(tmp, STEPS)
+def all_runs(tmp):
+    """Every layout for STEPS steps and for one, from one saved init (Megatron draws dense
+    weights stage by stage, so a PP=2 init differs from PP=1 unless loaded), and the logits of
+    the PP=2 x TP=2 run's checkpoint at PP=1 and PP=2 and of a fresh init: four launches (one per
+    world size and phase, ``workers.several``) -> {(name, steps): result}."""
+    init = str(tmp / "init")
+    jobs: dict = {1: [(workers.save_init, workers.tiny_config(), init)], 2: [], 4: []}
+    for steps in (STEPS, 1):
+        for name, (world, tp, pp, mbs) in LAYOUTS.items():
+            # the PP=2 x TP=2 run also saves: a checkpoint holding two copies of each table slice
+            save = str(tmp / "ckpt_pp2tp2") if (name, steps) == ("pp2tp2", STEPS) else None
+            cfg = workers.tiny_config(tp=tp, pp=pp, steps=steps, dp_batch=mbs, load=init, save=save,
+                                      **{"train.global_batch_size": 8})
+            jobs[world].append((workers.train, cfg, str(tmp / f"{name}_{steps}.json")))
+    ckpt = str(tmp / "ckpt_pp2tp2")
+    run_ranks(1, workers.several, jobs[1], tp=0)
+    run_ranks(4, workers.several, jobs[4], tp=0)
+    run_ranks(2, workers.several, jobs[2] + [
+        (workers.logits, workers.tiny_config(pp=2, load=ckpt), str(tmp / "l2.pt"))], tp=0)
+    run_ranks(1, workers.several, [
+        (workers.logits, workers.tiny_config(load=ckpt), str(tmp / "l1.pt")),
+        (workers.logits, workers.tiny_config(), str(tmp / "fresh.pt"))], tp=0)
+    out = {}
+    for steps in (STEPS, 1):
+        for name, (world, *_) in LAYOUTS.items():
+            f = tmp / f"{name}_{steps}.json"
+            out[name, steps] = json.load(open(f))
+            out[name, steps]["tables"] = [torch.load(f"{f}.values{r}") for r in range(world)
+                                          if Path(f"{f}.values{r}").exists()]
+    return out
 
 
 @pytest.fixture(scope="module")
-def one_step(tmp):
-    return _run_all(tmp, 1)
+def runs(all_runs):
+    return {name: all_runs[name, STEPS] for name in LAYOUTS}
+
+
+@pytest.fixture(scope="module")
+def one_step(all_runs):
+    return {name: all_runs[name, 1] for name in LAYOUTS}
 
 
 def full_table(tables) -> torch.Tensor:
@@ -104,14 +119,8 @@ def test_updated_parameters_match_single_process(one_step, name):
     assert torch.isclose(got, ref, rtol=0, atol=1e-5).float().mean() > 0.999
 
 
-def test_checkpoint_with_table_copies_reloads_across_layouts(tmp):
+def test_checkpoint_with_table_copies_reloads_across_layouts(tmp, all_runs):
     """Saved at PP=2 x TP=2 (two copies of each table slice), loaded at PP=1 and at PP=2."""
-    ckpt = str(tmp / "ckpt_pp2tp2")
-    run_ranks(4, workers.train, workers.tiny_config(tp=2, pp=2, steps=2, save=ckpt),
-              str(tmp / "save.json"), tp=0)
-    run_ranks(1, workers.logits, workers.tiny_config(load=ckpt), str(tmp / "l1.pt"), tp=0)
-    run_ranks(2, workers.logits, workers.tiny_config(pp=2, load=ckpt), str(tmp / "l2.pt"), tp=0)
-    run_ranks(1, workers.logits, workers.tiny_config(), str(tmp / "fresh.pt"), tp=0)
     at1, at2 = torch.load(tmp / "l1.pt"), torch.load(tmp / "l2.pt")
     torch.testing.assert_close(at2, at1, rtol=1e-5, atol=1e-5)
     assert (torch.load(tmp / "fresh.pt") - at1).abs().max() > 0.05

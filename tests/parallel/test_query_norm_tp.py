@@ -6,6 +6,8 @@ The "fused" case runs the training query norm through kernels/query_norm_train.p
 interpreter on the CPU ranks), the others through the torch ops."""
 from __future__ import annotations
 
+import json
+
 import pytest
 import torch
 
@@ -81,10 +83,43 @@ def _parity(sp: bool, norm: str, fused: bool = False) -> None:
         torch.testing.assert_close(layer(x[rows])[0], ref_layer(x)[0][rows], **tol)
 
 
-@pytest.mark.parametrize("sp,norm,fused", [(False, "batchnorm", False), (True, "batchnorm", False),
-                                           (False, "center", False), (True, "batchnorm", True)],
+# (sp, norm, fused); the fused case last: it patches the ranks' dispatch for the rest of the launch
+CASES = [(False, "batchnorm", False), (True, "batchnorm", False), (False, "center", False),
+         (True, "batchnorm", True)]
+
+
+def _every_case(out_file: str) -> None:
+    """Each of CASES in turn on this launch's ranks; rank 0 lists the cases passed so far in
+    out_file. A failing case ends the launch (a rank that went on alone would wait forever in
+    the next case's collectives)."""
+    import torch.distributed as dist
+
+    done = []
+    for case in CASES:
+        _parity(*case)
+        done.append(list(case))
+        if dist.get_rank() == 0:
+            json.dump(done, open(out_file, "w"))
+
+
+@pytest.fixture(scope="module")
+def cases_run(tmp_path_factory):
+    """One launch of four ranks (TP=2 x DP=2) for every case -> (cases passed, the launch's
+    error or None). The ranks run with TRITON_INTERPRET=1 (read by Triton in the spawned ranks;
+    the torch cases do not touch Triton)."""
+    out = tmp_path_factory.mktemp("query_norm_tp") / "passed.json"
+    error = None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("TRITON_INTERPRET", "1")
+        try:
+            run_ranks(4, _every_case, str(out), tp=2)
+        except Exception as e:   # reported by the case that failed and those it kept from running
+            error = e
+    return (json.load(open(out)) if out.exists() else []), error
+
+
+@pytest.mark.parametrize("sp,norm,fused", CASES,
                          ids=["batchnorm-no-sp", "batchnorm-sp", "center-no-sp", "batchnorm-sp-fused"])
-def test_query_norm_tp2_dp2_matches_unsharded(sp, norm, fused, monkeypatch):
-    if fused:
-        monkeypatch.setenv("TRITON_INTERPRET", "1")   # read by Triton in the spawned ranks
-    run_ranks(4, _parity, sp, norm, fused, tp=2)
+def test_query_norm_tp2_dp2_matches_unsharded(cases_run, sp, norm, fused):
+    passed, error = cases_run
+    assert [sp, norm, fused] in passed, f"failed, or not reached after an earlier case failed: {error!r}"

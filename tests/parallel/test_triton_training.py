@@ -17,21 +17,20 @@ from tests.parallel import workers
 from tests.parallel.dist_utils import run_ranks
 
 
-def _train(tmp, monkeypatch, path: str) -> dict:
-    # small enough for the interpreter: 64 values, 4 of 8 sub-keys per half, 16-token sequences
-    cfg = workers.tiny_config(tp=2, sp=True, dp_batch=4, steps=4, **{
-        "model.seq_length": 16, "memory.n_keys": 8, "memory.k": 4, "memory.heads": 2,
-        "memory.search": "torch" if path == "fp32" else "bf16"})
-    out = tmp / f"run_{path}.json"
-    run_ranks(2, workers.train if path == "reference" else workers.train_triton_all, cfg,
-              str(out), tp=0)
-    return json.load(open(out))
-
-
 def test_gpu_path_trains_like_the_torch_path(tmp_path, monkeypatch):
     monkeypatch.setenv("TRITON_INTERPRET", "1")
-    ref = _train(tmp_path, monkeypatch, "reference")
-    fp32, bf16 = _train(tmp_path, monkeypatch, "fp32"), _train(tmp_path, monkeypatch, "bf16")
+
+    def cfg():  # one per training (the Trainer resolves values into its config)
+        # small enough for the interpreter: 64 values, 4 of 8 sub-keys per half, 16-token sequences
+        return workers.tiny_config(tp=2, sp=True, dp_batch=4, steps=4, **{
+            "model.seq_length": 16, "memory.n_keys": 8, "memory.k": 4, "memory.heads": 2})
+
+    # one launch, three trainings: the torch reference path, then the GPU path with each search
+    run_ranks(2, workers.several, [(workers.train, cfg(), str(tmp_path / "run_reference.json")),
+                                   (workers.train_triton_all, cfg(), str(tmp_path / "run_fp32.json"), "torch"),
+                                   (workers.train_triton_all, cfg(), str(tmp_path / "run_bf16.json"), "bf16")],
+              tp=0)
+    ref, fp32, bf16 = (json.load(open(tmp_path / f"run_{p}.json")) for p in ("reference", "fp32", "bf16"))
     assert len(ref["losses"]) == 4 and ref["losses"][-1] < ref["losses"][0]
     for key in ("losses", "grad_norms", "value_grad_norms"):
         assert fp32[key] == pytest.approx(ref[key], rel=1e-5), key

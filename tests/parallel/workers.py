@@ -43,6 +43,11 @@ def train(cfg, out_file: str) -> None:
                    "value_grad_norms": hist.value_grad_norms,
                    "fused": [g["fused"] for o in adams for g in o.param_groups],
                    "own_steps": len({id(t) for t in steps}) == len(steps),
+                   # where the LR schedule ended and the rate it set for a next step: a resume
+                   # that lost the schedule's position shows here (the optimizer's own state
+                   # restores the rate of the first resumed step)
+                   "schedule_steps": trainer.scheduler.num_steps,
+                   "next_lr": [g["lr"] for o in adams for g in o.param_groups],
                    "read_bytes": read}, open(out_file, "w"))
     values = trainer.raw_model.memory_values
     if values is not None:
@@ -58,6 +63,15 @@ def train_then_kill_another(cfg, out_file: str, killed_cfg, killed_file: str) ->
     train_then_kill(killed_cfg, killed_file)
 
 
+def several(jobs) -> None:
+    """Run each ``(fn, *args)`` of ``jobs`` in turn on this rank: one launch (process start,
+    imports, process group) serves several bodies of the same world size. Each body builds its
+    own Trainer and closes it (Megatron's model-parallel state goes with it), so it runs as it
+    would alone. Use with ``run_ranks(world, workers.several, jobs, tp=0)``."""
+    for fn, *args in jobs:
+        fn(*args)
+
+
 def train_triton_lookup(cfg, out_file: str) -> None:
     """``train`` with the Triton EmbeddingBag on CPU under Triton's interpreter (the caller sets
     TRITON_INTERPRET=1 for the ranks): the table gradient goes into Megatron DDP's main_grad by
@@ -69,11 +83,15 @@ def train_triton_lookup(cfg, out_file: str) -> None:
     from megatron_memory import kernels
     from megatron_memory.kernels import triton_embedding_bag as eb
 
+    saved = kernels.embedding_bag, eb.DeferredTableGrad.fold
     kernels.embedding_bag = eb.triton_embedding_bag
     folds = []
     real_fold = eb.DeferredTableGrad.fold
     eb.DeferredTableGrad.fold = lambda self, p: real_fold(self, p) and (folds.append(1) or True)
-    train(cfg, out_file)
+    try:
+        train(cfg, out_file)
+    finally:  # restored: other bodies of the same launch (``several``) run as they would alone
+        kernels.embedding_bag, eb.DeferredTableGrad.fold = saved
     import torch.distributed as dist
 
     if dist.get_rank() == 0:
@@ -147,21 +165,24 @@ def train_then_kill(cfg, out_file: str) -> None:
     os.kill(os.getpid(), signal.SIGKILL)
 
 
-def train_triton_all(cfg, out_file: str) -> None:
+def train_triton_all(cfg, out_file: str, search: str = "bf16") -> None:
     """``train`` with every memory-layer op on its GPU (Triton) path, on CPU under Triton's
     interpreter (the caller sets TRITON_INTERPRET=1 for the ranks): the fused query and key
-    norms, the bf16 search with its softmax and gradient-scatter kernels, the lookup."""
+    norms, the search (``search``, the config's memory.search: "bf16", with its softmax and
+    gradient-scatter kernels, or "torch", the fp32 reference), the lookup. The dispatch is
+    restored afterwards, so other bodies of the same launch (``several``) run as they would
+    alone."""
+    from megatron_memory.config import replace
+
     from tests.kernels.test_embedding_bag import install_interpreter_shim
 
     install_interpreter_shim()
     from megatron_memory import kernels
 
+    saved = kernels.use_triton
     kernels.use_triton = lambda t: kernels.HAVE_TRITON and not kernels._FORCE_REFERENCE
-    train(cfg, out_file)
+    try:
+        train(replace(cfg, **{"memory.search": search}), out_file)
+    finally:
+        kernels.use_triton = saved
 
-
-def train_many(runs) -> None:
-    """``train`` for each (cfg, out_file) in turn on the same ranks: one launch serves several
-    configurations (each Trainer sets up and tears down Megatron's groups itself)."""
-    for cfg, out_file in runs:
-        train(cfg, out_file)

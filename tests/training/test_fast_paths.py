@@ -38,8 +38,12 @@ def test_fast_paths_overlap_reference_loss_curves(tmp_path):
     runs = json.load(open(tmp_path / "runs.json"))
     ref, fast = torch.tensor(runs["local"]["losses"]), torch.tensor(runs["sdpa"]["losses"])
     assert len(fast) == STEPS and ref[-5:].mean() < ref[:5].mean() - 1.0  # it learns
-    # Same math up to fp32 summation order: the curves agree far inside step-to-step noise.
-    torch.testing.assert_close(fast, ref, rtol=0, atol=2e-3)
+    # Same math up to fp32 summation order: the curves agree far inside step-to-step noise (the
+    # loss moves by ~0.05 a step here). The rounding differences grow with the steps, and how
+    # fast depends on the CPU's instruction set (MKL's kernels): 2.4e-3 by step 18 on one
+    # machine, under 2e-3 on another; the first half is held to 2e-3 everywhere.
+    torch.testing.assert_close(fast[:10], ref[:10], rtol=0, atol=2e-3)
+    torch.testing.assert_close(fast, ref, rtol=0, atol=5e-3)
     # fused vs foreach AdamW: the same update up to rounding
     foreach = torch.tensor(runs["foreach-adam"]["losses"])
     torch.testing.assert_close(fast, foreach, rtol=0, atol=2e-3)

@@ -28,12 +28,6 @@ def _tokenizer_vocab(cfg: RunConfig) -> tuple[int, str]:
     return Tokenizer(tok).vocab_size, tok
 
 
-def resolved_for_display(cfg: RunConfig, world_size: int, tokenizer_vocab: int,
-                         cuda: bool) -> RunConfig:
-    """``resolve``'s config (what the Trainer will run) with the vocabulary filled in too."""
-    return with_vocab(resolve(cfg, Environment(world_size, cuda)), model_vocab(cfg, tokenizer_vocab))
-
-
 def parameter_lines(cfg: RunConfig, r: RunConfig, world_size: int, cuda: bool) -> list[str]:
     """Total, value table and per-stage (per GPU) parameter counts of ``r``, the resolved
     ``cfg``."""
@@ -58,9 +52,9 @@ def describe(cfg: RunConfig, world_size: int = 1) -> str:
     import torch  # lazy: only to tell whether CUDA (hence the bf16 default) is there
 
     cuda = torch.cuda.is_available()
-    resolve(cfg, Environment(world_size, cuda))  # a bad config fails before the tokenizer loads
+    r = resolve(cfg, Environment(world_size, cuda))  # a bad config fails before the tokenizer loads
     vocab, tok = _tokenizer_vocab(cfg)
-    r = resolved_for_display(cfg, world_size, vocab, cuda)
+    r = with_vocab(r, model_vocab(cfg, vocab))
     t, p = r.train, r.parallel
     dp = world_size // (p.tp * p.pp)
     micro = t.global_batch_size // (t.micro_batch_size * dp)

@@ -29,7 +29,6 @@ try:  # Apex is not on PyPI; Megatron's fused norms need it.
     HAVE_APEX = True
 except ImportError:
     HAVE_APEX = False
-_warned_no_apex = False
 
 
 class TorchNorm:
@@ -46,14 +45,11 @@ class TorchNorm:
 
 
 def norm_impl():
-    """Apex's fused norm when present, else TorchNorm (with one warning per process)."""
-    global _warned_no_apex
+    """Apex's fused norm when present, else TorchNorm (with one note per process)."""
     if HAVE_APEX:
         return FusedLayerNorm
-    if not _warned_no_apex:
-        note_once("apex", "Apex is not installed: torch norms instead of its fused ones (same "
-                          "math; slower on GPU)")
-        _warned_no_apex = True
+    note_once("apex", "Apex is not installed: torch norms instead of its fused ones (same math; "
+                      "slower on GPU)")
     return TorchNorm
 
 

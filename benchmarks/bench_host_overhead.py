@@ -30,8 +30,7 @@ from bench_memory_layer import SwiGLU, build, ffn_width, fwd_bwd  # noqa: E402
 import torch  # noqa: E402
 
 from megatron_memory import kernels  # noqa: E402
-
-from megatron_memory.training import step_profile
+from megatron_memory.training import step_profile  # noqa: E402
 
 
 def sync() -> None:

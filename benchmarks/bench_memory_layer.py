@@ -30,7 +30,6 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 from megatron_memory import kernels  # noqa: E402
-
 from megatron_memory.kernels import bf16_search as bs  # noqa: E402
 from megatron_memory.kernels import triton_product_key as pk  # noqa: E402
 assert str(ROOT) in sys.path

@@ -25,8 +25,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from megatron_memory import train  # noqa: E402
-
-from megatron_memory.training import trainer as training
+from megatron_memory.training import trainer as training  # noqa: E402
 
 
 def main(argv: list[str]) -> int:

@@ -39,7 +39,6 @@ from torch.distributed.checkpoint.planner import WriteItemType
 from tqdm import tqdm
 
 from megatron_memory.checkpointing import checkpoint
-
 from megatron_memory.training import data
 from megatron_memory.export.hf_format import (
     SAFETENSORS_DTYPES,

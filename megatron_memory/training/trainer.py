@@ -31,9 +31,7 @@ from torch.profiler import ProfilerActivity, profile
 
 from megatron_memory import determinism
 from megatron_memory.checkpointing import checkpoint
-
 from megatron_memory.training import data, step_profile
-
 from megatron_memory.model import parallel
 from megatron_memory.config import (ConfigError, Environment, RunConfig, padded_vocab, resolve,
                                     with_vocab)

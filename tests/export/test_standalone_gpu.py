@@ -9,7 +9,6 @@ import pytest
 import torch
 
 from megatron_memory import kernels
-
 from megatron_memory.export import hf_format, standalone
 from megatron_memory.export.standalone import MemoryGPT, ModelArgs, generate
 from tests.conftest import requires_cuda

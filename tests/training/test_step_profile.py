@@ -4,7 +4,6 @@ import pytest
 import torch
 
 from megatron_memory import kernels
-
 from megatron_memory.training import step_profile as sp
 
 
